@@ -1,0 +1,1 @@
+"""The recipe language and compiler: YAML -> plain-data Plan."""

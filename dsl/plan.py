@@ -1,0 +1,222 @@
+"""The compiled plan: plain dataclasses, JSON round-trip, text table and Mermaid.
+
+The runtime imports only this module from ``dsl``. A plan names, for every
+stage, its device, the node pieces it runs, the values it reads and where each
+value it produces must go, so executors need no graph logic of their own.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+PLAN_VERSION = 1
+INPUT_STAGE = -1  # producer stage of request inputs
+
+
+@dataclass
+class PortSpec:
+    name: str
+    dtype: str
+    shape: list[int | str] | None
+    collate: str = "stack"
+    pad_value: float = 0.0
+    optional: bool = False
+
+
+@dataclass
+class PlanNode:
+    """A node with its kind, typed config (as plain data) and resolved ports."""
+
+    name: str
+    kind: str
+    target: str | None
+    config: dict[str, Any]
+    wires: dict[str, str]
+    in_ports: list[PortSpec]
+    out_ports: list[PortSpec]
+    num_parts: int
+    split: int
+    pieces: list[list[int]]  # [lo, hi) part ranges, one per piece
+    costs: list[float]
+    loop: bool = False
+    light: bool = False
+    expands: bool = False
+
+    def piece_key(self, piece: int) -> str:
+        return self.name if self.split == 1 else f"{self.name}.{piece}"
+
+
+@dataclass
+class Unit:
+    """One piece of one node, run inside a stage."""
+
+    node: str
+    piece: int
+    parts: list[int]  # [lo, hi)
+
+
+@dataclass
+class Stage:
+    index: int
+    device: str
+    units: list[Unit]
+    cost: float
+    loop: str | None = None  # name of the loop node whose body piece this stage runs
+    reads: list[str] = field(default_factory=list)  # value keys this stage needs from earlier stages/inputs
+
+
+@dataclass
+class Edge:
+    """A value flowing from its producer to a consuming stage."""
+
+    key: str  # "node.port", "inputs.field" or "node#piece" (carry between pieces)
+    src_stage: int
+    dst_stage: int
+    dtype: str
+    shape: list[int | str] | None
+
+
+@dataclass
+class Transfer:
+    key: str
+    src_stage: int
+    dst_stage: int
+    src_device: str
+    dst_device: str
+
+
+@dataclass
+class LoopPlan:
+    node: str
+    stages: list[int]
+
+
+@dataclass
+class Plan:
+    """Everything an executor needs; plain data, printable, JSON round-trippable."""
+
+    recipe: str
+    file: str
+    description: str
+    inputs: dict[str, dict[str, Any]]
+    outputs: dict[str, str]
+    source: dict[str, Any] | None
+    nodes: dict[str, PlanNode]
+    order: list[str]
+    stages: list[Stage]
+    edges: list[Edge]
+    transfers: list[Transfer]
+    loops: list[LoopPlan]
+    consumers: dict[str, list[int]]  # value key -> stages that read it (len(stages) = final outputs)
+    batching: dict[str, Any]
+    runtime: dict[str, Any]
+    schedule: str
+    trace: str | None
+    output_dir: str
+    seed: int
+    allow_targets: list[str] = field(default_factory=list)
+    version: int = PLAN_VERSION
+
+    # ------------------------------------------------------------ JSON
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=False, default=str)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        return _from_data(cls, json.loads(text))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Plan":
+        return _from_data(cls, data)
+
+    # ------------------------------------------------------------ views
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    def stage_label(self, s: Stage) -> str:
+        return " + ".join(self.nodes[u.node].piece_key(u.piece) + _parts(u, self.nodes[u.node]) for u in s.units)
+
+    def to_text(self) -> str:
+        """A table of stages, devices and pieces, then transfers and loops."""
+        rows = [("stage", "device", "runs", "cost", "reads")]
+        for s in self.stages:
+            rows.append((str(s.index), s.device, self.stage_label(s) + (" [loop]" if s.loop else ""), f"{s.cost:g}", ", ".join(s.reads) or "-"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = [f"plan for recipe '{self.recipe}' ({self.file}): {self.num_stages} stages, schedule {self.schedule}"]
+        for i, r in enumerate(rows):
+            lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+            if i == 0:
+                lines.append("  " + "  ".join("-" * w for w in widths))
+        if self.transfers:
+            lines.append("transfers:")
+            lines += [f"  {t.key}: stage {t.src_stage} ({t.src_device}) -> stage {t.dst_stage} ({t.dst_device})" for t in self.transfers]
+        for lp in self.loops:
+            lines.append(f"loop {lp.node}: body on stages {lp.stages}; items re-enter stage {lp.stages[0]} until done")
+        rt, b = self.runtime, self.batching
+        lines.append(f"batching: max_batch_size={b['max_batch_size']} max_delay_ms={b['max_delay_ms']}; runtime: backend={rt['backend']} microbatch_size={rt['microbatch_size']} queue_depth={rt['queue_depth']}")
+        return "\n".join(lines)
+
+    def to_mermaid(self) -> str:
+        """A Mermaid flowchart: one subgraph per stage (with its device)."""
+        ids: dict[tuple[str, int], str] = {}
+        lines = ["flowchart LR", "  inputs([inputs])"]
+        for s in self.stages:
+            lines.append(f'  subgraph S{s.index}["stage {s.index} @ {s.device}"]')
+            for u in s.units:
+                nid = f"n_{u.node}_{u.piece}".replace(".", "_").replace("-", "_")
+                ids[(u.node, u.piece)] = nid
+                label = self.nodes[u.node].piece_key(u.piece) + _parts(u, self.nodes[u.node])
+                shape = ('{{"', '"}}') if s.loop else ('["', '"]')
+                lines.append(f"    {nid}{shape[0]}{label}<br/>{self.nodes[u.node].kind}{shape[1]}")
+            lines.append("  end")
+        lines.append("  outputs([outputs])")
+        stage_first = {s.index: ids[(s.units[0].node, s.units[0].piece)] for s in self.stages}
+        seen = set()
+        for e in self.edges:
+            src = "inputs" if e.src_stage < 0 else stage_first[e.src_stage]
+            dst = "outputs" if e.dst_stage >= self.num_stages else stage_first[e.dst_stage]
+            if src == dst or (src, dst, e.key) in seen:
+                continue
+            seen.add((src, dst, e.key))
+            lines.append(f"  {src} -->|{e.key}| {dst}")
+        for lp in self.loops:
+            a, b = stage_first[lp.stages[-1]], stage_first[lp.stages[0]]
+            lines.append(f"  {a} -.->|next iteration| {b}")
+        return "\n".join(lines)
+
+
+def _parts(u: Unit, node: PlanNode) -> str:
+    if node.num_parts <= 1:
+        return ""
+    lo, hi = u.parts
+    return f" (parts {lo}-{hi - 1}/{node.num_parts})" if hi - lo > 1 else f" (part {lo}/{node.num_parts})"
+
+
+def _from_data(tp: Any, data: Any) -> Any:
+    """Rebuild dataclasses from ``asdict`` output, following type hints."""
+    if data is None:
+        return None
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        hints = typing.get_type_hints(tp)
+        return tp(**{k: _from_data(hints[k], v) for k, v in data.items() if k in hints})
+    if origin is list:
+        (arg,) = typing.get_args(tp) or (Any,)
+        return [_from_data(arg, v) for v in data]
+    if origin is dict:
+        args = typing.get_args(tp)
+        vt = args[1] if args else Any
+        return {k: _from_data(vt, v) for k, v in data.items()}
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union)):
+        for a in typing.get_args(tp):
+            if dataclasses.is_dataclass(a) and isinstance(data, dict):
+                return _from_data(a, data)
+        return data
+    return data

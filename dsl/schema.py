@@ -1,0 +1,256 @@
+"""The typed recipe schema and its validation (every problem in one pass).
+
+A recipe is plain YAML composed by Hydra; this module checks its top level and
+returns a typed ``Recipe``. Node parameters are checked later, against each
+node kind's ``Config``, by the compiler's resolve pass.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from mmpipe.dsl.errors import Problem, RecipeError, did_you_mean
+from mmpipe.dsl.load import Loaded, Provenance
+from mmpipe.dsl.typecheck import build
+
+INPUT_TYPES = ("audio", "text", "image", "tensor", "int", "float")
+BACKENDS = ("threads", "sequential")
+
+
+@dataclass(kw_only=True)
+class InputSpec:
+    """A request field."""
+
+    type: str
+    optional: bool = False
+    doc: str = ""
+
+
+@dataclass(kw_only=True)
+class SourceSpec:
+    """Where requests come from: a source kind and its parameters."""
+
+    kind: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class NodeSpec:
+    """One node of the recipe graph, before kind-specific checks."""
+
+    name: str
+    kind: str | None
+    target: str | None
+    wires: dict[str, str]
+    split: int
+    params: dict[str, Any]
+
+
+@dataclass(kw_only=True)
+class Batching:
+    max_batch_size: int = 8
+    max_delay_ms: float = 5.0
+    length_buckets: list[float] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
+class RuntimeOptions:
+    backend: str = "threads"
+    microbatch_size: int = 4
+    queue_depth: int = 4
+    timeout_s: float = 600.0
+    # Micro-batches allowed inside a loop at once (0: one per loop stage, min 2).
+    max_inflight: int = 0
+    dtype: str = "float32"
+
+
+@dataclass(kw_only=True)
+class Top:
+    """The top-level keys every recipe may set (node and source bodies checked separately)."""
+
+    name: str
+    description: str = ""
+    inputs: dict[str, InputSpec] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)
+    nodes: dict[str, Any] = field(default_factory=dict)
+    source: dict[str, Any] | None = None
+    placement: dict[str, str] = field(default_factory=dict)
+    batching: Batching = field(default_factory=Batching)
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
+    trace: str | None = None
+    output_dir: str = "outputs"
+    seed: int = 0
+    allow_targets: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Recipe:
+    """A validated recipe: typed top level plus nodes in file order."""
+
+    top: Top
+    nodes: list[NodeSpec]
+    source: SourceSpec | None
+    variables: dict[str, Any]
+    file: str
+    config: dict[str, Any]
+
+
+class Problems:
+    """Collects problems, locating each through the provenance map."""
+
+    def __init__(self, provenance: Provenance) -> None:
+        self.provenance = provenance
+        self.items: list[Problem] = []
+
+    def add(self, key: str, message: str, fix: str = "", value: Any = None, has_value: bool = False) -> None:
+        self.items.append(Problem(key, message, fix, self.provenance.where(key), value, has_value))
+
+    def __call__(self, key: str, message: str, fix: str, value: Any, has_value: bool) -> None:
+        self.add(key, message, fix, value, has_value)
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise RecipeError(self.items)
+
+
+def resolve_config(cfg: Any, problems: Problems) -> dict[str, Any]:
+    """The composed config as plain data; each broken interpolation is one problem."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    def walk(node: Any, path: str) -> Any:
+        if isinstance(node, DictConfig):
+            out = {}
+            for k in node.keys():
+                p = f"{path}.{k}" if path else str(k)
+                if OmegaConf.is_missing(node, k):
+                    out[k] = "???"
+                    continue
+                try:
+                    child = node._get_node(k)._dereference_node() if OmegaConf.is_interpolation(node, k) else node._get_node(k)
+                except OmegaConfBaseException as exc:
+                    problems.add(p, f"cannot resolve {node._get_node(k)._value()!r}: {str(exc).splitlines()[0]}", "fix the ${...} reference (keys are case-sensitive)")
+                    out[k] = None
+                    continue
+                out[k] = walk(child, p)
+            return out
+        if isinstance(node, ListConfig):
+            return [walk(node._get_node(i), f"{path}[{i}]") for i in range(len(node))]
+        if hasattr(node, "_value"):
+            if OmegaConf.is_config(node):
+                return walk(node, path)
+            v = node._value()
+            if isinstance(v, str) and "${" in v:
+                try:
+                    return node._dereference_node()._value()
+                except OmegaConfBaseException as exc:
+                    problems.add(path, f"cannot resolve {v!r}: {str(exc).splitlines()[0]}", "fix the ${...} reference")
+                    return None
+            return v
+        return node
+
+    return walk(cfg, "")
+
+
+_REF = re.compile(r"\$\{([^}]+)\}")
+
+
+def referenced_top_keys(cfg: Any) -> set[str]:
+    """Top-level keys used by some ``${...}`` interpolation (recipe variables)."""
+    from omegaconf import OmegaConf
+
+    text = OmegaConf.to_yaml(cfg, resolve=False)
+    out = set()
+    for m in _REF.finditer(text):
+        ref = m.group(1).strip()
+        if ":" in ref.split(".")[0]:
+            continue  # a resolver call
+        out.add(re.split(r"[.\[]", ref.lstrip("."), maxsplit=1)[0])
+    return out
+
+
+def validate(loaded: Loaded) -> tuple[Recipe | None, Problems]:
+    """Check the top level of a composed recipe. Problems are returned, not raised."""
+    problems = Problems(loaded.provenance)
+    data = resolve_config(loaded.cfg, problems)
+    known = {f for f in Top.__dataclass_fields__}
+    refs = referenced_top_keys(loaded.cfg)
+    top_data, variables = {}, {}
+    for k, v in data.items():
+        if k in known:
+            top_data[k] = v
+        elif k in refs or k in loaded.choices:
+            variables[k] = v
+        else:
+            hint = did_you_mean(k, known)
+            problems.add(k, f"unknown key '{k}'", hint or f"top-level keys are {', '.join(sorted(known))}; a recipe variable must be used by some ${{{k}}}")
+    if "name" not in top_data:
+        top_data["name"] = loaded.path.stem
+    top = build(Top, top_data, "", problems)
+    if top is None:
+        return None, problems
+    _check_top(top, problems)
+    nodes = _nodes(top, problems)
+    source = _source(top, problems)
+    return Recipe(top=top, nodes=nodes, source=source, variables=variables, file=problems.provenance.recipe_file, config=data), problems
+
+
+def _check_top(top: Top, problems: Problems) -> None:
+    for name, spec in top.inputs.items():
+        if spec.type not in INPUT_TYPES:
+            problems.add(f"inputs.{name}.type", f"unknown input type '{spec.type}'", did_you_mean(spec.type, INPUT_TYPES) or f"use one of {', '.join(INPUT_TYPES)}", spec.type, True)
+    b, r = top.batching, top.runtime
+    for key, v in (("batching.max_batch_size", b.max_batch_size), ("runtime.microbatch_size", r.microbatch_size), ("runtime.queue_depth", r.queue_depth)):
+        if v <= 0:
+            problems.add(key, f"must be positive, got {v}", f"set {key}=1 or more", v, True)
+    for key, v in (("batching.max_delay_ms", b.max_delay_ms), ("runtime.max_inflight", r.max_inflight)):
+        if v < 0:
+            problems.add(key, f"must not be negative, got {v}", f"set {key}=0 or more", v, True)
+    if r.timeout_s <= 0:
+        problems.add("runtime.timeout_s", f"must be positive, got {r.timeout_s}", "e.g. runtime.timeout_s=600", r.timeout_s, True)
+    if r.microbatch_size > b.max_batch_size:
+        problems.add("runtime.microbatch_size", f"micro-batch size {r.microbatch_size} is larger than batching.max_batch_size {b.max_batch_size}", f"set runtime.microbatch_size={b.max_batch_size} or raise batching.max_batch_size", r.microbatch_size, True)
+    if r.backend not in BACKENDS:
+        problems.add("runtime.backend", f"unknown backend '{r.backend}'", did_you_mean(r.backend, BACKENDS) or f"use one of {', '.join(BACKENDS)}", r.backend, True)
+    if r.dtype not in ("float32", "float16", "bfloat16"):
+        problems.add("runtime.dtype", f"unknown dtype '{r.dtype}'", "use float32, float16 or bfloat16", r.dtype, True)
+    if not top.nodes:
+        problems.add("nodes", "the recipe has no nodes", "add at least one node under nodes:")
+
+
+def _nodes(top: Top, problems: Problems) -> list[NodeSpec]:
+    out = []
+    for name, body in top.nodes.items():
+        key = f"nodes.{name}"
+        if not isinstance(body, dict):
+            problems.add(key, f"a node must be a mapping, got {type(body).__name__}", "write kind: ..., in: {...}", body, True)
+            continue
+        body = dict(body)
+        kind, target = body.pop("kind", None), body.pop("_target_", None)
+        wires = body.pop("in", {}) or {}
+        split = body.pop("split", 1)
+        if kind is None and target is None:
+            problems.add(key, "node has no kind", "add 'kind: family.name' (see `mmpipe ls --kinds`)")
+        if not isinstance(wires, dict):
+            problems.add(f"{key}.in", "in: must map input ports to 'node.port' or 'inputs.field'", "e.g. in: {features: mel.features}", wires, True)
+            wires = {}
+        if isinstance(split, bool) or not isinstance(split, int):
+            problems.add(f"{key}.split", f"split must be an integer, got {split!r}", f"e.g. {key}.split=2", split, True)
+            split = 1
+        elif split <= 0:
+            problems.add(f"{key}.split", f"split must be positive, got {split}", f"set {key}.split=1 or more", split, True)
+            split = 1
+        out.append(NodeSpec(name=name, kind=kind, target=target, wires={str(k): str(v) for k, v in wires.items()}, split=split, params=body))
+    return out
+
+
+def _source(top: Top, problems: Problems) -> SourceSpec | None:
+    if top.source is None:
+        return None
+    body = dict(top.source)
+    kind = body.pop("kind", None)
+    if not kind:
+        problems.add("source.kind", "the source has no kind", "e.g. source: {kind: audio.files, path: ${input}}")
+        return None
+    return SourceSpec(kind=str(kind), params=body)

@@ -1,0 +1,1 @@
+"""Shipped Hydra recipes and config groups (package data)."""

@@ -1,0 +1,111 @@
+"""Running node pieces on micro-batches: shared by every executor.
+
+``run_unit`` runs one non-loop piece; ``LoopBody`` holds the lanes of one loop
+piece; ``expand_items`` applies a fan-out (``_parent``); ``finished_rows``
+splits a finished micro-batch into per-request output rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from mmpipe.dsl.plan import Plan, Unit
+from mmpipe.graphs.base import ItemMeta, LoopKind, NodeKind, select_rows
+from mmpipe.runtime.batch import MicroBatch, collate, row, spec_of, to_device
+
+
+class NodeError(Exception):
+    """A node raised: carries the stage, node and the request ids involved."""
+
+    def __init__(self, stage: int, node: str, request_ids: list[str], cause: BaseException) -> None:
+        self.stage, self.node, self.request_ids, self.cause = stage, node, request_ids, cause
+        super().__init__(f"stage {stage}, node {node}: {type(cause).__name__}: {cause}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": type(self.cause).__name__, "message": str(self.cause), "stage": self.stage, "node": self.node, "requests": self.request_ids}
+
+
+def node_inputs(plan: Plan, node: str, mb: MicroBatch) -> dict[str, Any]:
+    """The node's input ports, taken from the micro-batch's values."""
+    return {port: mb.values[src] for port, src in plan.nodes[node].wires.items() if src in mb.values}
+
+
+def run_unit(plan: Plan, unit: Unit, inst: NodeKind, mb: MicroBatch, device: Any) -> MicroBatch:
+    """Run a non-loop piece: node inputs (first piece) or the carry in, outputs or carry out."""
+    pn = plan.nodes[unit.node]
+    if unit.piece == 0:
+        x = node_inputs(plan, unit.node, mb)
+    else:
+        x = mb.values.pop(f"{unit.node}#{unit.piece - 1}")
+    out = inst.forward(to_device(x, device), mb.items)
+    if unit.piece < pn.split - 1:
+        mb.values[f"{unit.node}#{unit.piece}"] = out
+        return mb
+    parents = out.pop("_parent", None) if pn.expands else None
+    if parents is not None:
+        mb = expand_items(mb, list(parents))
+    for p in pn.out_ports:
+        if p.name in out:
+            mb.values[f"{unit.node}.{p.name}"] = out[p.name]
+    return mb
+
+
+def expand_items(mb: MicroBatch, parents: list[int]) -> MicroBatch:
+    """Fan-out: output row r belongs to input item ``parents[r]``; renumber sub-items."""
+    counts: dict[int, int] = {}
+    for p in parents:
+        counts[p] = counts.get(p, 0) + 1
+    seen: dict[int, int] = {}
+    items = []
+    for p in parents:
+        k = seen.get(p, 0)
+        seen[p] = k + 1
+        src = mb.items[p]
+        items.append(ItemMeta(src.request_id, sub=k, of=counts[p], params=src.params))
+    return MicroBatch(items, {k: select_rows(v, parents) for k, v in mb.values.items()}, id=mb.id)
+
+
+@dataclass
+class LoopBody:
+    """One piece of a loop node with the lanes (per-item state) it owns."""
+
+    unit: Unit
+    inst: LoopKind
+    device: Any
+    lanes: dict[str, dict] = field(default_factory=dict)
+
+    def lanes_for(self, items: list[ItemMeta]) -> list[dict]:
+        return [self.lanes[m.key] for m in items]
+
+    def enter(self, x: dict[str, Any], items: list[ItemMeta]) -> None:
+        for m in items:
+            self.lanes[m.key] = {}
+        self.inst.enter(to_device(x, self.device), items, self.lanes_for(items))
+
+    def step(self, carry: dict[str, Any], items: list[ItemMeta]) -> dict[str, Any]:
+        return self.inst.step(to_device(carry, self.device), items, self.lanes_for(items))
+
+    def finish(self, items: list[ItemMeta]) -> None:
+        lanes = [self.lanes.pop(m.key) for m in items if m.key in self.lanes]
+        self.inst.finish(lanes)
+
+
+def loop_exit(plan: Plan, node: str, mb_items: list[ItemMeta], outs: dict[str, Any], done_rows: list[int]) -> dict[int, dict[str, Any]]:
+    """Per-item output rows (node.port -> value) of the items that finished."""
+    pn = plan.nodes[node]
+    res: dict[int, dict[str, Any]] = {}
+    for i in done_rows:
+        res[i] = {f"{node}.{p.name}": row(outs[p.name], i) for p in pn.out_ports if p.name in outs}
+    return res
+
+
+def rows_to_batch(plan: Plan, items: list[ItemMeta], rows: list[dict[str, Any]]) -> MicroBatch:
+    """Per-item value dicts -> a micro-batch (collated by each key's port spec)."""
+    keys = rows[0].keys() if rows else []
+    return MicroBatch(list(items), {k: collate([r[k] for r in rows], spec_of(plan, k)) for k in keys})
+
+
+def batch_to_rows(mb: MicroBatch, keys: list[str] | None = None) -> list[dict[str, Any]]:
+    """A micro-batch -> one dict of values per item."""
+    ks = list(mb.values) if keys is None else [k for k in keys if k in mb.values]
+    return [{k: row(mb.values[k], i) for k in ks} for i in range(len(mb.items))]

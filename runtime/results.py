@@ -1,0 +1,112 @@
+"""Results per request, and the files ``mmpipe run`` writes (results.jsonl, summary.json)."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmpipe.dsl.plan import Plan
+from mmpipe.graphs.base import ItemMeta
+
+
+@dataclass
+class Result:
+    """What one request produced: outputs or an error, plus timings."""
+
+    id: str
+    input: dict[str, Any]
+    outputs: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    timings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"id": self.id, "input": jsonable(self.input)}
+        if self.error is None:
+            d["outputs"] = jsonable(self.outputs)
+        else:
+            d["error"] = jsonable(self.error)
+        d["timings"] = jsonable(self.timings)
+        return d
+
+
+def jsonable(v: Any) -> Any:
+    """Tensors -> lists, numbers rounded for floats that are not finite, paths -> str."""
+    if isinstance(v, dict):
+        return {str(k): jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [jsonable(x) for x in v]
+    if isinstance(v, float):
+        return v if math.isfinite(v) else str(v)
+    if isinstance(v, (str, int, bool)) or v is None:
+        return v
+    if isinstance(v, Path):
+        return str(v)
+    if hasattr(v, "tolist"):
+        return jsonable(v.tolist())
+    return str(v)
+
+
+def assemble(plan: Plan, rows: list[tuple[ItemMeta, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Final per-item value rows -> per-request outputs (gathering expanded items)."""
+    from mmpipe.runtime.nodes import kind_class
+
+    by_req: dict[str, list[tuple[ItemMeta, dict[str, Any]]]] = {}
+    for meta, vals in rows:
+        by_req.setdefault(meta.request_id, []).append((meta, vals))
+    out: dict[str, dict[str, Any]] = {}
+    for rid, items in by_req.items():
+        items.sort(key=lambda t: t[0].sub)
+        res = {}
+        for name, key in plan.outputs.items():
+            vals = [v.get(key) for _, v in items]
+            if items[0][0].of > 1 or len(items) > 1:
+                node, _, port = key.partition(".")
+                res[name] = kind_class(plan, node).gather(port, vals) if node in plan.nodes else vals
+            else:
+                res[name] = vals[0]
+        out[rid] = res
+    return out
+
+
+def percentile(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    k = (len(s) - 1) * q
+    lo, hi = math.floor(k), math.ceil(k)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def write_results(out_dir: Path, results: list[Result]) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "results.jsonl"
+    with path.open("w") as f:
+        for r in results:
+            f.write(json.dumps(r.to_json()) + "\n")
+    return path
+
+
+def summarize(plan: Plan, results: list[Result], wall_s: float, stats: dict[str, Any], config: dict[str, Any] | None = None,
+              models: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``summary.json`` content: recipe, config, plan, throughput, busy %, latency."""
+    lat = [r.timings.get("latency_s", 0.0) for r in results if r.ok]
+    return jsonable({
+        "recipe": plan.recipe,
+        "file": plan.file,
+        "config": config or {},
+        "models": models or {},
+        "plan": plan.to_dict(),
+        "requests": len(results),
+        "failed": sum(not r.ok for r in results),
+        "wall_s": round(wall_s, 6),
+        "throughput_rps": round(len(results) / wall_s, 4) if wall_s > 0 else None,
+        "latency_p50_s": round(percentile(lat, 0.5), 6) if lat else None,
+        "latency_p95_s": round(percentile(lat, 0.95), 6) if lat else None,
+        **stats,
+    })

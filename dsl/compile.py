@@ -48,12 +48,34 @@ def resolve_kinds(recipe: Recipe, problems: Problems) -> dict[str, Resolved]:
             continue
         cfg = build(cls.Config, spec.params, key, problems)
         if cfg is None:
+            # Keep checking wires and splits with the kind's defaults; the
+            # config problems themselves are already reported.
+            cfg = _defaults(cls, spec.params)
+            if cfg is None:
+                continue
+        else:
+            for field_, msg, fix in cls.check(cfg):
+                problems.add(f"{key}.{field_}", msg, fix, _get(cfg, field_), True)
+        try:
+            ins, outs = cls.ports(cfg)
+        except Exception as exc:  # a user kind's ports() may fail on odd configs
+            problems.add(key, f"{cls.kind}.ports() failed: {exc}", "check the node's parameters")
             continue
-        for field_, msg, fix in cls.check(cfg):
-            problems.add(f"{key}.{field_}", msg, fix, _get(cfg, field_), True)
-        ins, outs = cls.ports(cfg)
         out[spec.name] = Resolved(spec, cls, cfg, ins, outs)
     return out
+
+
+def _defaults(cls: type[NodeKind], params: dict[str, Any]) -> Any:
+    """The kind's config from the params that type-check, defaults for the rest."""
+    good = {}
+    for k, v in params.items():
+        trial: list[Any] = []
+        if k in {f.name for f in dataclasses.fields(cls.Config)} and build(cls.Config, {k: v}, "", lambda *r: trial.append(r)) is not None:
+            good[k] = v
+    try:
+        return build(cls.Config, good, "", lambda *r: None)
+    except Exception:
+        return None
 
 
 def _get(cfg: Any, dotted: str) -> Any:
@@ -294,17 +316,18 @@ def partition_stages(nodes: dict[str, PlanNode], order: list[str], placement: di
 
 
 # ------------------------------------------------------------------ pass 6
-def place_devices(stages: list[Stage], nodes: dict[str, PlanNode], placement: dict[str, str], problems: Problems,
+def place_devices(names: list[str], nodes: dict[str, PlanNode], placement: dict[str, str], problems: Problems,
                   available: Callable[[str], bool] | None = None) -> None:
-    """Check the placement map and that every device exists on this machine."""
+    """Check the placement map (node names, piece numbers) and that every device
+    exists on this machine. ``names``: every node of the recipe."""
     for key, dev in placement.items():
         pkey = f"placement.{key}"
         if key != "default":
             name, _, piece = key.partition(".")
-            if name not in nodes:
-                problems.add(pkey, f"no node '{name}'", did_you_mean(name, list(nodes) + ["default"]) or f"nodes are: {', '.join(nodes)}", key, True)
+            if name not in names:
+                problems.add(pkey, f"no node '{name}'", did_you_mean(name, list(names) + ["default"]) or f"nodes are: {', '.join(names)}", key, True)
                 continue
-            if piece:
+            if piece and name in nodes:
                 n = nodes[name]
                 if not piece.isdigit() or int(piece) >= n.split:
                     problems.add(pkey, f"'{key}' names piece {piece} but {name} has {n.split} piece(s) (split={n.split})", f"use {name}.0..{name}.{n.split - 1}, or raise nodes.{name}.split", key, True)
@@ -429,7 +452,7 @@ def compile_loaded(loaded: Loaded, available: Callable[[str], bool] | None = Non
     values = infer_shapes(recipe, resolved, order, problems)
     nodes = expand_parts(resolved, order, values, problems)
     placement = dict(recipe.top.placement)
-    place_devices([], nodes, placement, problems, available)
+    place_devices([n.name for n in recipe.nodes], nodes, placement, problems, available)
     problems.raise_if_any()
     stages = partition_stages(nodes, order, placement)
     edges, consumers = wire_stages(stages, nodes, recipe.top.outputs, values)

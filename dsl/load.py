@@ -165,6 +165,34 @@ def _hydra_problem(exc: Exception, overrides: list[str], path: Path) -> Problem:
     return Problem("", first, fix, where)
 
 
+def _check_yaml(path: Path) -> None:
+    """A YAML syntax error as one problem with its line (Hydra's message has none)."""
+    try:
+        yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        what = " ".join(str(getattr(exc, a) or "") for a in ("context", "problem")).strip() or str(exc)
+        raise RecipeError([Problem("", f"YAML syntax error: {what}", "fix the YAML syntax (quote values that start with ?, :, {, [, * or &)",
+                                   Where(file=_display(path), line=mark.line + 1 if mark else None))]) from exc
+
+
+# Top-level schema keys every recipe has (with defaults) even when its file
+# does not spell them out: ``output_dir=x`` must work without a '+'.
+_SCHEMA_SCALARS = ("output_dir", "trace", "seed", "description", "allow_targets")
+_SCHEMA_MAPS = ("placement", "batching", "runtime")
+
+
+def _schema_override(o: str) -> str:
+    """Rewrite ``key=value`` on a schema key to Hydra's add-or-set ``++key=value``."""
+    if o.startswith(("+", "~")) or "=" not in o:
+        return o
+    key = o.split("=", 1)[0]
+    root = key.split(".", 1)[0]
+    if key in _SCHEMA_SCALARS or (root in _SCHEMA_MAPS and "." in key):
+        return "++" + o
+    return o
+
+
 def register_resolvers() -> None:
     """``${example:NAME}``: a file shipped in recipes/examples (for default inputs)."""
     from omegaconf import OmegaConf
@@ -182,12 +210,13 @@ def load_recipe(recipe: str | Path, overrides: list[str] | None = None) -> Loade
     overrides = list(overrides or [])
     register_resolvers()
     path = resolve_recipe(str(recipe))
+    _check_yaml(path)
     shipped = path.parent == recipes_dir()
     extra = [] if shipped else [f"hydra.searchpath=[file://{recipes_dir()}]"]
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(path.parent), version_base=None, job_name="mmpipe"):
-            cfg = compose(config_name=path.stem, overrides=overrides + extra, return_hydra_config=True)
+            cfg = compose(config_name=path.stem, overrides=[_schema_override(o) for o in overrides] + extra, return_hydra_config=True)
     except RecipeError:
         raise
     except Exception as exc:  # Hydra's own errors: turn them into one problem each

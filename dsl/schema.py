@@ -185,6 +185,8 @@ def validate(loaded: Loaded) -> tuple[Recipe | None, Problems]:
         else:
             hint = did_you_mean(k, known)
             problems.add(k, f"unknown key '{k}'", hint or f"top-level keys are {', '.join(sorted(known))}; a recipe variable must be used by some ${{{k}}}")
+    if isinstance(top_data.get("placement"), dict):
+        top_data["placement"] = _flatten(top_data["placement"])
     if "name" not in top_data:
         top_data["name"] = loaded.path.stem
     top = build(Top, top_data, "", problems)
@@ -194,6 +196,18 @@ def validate(loaded: Loaded) -> tuple[Recipe | None, Problems]:
     nodes = _nodes(top, problems)
     source = _source(top, problems)
     return Recipe(top=top, nodes=nodes, source=source, variables=variables, file=problems.provenance.recipe_file, config=data), problems
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{decoder: {1: cuda:1}}`` (what ``+placement.decoder.1=cuda:1`` makes) -> ``{decoder.1: cuda:1}``."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
 
 
 def _check_top(top: Top, problems: Problems) -> None:
@@ -209,7 +223,7 @@ def _check_top(top: Top, problems: Problems) -> None:
             problems.add(key, f"must not be negative, got {v}", f"set {key}=0 or more", v, True)
     if r.timeout_s <= 0:
         problems.add("runtime.timeout_s", f"must be positive, got {r.timeout_s}", "e.g. runtime.timeout_s=600", r.timeout_s, True)
-    if r.microbatch_size > b.max_batch_size:
+    if b.max_batch_size > 0 and r.microbatch_size > b.max_batch_size:
         problems.add("runtime.microbatch_size", f"micro-batch size {r.microbatch_size} is larger than batching.max_batch_size {b.max_batch_size}", f"set runtime.microbatch_size={b.max_batch_size} or raise batching.max_batch_size", r.microbatch_size, True)
     if r.backend not in BACKENDS:
         problems.add("runtime.backend", f"unknown backend '{r.backend}'", did_you_mean(r.backend, BACKENDS) or f"use one of {', '.join(BACKENDS)}", r.backend, True)

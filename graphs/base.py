@@ -228,12 +228,17 @@ class Request:
     params: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-class SourceError(Exception):
-    """A user mistake in a request source (missing file, empty glob...)."""
+class UserError(Exception):
+    """A user mistake found at run time (a missing model directory, a bad input
+    file list): the CLI prints it without a traceback and exits with 2."""
 
     def __init__(self, key: str, message: str, fix: str = "") -> None:
         super().__init__(message)
         self.key, self.message, self.fix = key, message, fix
+
+
+class SourceError(UserError):
+    """A user mistake in a request source (missing file, empty glob...)."""
 
 
 class SourceKind:
@@ -252,6 +257,11 @@ class SourceKind:
     @classmethod
     def requests(cls, cfg: Any) -> list[Request]:
         raise NotImplementedError
+
+    @classmethod
+    def write_outputs(cls, cfg: Any, results: list[Any], out_dir: Any) -> list[Any]:
+        """Write the recipe's natural files (e.g. ``<stem>.txt``); return their paths."""
+        return []
 
 
 def make_config(cls: type, data: dict[str, Any]) -> Any:

@@ -1,1 +1,339 @@
-def main(): return 0
+"""The ``mmpipe`` command (DESIGN.md section 5): run, validate, plan, ls, convert.
+
+Exit codes: 0 all good; 2 a user error (recipe, overrides, arguments: one
+short message, no traceback unless --debug); 1 one or more requests failed.
+This is the only module that wires the compiler and the runtime together.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+USAGE = """usage: mmpipe COMMAND [RECIPE] [overrides...] [options]
+
+commands:
+  run RECIPE [overrides]        run the recipe's requests, write results into output_dir
+  validate RECIPE [overrides]   report every problem at once (exit 2 if any); loads no weights
+  plan RECIPE [overrides]       print the compiled plan [--format text|json|mermaid] [--schedule M]
+  ls [--kinds]                  shipped recipes with one-line descriptions (and node kinds)
+  convert ctranslate2 SRC DST   convert a CTranslate2 Whisper directory to transformers
+
+RECIPE is a name from `mmpipe ls` or a path to a .yaml file.
+overrides use Hydra syntax: key=value  +key=value  ~key  group=option  key=a,b (with -m)
+
+options:
+  -m, --multirun      sweep over comma-separated override values (one output dir per job)
+  --cfg job           print the composed config and exit (add --resolve to resolve it)
+  --debug             show Python tracebacks for user errors
+  -q, --quiet         no progress bar, no per-request lines
+  -h, --help          this help; `mmpipe run RECIPE --help` shows the recipe's options
+"""
+
+
+@dataclass
+class Args:
+    command: str = ""
+    recipe: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    multirun: bool = False
+    cfg: str | None = None
+    resolve: bool = False
+    debug: bool = False
+    quiet: bool = False
+    help: bool = False
+    format: str = "text"
+    schedule: int | None = None
+    kinds: bool = False
+    extra: list[str] = field(default_factory=list)
+
+
+class UsageError(Exception):
+    pass
+
+
+def parse_args(argv: list[str]) -> Args:
+    a = Args()
+    it = iter(argv)
+    positional: list[str] = []
+    for tok in it:
+        if tok in ("-h", "--help"):
+            a.help = True
+        elif tok in ("-m", "--multirun"):
+            a.multirun = True
+        elif tok == "--debug":
+            a.debug = True
+        elif tok in ("-q", "--quiet"):
+            a.quiet = True
+        elif tok == "--resolve":
+            a.resolve = True
+        elif tok == "--kinds":
+            a.kinds = True
+        elif tok in ("--cfg", "-c") or tok.startswith("--cfg="):
+            a.cfg = tok.split("=", 1)[1] if "=" in tok else next(it, None)
+            if a.cfg not in ("job", "all"):
+                raise UsageError("--cfg takes 'job' (or 'all')")
+        elif tok == "--format" or tok.startswith("--format="):
+            a.format = tok.split("=", 1)[1] if "=" in tok else next(it, "")
+            if a.format not in ("text", "json", "mermaid"):
+                raise UsageError(f"--format must be text, json or mermaid, got '{a.format}'")
+        elif tok == "--schedule" or tok.startswith("--schedule="):
+            v = tok.split("=", 1)[1] if "=" in tok else next(it, "")
+            if not v.isdigit() or int(v) <= 0:
+                raise UsageError(f"--schedule takes a positive number of micro-batches, got '{v}'")
+            a.schedule = int(v)
+        elif tok.startswith("--"):
+            raise UsageError(f"unknown option {tok}")
+        else:
+            positional.append(tok)
+    if positional:
+        a.command = positional.pop(0)
+    if a.command in ("run", "validate", "plan") and positional:
+        a.recipe = positional.pop(0)
+        a.overrides = positional
+    else:
+        a.extra = positional
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        args = parse_args(argv)
+        return dispatch(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # user errors become exit 2; anything else is a bug: show it
+        from mmpipe.dsl.errors import RecipeError
+        from mmpipe.graphs.base import UserError
+
+        if isinstance(exc, RecipeError):
+            print(exc.format(), file=sys.stderr)
+        elif isinstance(exc, UserError):
+            print(f"error: {exc.key}: {exc.message}" + (f"\n    fix: {exc.fix}" if exc.fix else ""), file=sys.stderr)
+        elif isinstance(exc, UsageError):
+            print(f"error: {exc}\n(see mmpipe --help)", file=sys.stderr)
+        else:
+            traceback.print_exc()
+            return 1
+        if debug:
+            traceback.print_exc()
+        return 2
+
+
+def dispatch(a: Args) -> int:
+    if not a.command or (a.help and not a.recipe):
+        print(USAGE)
+        return 0 if a.help or not a.command else 2
+    if a.command == "ls":
+        return cmd_ls(a)
+    if a.command == "convert":
+        return cmd_convert(a)
+    if a.command not in ("run", "validate", "plan"):
+        raise UsageError(f"unknown command '{a.command}'")
+    if not a.recipe:
+        raise UsageError(f"'{a.command}' needs a RECIPE (see mmpipe ls)")
+    if a.help:
+        return cmd_recipe_help(a)
+    if a.multirun:
+        return cmd_multirun(a)
+    return run_one(a, a.overrides)
+
+
+def run_one(a: Args, overrides: list[str], job_dir: str | None = None) -> int:
+    from mmpipe.dsl.compile import compile_loaded
+    from mmpipe.dsl.load import load_recipe
+
+    loaded = load_recipe(a.recipe or "", overrides)
+    if a.cfg:
+        from omegaconf import OmegaConf
+
+        print(OmegaConf.to_yaml(loaded.cfg, resolve=a.resolve), end="")
+        return 0
+    plan = compile_loaded(loaded)
+    if job_dir is not None:
+        plan.output_dir = job_dir
+    if a.command == "validate":
+        from mmpipe.api import requests_of
+
+        n = len(requests_of(plan)) if plan.source else 0
+        print(f"ok: {plan.recipe} ({loaded.path}): {len(plan.nodes)} nodes, {plan.num_stages} stages, {n} request(s)")
+        return 0
+    if a.command == "plan":
+        return print_plan(plan, a)
+    return cmd_run(plan, loaded, a)
+
+
+def print_plan(plan: Any, a: Args) -> int:
+    if a.format == "json":
+        print(plan.to_json())
+    elif a.format == "mermaid":
+        print(plan.to_mermaid())
+    else:
+        from mmpipe.dsl import schedule as sch
+
+        print(plan.to_text())
+        p = plan.num_stages
+        m = a.schedule or max(2 * p, 4)
+        if plan.loops:
+            lp = plan.loops[0]
+            trips = [2 + (i % 3) for i in range(m)]
+            table = sch.loop_reentry(len(lp.stages), trips, max(len(lp.stages), 2))
+            print(f"\nschedule of loop '{lp.node}' ({m} micro-batches with 2-4 iterations, {max(len(lp.stages), 2)} in flight; cell = mb.iteration):")
+        else:
+            table = sch.streaming(p, m)
+            print(f"\nschedule ({m} micro-batches, streaming; bubble {100 * sch.bubble(table):.0f}%, GPipe theory {100 * sch.theory_bubble(p, m):.0f}%):")
+        print(sch.grid(table))
+    return 0
+
+
+def cmd_run(plan: Any, loaded: Any, a: Args) -> int:
+    from omegaconf import OmegaConf
+
+    from mmpipe.api import open_pipeline, requests_of, source_config
+    from mmpipe.graphs import get_source
+    from mmpipe.runtime.results import summarize, write_results
+
+    requests = requests_of(plan)
+    out_dir = Path(plan.output_dir)
+    bar = _progress(len(requests), a.quiet)
+    t_setup = time.perf_counter()
+    ex = open_pipeline(plan, str(out_dir))
+    setup_s = time.perf_counter() - t_setup
+    try:
+        t0 = time.perf_counter()
+        results = ex.run(requests, progress=lambda r: bar.update(1) if bar else None)
+        wall = time.perf_counter() - t0
+        stats = ex.stats(wall)
+        if hasattr(ex, "write_trace") and plan.trace:
+            ex.write_trace(plan.trace)
+    finally:
+        ex.close()
+        if bar:
+            bar.close()
+    write_results(out_dir, results)
+    src_cls = get_source(plan.source["kind"]) if plan.source else None
+    files = src_cls.write_outputs(source_config(plan), results, out_dir) if src_cls else []
+    models = {n: pn.config.get("model") for n, pn in plan.nodes.items() if isinstance(pn.config.get("model"), dict)}
+    summary = summarize(plan, results, wall, {**stats, "setup_s": round(setup_s, 4), "overrides": loaded.overrides},
+                        OmegaConf.to_container(loaded.cfg, resolve=True), models)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if not a.quiet:
+        for r in results:
+            print(_result_line(r))
+        print(_stats_table(stats, summary))
+    failed = sum(not r.ok for r in results)
+    print(f"{len(results) - failed}/{len(results)} requests ok in {wall:.2f}s -> {out_dir}/results.jsonl" + (f" (+{len(files)} files)" if files else ""))
+    return 1 if failed else 0
+
+
+def _progress(n: int, quiet: bool) -> Any:
+    if quiet or n < 2:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=n, unit="req", file=sys.stderr, disable=None, leave=False)
+
+
+def _short(v: Any) -> str:
+    if hasattr(v, "shape") and hasattr(v, "dtype"):
+        flat = v.flatten().tolist()
+        head = ", ".join(f"{x:.4g}" if isinstance(x, float) else str(x) for x in flat[:4])
+        return f"tensor{list(v.shape)} [{head}{', ...' if len(flat) > 4 else ''}]"
+    s = str(v)
+    return s if len(s) <= 100 else s[:97] + "..."
+
+
+def _result_line(r: Any) -> str:
+    if not r.ok:
+        return f"{r.id}: ERROR {r.error.get('message')} (stage {r.error.get('stage')}, node {r.error.get('node')})"
+    return f"{r.id}: " + "  ".join(f"{k}={_short(v)}" for k, v in (r.outputs or {}).items() if v not in (None, [], ""))
+
+
+def _stats_table(stats: dict[str, Any], summary: dict[str, Any]) -> str:
+    try:
+        from mmpipe.runtime.trace import format_stats  # the pipelined runtime's table
+
+        return format_stats({**stats, **{k: summary.get(k) for k in ("throughput_rps", "latency_p50_s", "latency_p95_s")}})
+    except ImportError:
+        rows = [f"stage {s['stage']}: busy {s['busy_pct']}%" for s in stats.get("stages", [])]
+        rows.append(f"throughput {summary.get('throughput_rps')} req/s, latency p50 {summary.get('latency_p50_s')}s p95 {summary.get('latency_p95_s')}s")
+        return "\n".join(rows)
+
+
+def cmd_multirun(a: Args) -> int:
+    from mmpipe.dsl.load import expand_sweep, load_recipe
+
+    jobs = expand_sweep(a.overrides)
+    worst = 0
+    for i, ovs in enumerate(jobs):
+        base = load_recipe(a.recipe or "", ovs).cfg.get("output_dir", "outputs")
+        job_dir = str(Path(str(base)) / "multirun" / str(i))
+        print(f"[job {i}] {' '.join(ovs) or '(no overrides)'} -> {job_dir}")
+        code = run_one(a, ovs, job_dir)
+        if a.command == "run":
+            Path(job_dir).mkdir(parents=True, exist_ok=True)
+            (Path(job_dir) / "overrides.json").write_text(json.dumps(ovs))
+        worst = max(worst, code)
+    return worst
+
+
+def cmd_ls(a: Args) -> int:
+    from mmpipe.dsl.load import recipe_description, recipes_dir, shipped_recipes
+
+    recipes = shipped_recipes()
+    w = max(len(n) for n in recipes)
+    for name, path in recipes.items():
+        print(f"{name.ljust(w)}  {recipe_description(path)}")
+    groups = sorted(p.name for p in recipes_dir().iterdir() if p.is_dir() and any(p.glob("*.yaml")))
+    for g in groups:
+        print(f"  group {g}: " + ", ".join(sorted(q.stem for q in (recipes_dir() / g).glob("*.yaml"))))
+    if a.kinds:
+        from mmpipe.graphs import get_kind, get_source, kind_names, source_names
+
+        print("node kinds:")
+        for k in kind_names():
+            print(f"  {k}: {get_kind(k).description}")  # type: ignore[union-attr]
+        print("sources:")
+        for k in source_names():
+            print(f"  {k}: {get_source(k).description}")  # type: ignore[union-attr]
+    return 0
+
+
+def cmd_recipe_help(a: Args) -> int:
+    from omegaconf import OmegaConf
+
+    from mmpipe.dsl.load import load_recipe, recipes_dir
+
+    loaded = load_recipe(a.recipe or "", a.overrides)
+    first = loaded.path.read_text().splitlines()[:1]
+    print(f"{loaded.path.stem}: {loaded.cfg.get('description', '')}")
+    if first and first[0].startswith("#"):
+        print(f"run it: {first[0].lstrip('# ').strip()}")
+    print("\n== config groups (group=option) ==")
+    for g, choice in loaded.choices.items():
+        opts = sorted(q.stem for q in (recipes_dir() / g).glob("*.yaml"))
+        print(f"{g}: {', '.join(opts)} (now: {choice})")
+    print("\n== config (override any key: key=value) ==")
+    print(OmegaConf.to_yaml(loaded.cfg), end="")
+    return 0
+
+
+def cmd_convert(a: Args) -> int:
+    if len(a.extra) != 3 or a.extra[0] != "ctranslate2":
+        raise UsageError("usage: mmpipe convert ctranslate2 SRC DST")
+    from mmpipe.graphs.whisper_ct2 import convert_main
+
+    return convert_main(a.extra[1], a.extra[2])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

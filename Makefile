@@ -1,0 +1,36 @@
+# mmpipe: two commands for a fresh clone.
+#   make run    creates .venv if missing, installs, runs the default recipe on a shipped example
+#   make test   the same install, then the whole test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+STAMP   = $(VENV)/.mmpipe-installed
+RECIPE ?= synthetic
+
+.PHONY: run test install bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# constraints.txt pins what loads together here (torch 2.14.1 + torchaudio 2.11.0).
+# open-clip-torch is installed without its dependencies: we only read the CLIP
+# BPE vocabulary it ships (its deps would pull torchvision and timm).
+$(STAMP): pyproject.toml constraints.txt | $(PY)
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt --no-deps 'open-clip-torch>=2.20'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/mmpipe run $(RECIPE)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: $(STAMP)
+	$(PY) benchmarks/runtime.py --quick
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,91 @@
+"""Each compiler pass on its own."""
+from __future__ import annotations
+
+import pytest
+
+from mmpipe.dsl.compile import (balanced_ranges, choose_schedule, compile_recipe, device_of, insert_transfers,
+                                partition_stages, wire_stages)
+from mmpipe.dsl.plan import Edge, PlanNode, PortSpec, Stage, Unit
+from mmpipe.dsl.shapes import evaluate, substitute, unify
+
+
+def test_balanced_ranges_minimise_the_largest_group():
+    assert balanced_ranges([1, 1, 1, 1], 2) == [[0, 2], [2, 4]]
+    assert balanced_ranges([4, 1, 1, 1, 1], 2) == [[0, 1], [1, 5]]
+    assert balanced_ranges([1, 2, 3], 3) == [[0, 1], [1, 2], [2, 3]]
+    with pytest.raises(ValueError):
+        balanced_ranges([1], 2)
+
+
+def test_shape_unification():
+    b: dict = {}
+    assert unify(["B", "T", 80], ["B", 3000, 80], b) is None and b["T"] == 3000
+    assert "dim 2" in unify(["B", "T", 80], ["B", 3000, 128], {})
+    assert "rank" in unify(["B", "T"], ["B"], {})
+    b = {"H": 64}
+    assert evaluate("H/8", b) == 8 and substitute(["B", "H/8"], b) == ["B", 8]
+
+
+def node(name: str, split: int = 1, light: bool = False, loop: bool = False, parts: int | None = None) -> PlanNode:
+    n = parts or split
+    from mmpipe.dsl.compile import balanced_ranges as br
+
+    return PlanNode(name, "k", None, {}, {}, [], [PortSpec("y", "float32", None)], n, split, br([1.0] * n, split), [1.0] * n, loop=loop, light=light)
+
+
+def test_partition_fuses_light_nodes_and_isolates_loops():
+    nodes = {"load": node("load", light=True), "enc": node("enc", split=2), "dec": node("dec", split=2, loop=True), "txt": node("txt", light=True)}
+    stages = partition_stages(nodes, list(nodes), {})
+    assert [[(u.node, u.piece) for u in s.units] for s in stages] == [
+        [("load", 0), ("enc", 0)], [("enc", 1)], [("dec", 0)], [("dec", 1)], [("txt", 0)]]
+    assert [s.loop for s in stages] == [None, None, "dec", "dec", None]
+
+
+def test_partition_splits_at_device_changes():
+    nodes = {"a": node("a", light=True), "b": node("b"), "c": node("c", light=True)}
+    stages = partition_stages(nodes, list(nodes), {"a": "cpu", "b": "cuda:0", "c": "cuda:0"})
+    assert [[u.node for u in s.units] for s in stages] == [["a"], ["b", "c"]]
+    assert [s.device for s in stages] == ["cpu", "cuda:0"]
+
+
+def test_device_lookup_order():
+    pl = {"default": "cuda:0", "dec": "cuda:1", "dec.1": "cpu"}
+    assert device_of("dec", 1, pl) == "cpu" and device_of("dec", 0, pl) == "cuda:1" and device_of("x", 0, pl) == "cuda:0"
+    assert device_of("x", 0, {}) == "cpu"
+
+
+def test_transfers_only_between_devices():
+    stages = [Stage(0, "cpu", [Unit("a", 0, [0, 1])], 1), Stage(1, "cuda:0", [Unit("b", 0, [0, 1])], 1), Stage(2, "cuda:0", [Unit("c", 0, [0, 1])], 1)]
+    edges = [Edge("a.y", 0, 1, "float32", None), Edge("b.y", 1, 2, "float32", None), Edge("a.y", 0, 2, "float32", None)]
+    ts = insert_transfers(stages, edges)
+    assert [(t.key, t.src_stage, t.dst_stage) for t in ts] == [("a.y", 0, 1), ("a.y", 0, 2)]
+    assert choose_schedule(stages) == "streaming"
+
+
+def test_wire_stages_delivers_non_adjacent_values_and_loop_inputs():
+    plan = compile_recipe("whisper_stt", ["nodes.encoder.split=2", "nodes.decoder.split=3"])
+    # the encoder output is read by every decoder stage (cross-attention): non-adjacent edges
+    dec_stages = [s.index for s in plan.stages if s.loop == "decoder"]
+    assert plan.consumers["encoder.hidden"] == dec_stages
+    assert plan.consumers["encoder#0"] == [1]
+    assert plan.consumers["text.text"] == [plan.num_stages]  # final output
+    assert plan.schedule == "loop-reentry" and plan.loops[0].stages == dec_stages
+
+
+def test_placement_override_changes_plan():
+    plan = compile_recipe("whisper_stt", ["nodes.decoder.split=2", "+placement.decoder.1=meta"])
+    devs = {plan.stage_label(s): s.device for s in plan.stages}
+    assert [d for k, d in devs.items() if k.startswith("decoder.1")] == ["meta"]
+    assert any(t.dst_device == "meta" for t in plan.transfers)
+
+
+def test_wire_stages_unit():
+    nodes = {"a": node("a", split=2), "b": node("b")}
+    nodes["b"].wires = {"x": "a.y"}
+    nodes["a"].wires = {"x": "inputs.x"}
+    stages = partition_stages(nodes, ["a", "b"], {})
+    from mmpipe.dsl.plan import PortSpec as P
+
+    edges, consumers = wire_stages(stages, nodes, {"out": "b.y"}, {"a.y": P("y", "float32", ["B"])})
+    assert consumers == {"a#0": [1], "a.y": [2], "b.y": [3], "inputs.x": [0]}
+    assert [s.reads for s in stages] == [["inputs.x"], ["a#0"], ["a.y"]]

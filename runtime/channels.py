@@ -77,16 +77,22 @@ class Inbox:
             (self.retry if retry else self.back).append(pkt)
             self.cond.notify_all()
 
-    def get(self) -> Packet:
-        """The next packet of ``main`` or ``back`` (``back`` first)."""
-        with self.cond:
-            while not (self.back or self.main):
+    def get(self, idle: Callable[[], None] | None = None) -> Packet:
+        """The next packet of ``main`` or ``back`` (``back`` first).
+
+        ``idle`` runs (outside the lock) after each wait slice that brought nothing.
+        """
+        while True:
+            with self.cond:
+                if self.back or self.main:
+                    pkt = self.back.popleft() if self.back else self.main.popleft()
+                    self.cond.notify_all()  # a producer may wait for room
+                    return pkt
                 if self.stopped():
                     raise Stopped()
-                self.cond.wait(SLICE_S)
-            pkt = self.back.popleft() if self.back else self.main.popleft()
-            self.cond.notify_all()  # a producer may wait for room
-            return pkt
+                woke = self.cond.wait(SLICE_S)
+            if not woke and idle is not None:
+                idle()
 
     def wake(self) -> None:
         with self.cond:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,14 +20,16 @@ from mmpipe.runtime.results import percentile
 
 # (start, end, micro-batch id, items, name)
 Span = tuple[float, float, int, int, str]
+# A long-lived pipeline (``submit`` forever) keeps only the latest spans and latencies.
+KEEP = 200_000
 
 
 @dataclass
 class StageLog:
     """What one stage did: compute spans, transfer spans it issued, queue waits."""
 
-    spans: list[Span] = field(default_factory=list)
-    transfers: list[Span] = field(default_factory=list)
+    spans: deque[Span] = field(default_factory=lambda: deque(maxlen=KEEP))
+    transfers: deque[Span] = field(default_factory=lambda: deque(maxlen=KEEP))
     wait_sum: float = 0.0
     wait_max: float = 0.0
     waits: int = 0
@@ -46,12 +49,28 @@ class Recorder:
         self.reset()
 
     def reset(self) -> None:
+        """Start a new measurement (stage logs are cleared in place: workers hold them)."""
         self.origin = time.perf_counter()
-        self.logs = [StageLog() for _ in self.names]
-        self.latencies: list[float] = []
+        if not hasattr(self, "logs"):
+            self.logs = [StageLog() for _ in self.names]
+        for log in self.logs:
+            log.spans.clear()
+            log.transfers.clear()
+            log.wait_sum = log.wait_max = 0.0
+            log.waits = 0
+        self.latencies: deque[float] = deque(maxlen=KEEP)
+        self.requests: deque[tuple[float, float, str, bool]] = deque(maxlen=KEEP)  # (submitted, done, id, ok)
         self.failed = 0
         self.microbatches = 0  # micro-batches the batcher formed
         self.loops: dict[str, dict[str, int]] = {}
+
+    def request_done(self, rid: str, t0: float, ok: bool) -> None:
+        t1 = time.perf_counter()
+        self.requests.append((t0, t1, rid, ok))
+        if ok:
+            self.latencies.append(t1 - t0)
+        else:
+            self.failed += 1
 
     def loop_counter(self, node: str) -> dict[str, int]:
         return self.loops.setdefault(node, {"groups": 0, "joined_items": 0, "trips": 0, "retried_items": 0, "max_inflight": 0})
@@ -76,7 +95,8 @@ class Recorder:
                 "queue_wait_max_ms": round(1000 * log.wait_max, 3),
                 "transfer_s": round(sum(s[1] - s[0] for s in log.transfers), 6),
             })
-        m = len(self.logs[0].spans) if p else 0
+        # m: micro-batches the batcher formed (stage-0 calls when driven another way)
+        m = self.microbatches or (len(self.logs[0].spans) if p else 0)
         done = len(self.latencies) + self.failed
         return {
             "stages": stages,
@@ -84,14 +104,14 @@ class Recorder:
             "bubble_pct": round(100 * (1 - busy_total / (p * window)), 2) if spans else None,
             "bubble_theory_pct": round(100 * (p - 1) / (m + p - 1), 2) if m else None,
             "throughput_rps": round(done / wall_s, 4) if wall_s > 0 else None,
-            "latency_p50_s": round(percentile(self.latencies, 0.5), 6) if self.latencies else None,
-            "latency_p95_s": round(percentile(self.latencies, 0.95), 6) if self.latencies else None,
+            "latency_p50_s": round(percentile(list(self.latencies), 0.5), 6) if self.latencies else None,
+            "latency_p95_s": round(percentile(list(self.latencies), 0.95), 6) if self.latencies else None,
             "loops": {k: dict(v) for k, v in self.loops.items()},
         }
 
     # ------------------------------------------------------------ trace
     def chrome_trace(self) -> dict[str, Any]:
-        """Chrome trace events: one track per stage, one per stage's outgoing transfers."""
+        """Chrome trace events: a track per stage, one per stage's outgoing transfers, request latencies."""
         ev: list[dict[str, Any]] = [{"name": "process_name", "ph": "M", "pid": 1, "args": {"name": "mmpipe pipeline"}}]
         us = lambda t: round((t - self.origin) * 1e6, 3)  # noqa: E731
         for i, log in enumerate(self.logs):
@@ -105,6 +125,12 @@ class Recorder:
                 ev.append({"name": "thread_sort_index", "ph": "M", "pid": 1, "tid": tid, "args": {"sort_index": 2 * i + 1}})
                 for t0, t1, mb, n, name in log.transfers:
                     ev.append({"name": f"{name} mb{mb}", "cat": "transfer", "ph": "X", "pid": 1, "tid": tid, "ts": us(t0), "dur": round((t1 - t0) * 1e6, 3), "args": {"microbatch": mb, "items": n}})
+        for t0, t1, rid, ok in self.requests:  # request latency, as async spans on their own track
+            args = {"ok": ok}
+            ev.append({"name": f"request {rid}", "cat": "request", "ph": "b", "id": rid, "pid": 2, "ts": us(t0), "args": args})
+            ev.append({"name": f"request {rid}", "cat": "request", "ph": "e", "id": rid, "pid": 2, "ts": us(t1), "args": args})
+        if self.requests:
+            ev.append({"name": "process_name", "ph": "M", "pid": 2, "args": {"name": "requests (submit -> result)"}})
         return {"traceEvents": ev, "displayTimeUnit": "ms"}
 
     def write_trace(self, path: str | Path) -> Path:

@@ -1,0 +1,114 @@
+"""Node kinds used only by the runtime tests (loaded through ``_target_``)."""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from mmpipe.graphs.base import Batch, ItemMeta, NodeKind, Port
+
+
+@dataclass(kw_only=True)
+class FanoutConfig:
+    max_copies: int = 3
+
+
+class Fanout(NodeKind):
+    """Turns item i into 1 + |x[i, 0]| % max_copies items (row j = x[i] + j)."""
+
+    kind = "testing.fanout"
+    Config = FanoutConfig
+    inputs = (Port("x", "float32", ("B", "D")),)
+    outputs = (Port("y", "float32", ("B", "D")),)
+    expands = True
+
+    def forward(self, x: Batch, meta: list[ItemMeta]) -> Batch:
+        import torch
+
+        xs = x["x"]
+        parents: list[int] = []
+        rows = []
+        for i in range(xs.shape[0]):
+            for j in range(1 + int(xs[i, 0].abs()) % self.cfg.max_copies):
+                parents.append(i)
+                rows.append(xs[i] + j)
+        return {"y": torch.stack(rows), "_parent": parents}
+
+
+@dataclass(kw_only=True)
+class CountConfig:
+    pass
+
+
+class Counted(NodeKind):
+    """Identity that counts the items it saw per call (to check batching from outside)."""
+
+    kind = "testing.counted"
+    Config = CountConfig
+    inputs = (Port("x", "float32", ("B", "D")),)
+    outputs = (Port("y", "float32", ("B", "D")),)
+    calls: list[list[str]] = []  # request ids per forward call, shared by all instances
+
+    def forward(self, x: Batch, meta: list[ItemMeta]) -> Batch:
+        Counted.calls.append([m.request_id for m in meta])
+        return {"y": x["x"].clone()}
+
+
+@dataclass(kw_only=True)
+class HandshakeConfig:
+    role: str = "first"  # first | second
+    wait_s: float = 10.0
+
+
+class Handshake(NodeKind):
+    """Proves two stages work at once: the second stage, busy with micro-batch 1,
+    waits for the first stage to be busy with micro-batch 2, and vice versa.
+    A runtime that ran one stage at a time would make both waits time out."""
+
+    kind = "testing.handshake"
+    Config = HandshakeConfig
+    inputs = (Port("x", "float32", ("B", "D")),)
+    outputs = (Port("y", "float32", ("B", "D")),)
+    events: dict[str, threading.Event] = {}
+    met: list[bool] = []
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.events = {"second_busy": threading.Event(), "first_busy": threading.Event()}
+        cls.met = []
+
+    def setup(self, device: Any, dtype: Any = None) -> None:
+        super().setup(device, dtype)
+        self.n = 0
+
+    def forward(self, x: Batch, meta: list[ItemMeta]) -> Batch:
+        self.n += 1
+        ev = Handshake.events
+        if self.cfg.role == "second" and self.n == 1:
+            ev["second_busy"].set()
+            Handshake.met.append(ev["first_busy"].wait(self.cfg.wait_s))
+        if self.cfg.role == "first" and self.n == 2:
+            Handshake.met.append(ev["second_busy"].wait(self.cfg.wait_s))
+            ev["first_busy"].set()
+        return {"y": x["x"].clone()}
+
+
+@dataclass(kw_only=True)
+class GateConfig:
+    wait_s: float = 10.0
+
+
+class Gate(NodeKind):
+    """Blocks its first call until ``Gate.open`` is set (to watch back-pressure)."""
+
+    kind = "testing.gate"
+    Config = GateConfig
+    inputs = (Port("x", "float32", ("B", "D")),)
+    outputs = (Port("y", "float32", ("B", "D")),)
+    open = threading.Event()
+    entered = threading.Event()
+
+    def forward(self, x: Batch, meta: list[ItemMeta]) -> Batch:
+        Gate.entered.set()
+        Gate.open.wait(self.cfg.wait_s)
+        return {"y": x["x"].clone()}

@@ -1,0 +1,138 @@
+"""Failures stay local, nothing hangs, no thread outlives the pipeline."""
+from __future__ import annotations
+
+import _thread
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from mmpipe.dsl.compile import compile_recipe
+from mmpipe.graphs.base import Request
+from mmpipe.runtime.pipeline import Pipeline
+from tests.unit.runtime.helpers import KINDS, assert_same_results, compile_data, oracle, recipe, requests_of, runtime_threads
+
+
+def check_one_bad(plan, bad: str, stage: int, node: str) -> dict:
+    reqs = requests_of(plan)
+    with Pipeline(plan) as pipe:
+        res = pipe.run(reqs)
+        stats = pipe.stats(1.0)
+    failed = [r for r in res if not r.ok]
+    assert [r.id for r in failed] == [bad]
+    err = failed[0].error
+    assert (err["type"], err["stage"], err["node"], err["requests"]) == ("InjectedFailure", stage, node, [bad])
+    good = [q for q in reqs if q.id != bad]
+    assert_same_results(oracle(plan, good), [r for r in res if r.ok])
+    return stats
+
+
+def test_one_bad_item_among_20_fails_alone():
+    plan = compile_recipe("synthetic", ["stages=3", "requests=20", "work=noop", "runtime.microbatch_size=4", "+nodes.chain.fail_ids=[r0007]"])
+    check_one_bad(plan, "r0007", stage=0, node="chain")
+
+
+def test_one_bad_item_in_a_later_stage(tmp_path: Path):
+    nodes = {"a": {"kind": "synthetic.chain", "in": {"x": "inputs.x"}, "parts": 2, "split": 2, "work": "noop"},
+             "b": {"kind": "synthetic.chain", "in": {"x": "a.y"}, "parts": 1, "work": "noop", "fail_ids": ["r0013"]}}
+    plan = compile_data(tmp_path, recipe(nodes, {"y": "b.y"}, count=20, runtime={"microbatch_size": 5}))
+    check_one_bad(plan, "r0013", stage=2, node="b")
+
+
+def test_one_bad_item_inside_a_pipelined_loop(tmp_path: Path):
+    nodes = {"a": {"kind": "synthetic.chain", "in": {"x": "inputs.x"}, "parts": 1, "work": "noop"},
+             "b": {"kind": "synthetic.loop", "in": {"x": "a.y", "trips": "inputs.trips"}, "parts": 3, "split": 3,
+                   "work": "noop", "fail_ids": ["r0004"]}}
+    plan = compile_data(tmp_path, recipe(nodes, {"y": "b.y", "n": "b.n"}, count=20, max_trips=4,
+                                         runtime={"microbatch_size": 4, "max_inflight": 2}))
+    stats = check_one_bad(plan, "r0004", stage=1, node="b")
+    assert stats["loops"]["b"]["retried_items"] >= 2  # its group was retried item by item
+
+
+def test_one_bad_item_after_fan_out(tmp_path: Path):
+    """An expanded request fails as a whole; its neighbours do not."""
+    nodes = {"fan": {"_target_": f"{KINDS}.Fanout", "in": {"x": "inputs.x"}},
+             "b": {"kind": "synthetic.chain", "in": {"x": "fan.y"}, "parts": 2, "split": 2, "work": "noop", "fail_ids": ["r0002"]}}
+    plan = compile_data(tmp_path, recipe(nodes, {"y": "b.y"}, count=10, runtime={"microbatch_size": 3}))
+    check_one_bad(plan, "r0002", stage=1, node="b")
+
+
+def test_a_malformed_request_fails_at_batching():
+    plan = compile_recipe("synthetic", ["stages=2", "requests=6", "work=noop"])
+    reqs = requests_of(plan)
+    reqs[3] = Request(id="bad", values={"x": "not a tensor"})
+    with Pipeline(plan) as pipe:
+        res = pipe.run(reqs)
+    assert [r.ok for r in res] == [True, True, True, False, True, True]
+    assert res[3].error["stage"] == -1 and res[3].error["node"] == "inputs"
+
+
+def hang_plan(tmp_path: Path, loop: bool) -> object:
+    kind = "synthetic.loop" if loop else "synthetic.chain"
+    nodes = {"a": {"kind": "synthetic.chain", "in": {"x": "inputs.x"}, "parts": 2, "split": 2, "work": "noop"},
+             "b": {"kind": kind, "in": {"x": "a.y", **({"trips": "inputs.trips"} if loop else {})}, "parts": 2, "split": 2,
+                   "work": "noop", "hang_ids": ["r0005"], "hang_s": 2.5}}
+    return compile_data(tmp_path, recipe(nodes, {"y": "b.y"}, count=12, max_trips=3 if loop else 0,
+                                         runtime={"microbatch_size": 2, "timeout_s": 0.5}))
+
+
+@pytest.mark.parametrize("loop", [False, True])
+def test_a_hanging_stage_is_named_and_the_run_ends(tmp_path: Path, loop: bool):
+    plan = hang_plan(tmp_path, loop)
+    pipe = Pipeline(plan).start()
+    t0 = time.monotonic()
+    res = pipe.run(requests_of(plan))
+    elapsed = time.monotonic() - t0
+    pipe.close()
+    assert elapsed < plan.runtime["timeout_s"] + 5  # the bound the spec promises, not a speed test
+    hung = next(r for r in res if r.id == "r0005")
+    assert not hung.ok and hung.error["type"] == "StageTimeout" and hung.error["stage"] == 2
+    assert "stage 2" in hung.error["message"] and "made no progress" in hung.error["message"]
+    for r in res:
+        assert r.ok or r.error["stage"] == 2
+    assert runtime_threads() == []
+
+
+def test_ctrl_c_joins_workers_and_keeps_finished_results():
+    plan = compile_recipe("synthetic", ["stages=2", "requests=40", "work=sleep", "stage_ms=20", "runtime.microbatch_size=1"])
+    pipe = Pipeline(plan).start()
+    seen: list[str] = []
+
+    def progress(r):
+        seen.append(r.id)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pipe.run(requests_of(plan), progress=progress)
+    assert runtime_threads() == []
+    ok = [r.id for r in pipe.completed if r.ok]
+    assert set(seen) <= set(ok) and len(pipe.completed) == 40  # the rest were failed as closed
+    assert all(r.error["type"] == "Closed" for r in pipe.completed if not r.ok)
+
+
+def test_a_real_sigint_while_waiting():
+    plan = compile_recipe("synthetic", ["stages=2", "requests=40", "work=sleep", "stage_ms=50", "runtime.microbatch_size=1"])
+    pipe = Pipeline(plan).start()
+    timer = threading.Timer(0.3, _thread.interrupt_main)
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pipe.run(requests_of(plan))
+    finally:
+        timer.join()
+    assert runtime_threads() == []
+    assert any(not r.ok for r in pipe.completed)
+
+
+def test_close_resolves_every_future():
+    plan = compile_recipe("synthetic", ["stages=2", "requests=16", "work=sleep", "stage_ms=50"])
+    pipe = Pipeline(plan).start()
+    futures = [pipe.submit(r) for r in requests_of(plan)]
+    pipe.close()
+    assert all(f.done() for f in futures)
+    for f in futures:
+        r = f.result()
+        assert r.ok or r.error["type"] == "Closed"
+    assert any(f.result().error for f in futures)  # closing early left work undone

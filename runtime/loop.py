@@ -30,7 +30,7 @@ from mmpipe.runtime.batch import MicroBatch, to_device
 from mmpipe.runtime.channels import SLICE_S, Packet, Stopped
 from mmpipe.runtime.execute import LoopBody, NodeError, loop_exit, node_inputs, rows_to_batch
 from mmpipe.runtime.stage import StageWorker
-from mmpipe.runtime.transfer import wait_ready
+from mmpipe.runtime.transfer import bind_cuda_device, wait_ready
 
 if TYPE_CHECKING:
     from mmpipe.runtime.pipeline import Pipeline
@@ -142,11 +142,8 @@ class LoopWorker(StageWorker):
         self.inst: LoopKind = self.body.inst
 
     def run(self) -> None:
-        if self.device.startswith("cuda"):
-            import torch
-
-            torch.cuda.set_device(torch.device(self.device))
         try:
+            bind_cuda_device(self.device)
             while True:
                 if self.j == 0:
                     pkt, new = self.loop.admit()

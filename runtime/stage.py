@@ -13,7 +13,7 @@ from mmpipe.graphs.base import select_rows
 from mmpipe.runtime.batch import MicroBatch
 from mmpipe.runtime.channels import Packet, Stopped
 from mmpipe.runtime.execute import NodeError, run_unit
-from mmpipe.runtime.transfer import wait_ready
+from mmpipe.runtime.transfer import bind_cuda_device, wait_ready
 
 if TYPE_CHECKING:
     from mmpipe.runtime.pipeline import Pipeline
@@ -31,11 +31,8 @@ class StageWorker:
 
     def run(self) -> None:
         """Serve the inbox until the pipeline stops."""
-        if self.device.startswith("cuda"):
-            import torch
-
-            torch.cuda.set_device(torch.device(self.device))  # this thread's current stream is on our GPU
         try:
+            bind_cuda_device(self.device)  # this thread's current stream is on our GPU
             while True:
                 self.handle(self.pipe.inboxes[self.s].get())
         except Stopped:

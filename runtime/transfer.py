@@ -85,3 +85,12 @@ def wait_ready(event: Any, device: str) -> None:
         torch.cuda.current_stream(torch.device(device)).wait_event(event)
     else:
         event.synchronize()
+
+
+def bind_cuda_device(dev: str) -> None:
+    """Make ``dev`` the calling thread's current CUDA device (``cuda`` means ``cuda:0``)."""
+    if not _is_cuda(dev):
+        return
+    import torch
+
+    torch.cuda.set_device(torch.device(dev).index or 0)

@@ -1,28 +1,23 @@
-"""Text node kinds for diffusion: CLIP ``text.tokenize`` and ``text.encode``."""
+"""Text node kinds for diffusion: CLIP ``text.tokenize`` and ``text.encode``,
+and the ``text.prompts`` request source.
+
+Both follow ``StableDiffusionPipeline.encode_prompt``: prompts padded to the
+tokenizer's 77 tokens and truncated with a warning; the negative prompt ("" by
+default) gives the unconditional embeddings for classifier-free guidance.
+"""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from mmpipe.graphs import register
 from mmpipe.graphs.base import Batch, ItemMeta, NodeKind, Port, Request, SourceKind
+from mmpipe.graphs.diffusion_load import SDModel, check_equal, component, torch_dtype
 
+__all__ = ["SDModel", "Tokenize", "Encode", "Prompts"]
 
-@dataclass(kw_only=True)
-class SDModel:
-    """Which Stable Diffusion-family weights to load, and their sizes."""
-
-    name: str = "tiny_random"
-    # A local diffusers directory, a hub id, or ``builtin:NAME`` (built offline).
-    path: str = "builtin:tiny_random"
-    text_hidden: int = 32
-    max_length: int = 77
-    latent_channels: int = 4
-    vae_scale: int = 8
-    unet_down_blocks: int = 2
-    unet_up_blocks: int = 2
-    vae_up_blocks: int = 2
-    dtype: str = "float32"
+log = logging.getLogger("mmpipe.text")
 
 
 @dataclass(kw_only=True)
@@ -45,18 +40,39 @@ class Tokenize(NodeKind):
         n = cfg.model.max_length
         return cls.inputs, (Port("ids", "int64", ("B", n)), Port("uncond_ids", "int64", ("B", n)))
 
+    def setup(self, device: Any, dtype: Any = None) -> None:
+        super().setup(device, dtype)
+        self.tok = component(self.cfg.model, "tokenizer", None)
+        check_equal("model.max_length", self.cfg.model.max_length, self.tok.model_max_length, "tokenizer")
+
     def forward(self, x: Batch, meta: list[ItemMeta]) -> Batch:
-        raise NotImplementedError("text.tokenize runs with the image recipe issue")
+        prompts = [str(p) for p in x["prompt"]]
+        negs = [str(n) if n is not None else "" for n in (x.get("negative_prompt") or [""] * len(prompts))]
+        n = self.tok.model_max_length
+        ids = self.tok(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
+        for m, p in zip(meta, prompts):
+            self._warn_truncated(m, p, n)
+        uncond = self.tok(negs, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
+        return {"ids": ids, "uncond_ids": uncond}
+
+    def _warn_truncated(self, m: ItemMeta, prompt: str, n: int) -> None:
+        full = self.tok(prompt, truncation=False, verbose=False).input_ids
+        if len(full) > n:
+            # As diffusers: say what was cut (CLIP sees at most n tokens, BOS/EOS included).
+            removed = self.tok.decode(full[n - 1 : -1])
+            log.warning("request %s: prompt truncated to %d CLIP tokens; dropped: %r", m.request_id, n, removed)
 
 
 @dataclass(kw_only=True)
 class EncodeConfig:
     model: SDModel = field(default_factory=SDModel)
+    # As diffusers' clip_skip (conditional prompt only, as there).
+    clip_skip: int | None = None
 
 
 @register
 class Encode(NodeKind):
-    """CLIP text encoder (conditional and unconditional embeddings)."""
+    """CLIP text encoder (conditional and unconditional embeddings in one batched call)."""
 
     kind = "text.encode"
     description = "CLIP token ids -> text embeddings."
@@ -71,8 +87,24 @@ class Encode(NodeKind):
             (Port("embeds", "float32", ("B", n, d)), Port("uncond_embeds", "float32", ("B", n, d))),
         )
 
+    def setup(self, device: Any, dtype: Any = None) -> None:
+        super().setup(device, dtype)
+        self.dtype = torch_dtype(self.cfg.model, dtype)
+        self.enc = component(self.cfg.model, "text_encoder", self.dtype).to(device)
+        check_equal("model.text_hidden", self.cfg.model.text_hidden, self.enc.config.hidden_size, "text encoder")
+
     def forward(self, x: Batch, meta: list[ItemMeta]) -> Batch:
-        raise NotImplementedError("text.encode runs with the image recipe issue")
+        import torch
+
+        ids, uncond = x["ids"].to(self.device), x["uncond_ids"].to(self.device)
+        b = ids.shape[0]
+        with torch.inference_mode():
+            if self.cfg.clip_skip is None:
+                out = self.enc(torch.cat([ids, uncond]))[0]
+                return {"embeds": out[:b], "uncond_embeds": out[b:]}
+            hs = self.enc(ids, output_hidden_states=True)[-1][-(self.cfg.clip_skip + 1)]
+            cond = self.enc.text_model.final_layer_norm(hs)
+            return {"embeds": cond, "uncond_embeds": self.enc(uncond)[0]}
 
 
 @dataclass(kw_only=True)
@@ -87,7 +119,8 @@ class PromptsConfig:
 @register
 class Prompts(SourceKind):
     """``prompt="..."`` or ``prompts=file.txt`` (one per line), each repeated
-    ``num_images_per_prompt`` times with seeds ``seed``, ``seed+1``, ..."""
+    ``num_images_per_prompt`` times; request n gets seed ``seed + n``, so any
+    image can be made again on its own."""
 
     kind = "text.prompts"
     description = "Text prompts from the command line or a file."
@@ -109,6 +142,8 @@ class Prompts(SourceKind):
         out = []
         if cfg.file and not Path(cfg.file).is_file():
             out.append(("file", f"prompts file '{cfg.file}' does not exist", "give a text file with one prompt per line"))
+        elif cfg.file and not cls._prompts(cfg):
+            out.append(("file", f"prompts file '{cfg.file}' has no prompt", "write one prompt per line"))
         elif not cfg.file and not cfg.prompt:
             out.append(("prompt", "no prompt given", 'pass prompt="..." or prompts=file.txt'))
         if cfg.num_images_per_prompt <= 0:
@@ -123,6 +158,6 @@ class Prompts(SourceKind):
                 n = len(out)
                 seed = cfg.seed + n
                 out.append(Request(id=f"{n:04d}", values={"prompt": prompt, "negative_prompt": cfg.negative_prompt},
-                                   input={"prompt": prompt, "negative_prompt": cfg.negative_prompt, "index": i, "image": k},
+                                   input={"prompt": prompt, "negative_prompt": cfg.negative_prompt, "index": i, "image": k, "seed": seed},
                                    params={"seed": seed}))
         return out

@@ -1,13 +1,50 @@
-"""Audio node kinds: ``audio.load`` (files -> 16 kHz mono) and ``audio.log_mel``."""
+"""Audio node kinds: ``audio.load`` (files -> 16 kHz mono) and ``audio.log_mel``
+(Whisper's log-mel features, one item per <= 30 s window), and the ``audio.files``
+request source, which also writes the ``<stem>.txt/.srt/.json`` files of a run.
+
+torch, torchaudio and soundfile are imported inside the functions that need them,
+so ``mmpipe validate``/``plan`` stay fast.
+"""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from mmpipe.graphs import register
-from pathlib import Path
-
 from mmpipe.graphs.base import Batch, ItemMeta, NodeKind, Port, Request, SourceKind
+
+WHISPER_FRAMES = 3000  # Whisper's encoder always sees 30 s of features
+N_FFT, HOP = 400, 160
+
+
+class AudioError(ValueError):
+    """A request's audio file cannot be used (missing, empty, corrupt, unsupported)."""
+
+
+def read_audio(path: str, sample_rate: int) -> Any:
+    """The file as a mono float32 tensor at ``sample_rate`` (channels averaged)."""
+    import soundfile as sf
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise AudioError(f"audio file not found: {path}")
+    if p.stat().st_size == 0:
+        raise AudioError(f"audio file is empty (0 bytes): {path}")
+    try:
+        data, sr = sf.read(str(p), dtype="float32", always_2d=True)
+    except Exception as e:  # libsndfile's errors name the problem but not always the file
+        raise AudioError(f"cannot decode audio file {path}: {e} (readable: {', '.join(sorted(sf.available_formats()))[:200]})") from None
+    if data.shape[0] == 0:
+        raise AudioError(f"audio file has no samples: {path}")
+    wave = torch.from_numpy(data).mean(dim=1)
+    if sr != sample_rate:
+        import torchaudio.functional as AF
+
+        wave = AF.resample(wave, orig_freq=int(sr), new_freq=sample_rate)
+    return wave.contiguous()
 
 
 @dataclass(kw_only=True)
@@ -33,19 +70,101 @@ class Load(NodeKind):
         return []
 
     def forward(self, x: Batch, meta: list[ItemMeta]) -> Batch:
-        raise NotImplementedError("audio.load runs with the speech recipe issue")
+        return {"audio": [read_audio(p, self.cfg.sample_rate) for p in x["path"]]}
 
 
 @dataclass(kw_only=True)
 class LogMelConfig:
     n_mels: int = 80
     sample_rate: int = 16000
-    chunk_s: float = 30.0
+    chunk_s: float = 30.0  # longest window
+    search_s: float = 8.0  # a long recording is cut at its quietest 0.2 s in the last search_s of a window
+    silence_db: float = -40.0  # ... which counts as a pause when this far below the loudest 20 ms
+    overlap_s: float = 4.0  # windows cut inside speech overlap by this much (merged on words)
+
+
+def plan_windows(wave: Any, cfg: Any) -> list[dict[str, int]]:
+    """Cut a waveform into windows of at most ``chunk_s`` (sample indices).
+
+    Each window: ``start``/``end`` (samples fed to the model), ``keep0``/``keep1``
+    (the span it owns once stitched) and ``overlap`` (samples shared with the previous).
+    All-silent windows after the first are dropped (Whisper invents text on silence).
+    """
+    import torch.nn.functional as F
+
+    sr, n = cfg.sample_rate, int(wave.shape[0])
+    chunk = int(cfg.chunk_s * sr)
+    if n <= chunk:
+        return [{"start": 0, "end": n, "keep0": 0, "keep1": n, "overlap": 0}]
+    frame = sr // 50  # 20 ms
+    rms = wave[: n // frame * frame].view(-1, frame).pow(2).mean(1).sqrt()
+    quiet = float(rms.max()) * 10 ** (cfg.silence_db / 20)
+    # loudness of each 0.2 s stretch (the loudest 20 ms in it): a pause, not a plosive's closure
+    span = F.max_pool1d(rms[None, None], 10, stride=1)[0, 0]
+    half = int(cfg.overlap_s * sr / 2)
+    wins, pos, keep0, ov = [], 0, 0, 0
+    while n - pos > chunk:
+        lo = (pos + chunk - int(cfg.search_s * sr)) // frame + 1
+        hi = (pos + chunk - half) // frame - 10
+        hi = max(hi, lo + 1)
+        f, silent = _pause(span[lo:hi], quiet)
+        f += lo
+        cut = (f + 5) * frame  # the middle of the chosen 0.2 s stretch
+        if silent:
+            wins.append({"start": pos, "end": cut, "keep0": keep0, "keep1": cut, "overlap": ov})
+            pos, ov = cut, 0
+        else:
+            wins.append({"start": pos, "end": cut + half, "keep0": keep0, "keep1": cut, "overlap": ov})
+            pos, ov = cut - half, 2 * half
+        keep0 = cut
+    wins.append({"start": pos, "end": n, "keep0": keep0, "keep1": n, "overlap": ov})
+    loud = [w for i, w in enumerate(wins) if i == 0 or float(wave[w["start"]:w["end"]].abs().max()) > quiet]
+    return loud
+
+
+def _pause(span: Any, quiet: float) -> tuple[int, bool]:
+    """Index of the stretch to cut at: the middle of the longest pause (the later one on
+    ties, for fewer windows), else the quietest stretch; and whether it is a pause."""
+    runs: list[tuple[int, int]] = []  # (length, start) of runs of quiet stretches
+    start = None
+    for i, q in enumerate((span <= quiet).tolist() + [False]):
+        if q and start is None:
+            start = i
+        elif not q and start is not None:
+            runs.append((i - start, start))
+            start = None
+    if runs:
+        n, s = max(runs)
+        return s + n // 2, True
+    return int(span.argmin()), False
+
+
+def log_mel(waves: list[Any], n_mels: int, sample_rate: int) -> Any:
+    """Whisper log-mel [B, n_mels, 3000] of waveforms padded with zeros to 30 s.
+
+    Same steps as ``WhisperFeatureExtractor``: periodic Hann STFT (n_fft 400, hop
+    160, reflect-padded), power spectrum without the last frame, Slaney mel filters,
+    log10 clamped at 1e-10, floor at (max - 8) per item, then (x + 4) / 4.
+    """
+    import torch
+    import torchaudio.functional as AF
+
+    n = WHISPER_FRAMES * HOP
+    batch = torch.zeros(len(waves), n)
+    for i, w in enumerate(waves):
+        batch[i, : min(n, w.shape[0])] = w[:n]
+    stft = torch.stft(batch, N_FFT, HOP, window=torch.hann_window(N_FFT), return_complex=True)
+    power = stft[..., :-1].abs() ** 2
+    fb = AF.melscale_fbanks(N_FFT // 2 + 1, 0.0, sample_rate / 2, n_mels, sample_rate, norm="slaney", mel_scale="slaney")
+    mel = fb.T @ power
+    logs = mel.clamp(min=1e-10).log10()
+    logs = torch.maximum(logs, logs.amax(dim=(1, 2), keepdim=True) - 8.0)
+    return (logs + 4.0) / 4.0
 
 
 @register
 class LogMel(NodeKind):
-    """Whisper's log-mel spectrogram; long audio is cut into 30 s windows."""
+    """Whisper's log-mel spectrogram; long audio is cut into <= 30 s windows (one item each)."""
 
     kind = "audio.log_mel"
     description = "Waveform -> Whisper log-mel features, one item per 30 s window."
@@ -56,17 +175,34 @@ class LogMel(NodeKind):
 
     @classmethod
     def ports(cls, cfg: Any) -> tuple[tuple[Port, ...], tuple[Port, ...]]:
-        frames = int(round(cfg.chunk_s * 100))
-        return cls.inputs, (Port("features", "float32", ("B", cfg.n_mels, frames)),)
+        return cls.inputs, (
+            Port("features", "float32", ("B", cfg.n_mels, WHISPER_FRAMES)),
+            Port("window", "any", None, collate="list", doc="the window's place in the recording (seconds)"),
+        )
 
     @classmethod
     def check(cls, cfg: Any) -> list[tuple[str, str, str]]:
+        out = []
         if cfg.n_mels not in (80, 128):
-            return [("n_mels", f"Whisper uses 80 or 128 mel bins, got {cfg.n_mels}", "set n_mels: 80")]
-        return []
+            out.append(("n_mels", f"Whisper uses 80 or 128 mel bins, got {cfg.n_mels}", "set n_mels: 80"))
+        if not 1.0 <= cfg.chunk_s <= 30.0:
+            out.append(("chunk_s", f"windows must be 1 to 30 s long, got {cfg.chunk_s}", "use chunk_s: 30 (Whisper sees 30 s at a time)"))
+        if not 0.0 <= cfg.overlap_s < cfg.search_s < cfg.chunk_s:
+            out.append(("search_s", f"need 0 <= overlap_s < search_s < chunk_s, got {cfg.overlap_s}, {cfg.search_s}, {cfg.chunk_s}", "e.g. overlap_s: 4, search_s: 8"))
+        return out
 
     def forward(self, x: Batch, meta: list[ItemMeta]) -> Batch:
-        raise NotImplementedError("audio.log_mel runs with the speech recipe issue")
+        sr = self.cfg.sample_rate
+        waves, parents, windows = [], [], []
+        for i, w in enumerate(x["audio"]):
+            if w.shape[0] == 0:
+                raise AudioError(f"request {meta[i].request_id}: the audio has no samples")
+            for win in plan_windows(w, self.cfg):
+                waves.append(w[win["start"]:win["end"]])
+                parents.append(i)
+                windows.append({"start": win["start"] / sr, "end": win["end"] / sr, "keep": (win["keep0"] / sr, win["keep1"] / sr),
+                                "overlap": win["overlap"] / sr})
+        return {"features": log_mel(waves, self.cfg.n_mels, sr), "window": windows, "_parent": parents}
 
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".oga", ".aiff", ".aif")
@@ -118,3 +254,25 @@ class Files(SourceKind):
             seen.add(rid)
             out.append(Request(id=rid, values={"audio": str(f)}, input={"audio": str(f)}))
         return out
+
+    @classmethod
+    def write_outputs(cls, cfg: Any, results: list[Any], out_dir: Any) -> list[Any]:
+        """``<id>.txt`` (text), ``<id>.srt`` (segments) and ``<id>.json`` per transcribed file."""
+        from mmpipe.graphs.whisper_text import to_srt
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths: list[Path] = []
+        for r in results:
+            if not r.ok or not r.outputs:
+                continue
+            text = str(r.outputs.get("text") or "")
+            segments = [dict(s) for s in (r.outputs.get("segments") or [])]
+            files = {".txt": text + "\n", ".srt": to_srt(segments),
+                     ".json": json.dumps({"id": r.id, "input": r.input, "text": text, "segments": segments,
+                                          "language": r.outputs.get("language")}, indent=2) + "\n"}
+            for suffix, content in files.items():
+                p = out_dir / f"{r.id}{suffix}"
+                p.write_text(content)
+                paths.append(p)
+        return paths

@@ -1,0 +1,272 @@
+"""Whisper weights for pipeline pieces: path resolution, per-tensor loading, layer math.
+
+A piece loads only the tensors of its own layers, straight from the safetensors
+file(s), so a 4-stage split never holds (or reads) the whole model 4 times.
+Tensors are shared through a weak cache keyed by (directory, key, device,
+dtype): two pieces on one device that both need the token embedding (the first
+decoder piece embeds, the last one projects to logits) hold one copy, and a
+tensor no piece uses any more is freed.
+
+The layer math mirrors ``transformers``' Whisper modules (q scaled before the
+attention product, sdpa with scale 1, erf GELU, LayerNorm eps 1e-5) so that
+greedy token ids equal ``WhisperForConditionalGeneration.generate``.
+Imported lazily (it imports torch at module level).
+"""
+from __future__ import annotations
+
+import json
+import threading
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mmpipe.graphs.base import UserError
+
+LN_EPS = 1e-5
+_LOCK = threading.RLock()
+_RESOLVED: dict[str, Path] = {}
+_FILES: dict[Path, "WhisperFiles"] = {}
+_TENSORS: "weakref.WeakValueDictionary[tuple[str, str, str, str], torch.Tensor]" = weakref.WeakValueDictionary()
+
+
+# ---------------------------------------------------------------- resolving model paths
+def resolve_model_dir(path: str) -> Path:
+    """A transformers directory for ``model.path`` (package:NAME, CT2 dir, HF dir or hub id).
+
+    Raises ``UserError`` (CLI exit 2) with a fix when the model cannot be found.
+    """
+    with _LOCK:
+        if path in _RESOLVED:
+            return _RESOLVED[path]
+        out = _resolve(path)
+        _RESOLVED[path] = out
+        return out
+
+
+def _resolve(path: str) -> Path:
+    from mmpipe.graphs import whisper_ct2 as ct2
+
+    key = "model.path"
+    if path.startswith("package:"):
+        name = path.split(":", 1)[1]
+        try:
+            return ct2.ensure_converted(ct2.packaged_model_dir(name))
+        except ct2.ModelNotFoundError as e:
+            raise UserError(key, str(e), f"install the package, or set model.path to a local Whisper directory (known packages: {', '.join(ct2.PACKAGED_MODELS)})") from None
+    p = Path(path).expanduser()
+    if p.exists():
+        if ct2.is_ct2_dir(p):
+            return ct2.ensure_converted(p)
+        if (p / "config.json").is_file():
+            return p
+        raise UserError(key, f"'{path}' is neither a transformers Whisper directory (config.json) nor a CTranslate2 one (model.bin + config.json)",
+                        "point model.path at a directory written by save_pretrained or by faster-whisper/CTranslate2")
+    if path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise UserError(key, f"model directory '{path}' does not exist", "check the path, or use model=tiny_en (shipped as a Python package)")
+    return _from_hub(path)
+
+
+def _from_hub(repo: str) -> Path:
+    """A hub id, from the local Hugging Face cache or the hub (safetensors only)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        d = Path(snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.tiktoken"]))
+    except Exception as e:  # offline, unknown repo, auth: all the user's to fix
+        raise UserError("model.path", f"cannot get '{repo}' from the Hugging Face hub or its cache: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                        "download it once (huggingface-cli download REPO) or use a local directory / model=tiny_en") from None
+    if not (d / "config.json").is_file():
+        raise UserError("model.path", f"hub repo '{repo}' has no config.json", "use a transformers Whisper checkpoint")
+    return d
+
+
+# ---------------------------------------------------------------- files and tensors
+class WhisperFiles:
+    """One resolved model directory: configs, special token ids and lazy tensor access."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.config: dict[str, Any] = json.loads((root / "config.json").read_text())
+        gen_file = root / "generation_config.json"
+        self.gen: dict[str, Any] = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
+        self._where = self._index()
+        self._handles: dict[Path, Any] = {}
+        self._tokenizer: Any = None
+
+    def _index(self) -> dict[str, Path]:
+        """Tensor name -> safetensors file (single file or sharded index)."""
+        index = self.root / "model.safetensors.index.json"
+        if index.is_file():
+            wm = json.loads(index.read_text())["weight_map"]
+            return {k: self.root / f for k, f in wm.items()}
+        single = self.root / "model.safetensors"
+        if not single.is_file():
+            raise UserError("model.path", f"{self.root} has no model.safetensors", "save the model with save_pretrained(safe_serialization=True)")
+        from safetensors import safe_open
+
+        with safe_open(str(single), "pt") as f:
+            return {k: single for k in f.keys()}
+
+    def has(self, key: str) -> bool:
+        return self._norm(key) is not None
+
+    def _norm(self, key: str) -> str | None:
+        # Checkpoints differ in the "model." prefix (WhisperModel vs ...ForConditionalGeneration).
+        for k in (key, key.removeprefix("model.")):
+            if k in self._where:
+                return k
+        return None
+
+    def tensor(self, key: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """One weight on ``device`` in ``dtype``; shared with other pieces while any holds it."""
+        k = self._norm(key)
+        if k is None:
+            raise KeyError(f"{self.root}: checkpoint has no tensor {key}")
+        ck = (str(self.root), k, str(device), str(dtype))
+        with _LOCK:
+            t = _TENSORS.get(ck)
+            if t is None:
+                from safetensors import safe_open
+
+                f = self._where[k]
+                if f not in self._handles:
+                    self._handles[f] = safe_open(str(f), "pt")
+                t = self._handles[f].get_tensor(k).to(device=device, dtype=dtype).contiguous()
+                _TENSORS[ck] = t
+            return t
+
+    def tokenizer(self) -> Any:
+        with _LOCK:
+            if self._tokenizer is None:
+                from transformers import WhisperTokenizerFast
+
+                self._tokenizer = WhisperTokenizerFast.from_pretrained(str(self.root))
+            return self._tokenizer
+
+    @property
+    def tied(self) -> bool:
+        return bool(self.config.get("tie_word_embeddings", True)) or not self.has("proj_out.weight")
+
+
+def model_files(path: str) -> WhisperFiles:
+    """The (process-wide, shared) ``WhisperFiles`` for ``model.path``."""
+    root = resolve_model_dir(path)
+    with _LOCK:
+        if root not in _FILES:
+            _FILES[root] = WhisperFiles(root)
+        return _FILES[root]
+
+
+def check_dims(files: WhisperFiles, m: Any) -> None:
+    """The recipe's model sizes (used for planning) must match the checkpoint."""
+    c = files.config
+    pairs = {"d_model": c.get("d_model"), "encoder_layers": c.get("encoder_layers"), "decoder_layers": c.get("decoder_layers"), "n_mels": c.get("num_mel_bins")}
+    bad = [f"model.{k}={getattr(m, k)} but the checkpoint has {v}" for k, v in pairs.items() if v is not None and getattr(m, k) != v]
+    if bad:
+        raise UserError("model", f"{files.root}: " + "; ".join(bad), "use the matching model group (model=tiny_en, model=base) or fix the values")
+
+
+# ---------------------------------------------------------------- layer weights
+@dataclass
+class Linear:
+    w: torch.Tensor
+    b: torch.Tensor | None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.w, self.b)
+
+
+@dataclass
+class Norm:
+    w: torch.Tensor
+    b: torch.Tensor
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (x.shape[-1],), self.w, self.b, LN_EPS)
+
+
+class Loader:
+    """Reads the tensors of one prefix (e.g. ``model.decoder.layers.2``) as small structs."""
+
+    def __init__(self, files: WhisperFiles, device: torch.device, dtype: torch.dtype) -> None:
+        self.files, self.device, self.dtype = files, device, dtype
+
+    def t(self, key: str) -> torch.Tensor:
+        return self.files.tensor(key, self.device, self.dtype)
+
+    def linear(self, p: str, bias: bool = True) -> Linear:
+        return Linear(self.t(f"{p}.weight"), self.t(f"{p}.bias") if bias else None)
+
+    def norm(self, p: str) -> Norm:
+        return Norm(self.t(f"{p}.weight"), self.t(f"{p}.bias"))
+
+    def fused(self, p: str, names: tuple[str, ...]) -> Linear:
+        """Projections fused into one matmul; k_proj has no bias (a zero slice keeps it exact)."""
+        ws, bs = [], []
+        for n in names:
+            w = self.t(f"{p}.{n}.weight")
+            ws.append(w)
+            bs.append(self.t(f"{p}.{n}.bias") if self.files.has(f"{p}.{n}.bias") else torch.zeros(w.shape[0], device=w.device, dtype=w.dtype))
+        return Linear(torch.cat(ws).contiguous(), torch.cat(bs).contiguous())
+
+
+@dataclass
+class EncoderLayer:
+    ln1: Norm
+    qkv: Linear
+    out: Linear
+    ln2: Norm
+    fc1: Linear
+    fc2: Linear
+
+    @classmethod
+    def load(cls, ld: Loader, i: int) -> "EncoderLayer":
+        p = f"model.encoder.layers.{i}"
+        return cls(ld.norm(f"{p}.self_attn_layer_norm"), ld.fused(f"{p}.self_attn", ("q_proj", "k_proj", "v_proj")),
+                   ld.linear(f"{p}.self_attn.out_proj"), ld.norm(f"{p}.final_layer_norm"), ld.linear(f"{p}.fc1"), ld.linear(f"{p}.fc2"))
+
+    def __call__(self, h: torch.Tensor, heads: int) -> torch.Tensor:
+        """One pre-norm encoder layer on ``h`` [B, T, D]."""
+        B, T, D = h.shape
+        dh = D // heads
+        q, k, v = self.qkv(self.ln1(h)).split(D, dim=-1)
+        q = (q * dh**-0.5).view(B, T, heads, dh).transpose(1, 2)
+        k = k.view(B, T, heads, dh).transpose(1, 2)
+        v = v.view(B, T, heads, dh).transpose(1, 2)
+        a = F.scaled_dot_product_attention(q, k, v, scale=1.0)
+        h = h + self.out(a.transpose(1, 2).reshape(B, T, D))
+        return h + self.fc2(F.gelu(self.fc1(self.ln2(h))))
+
+
+@dataclass
+class DecoderLayer:
+    ln1: Norm
+    qkv: Linear
+    out: Linear
+    ln2: Norm
+    xq: Linear
+    xkv: Linear
+    xout: Linear
+    ln3: Norm
+    fc1: Linear
+    fc2: Linear
+
+    @classmethod
+    def load(cls, ld: Loader, i: int) -> "DecoderLayer":
+        p = f"model.decoder.layers.{i}"
+        return cls(ld.norm(f"{p}.self_attn_layer_norm"), ld.fused(f"{p}.self_attn", ("q_proj", "k_proj", "v_proj")),
+                   ld.linear(f"{p}.self_attn.out_proj"), ld.norm(f"{p}.encoder_attn_layer_norm"), ld.linear(f"{p}.encoder_attn.q_proj"),
+                   ld.fused(f"{p}.encoder_attn", ("k_proj", "v_proj")), ld.linear(f"{p}.encoder_attn.out_proj"),
+                   ld.norm(f"{p}.final_layer_norm"), ld.linear(f"{p}.fc1"), ld.linear(f"{p}.fc2"))
+
+
+def encoder_stem(features: torch.Tensor, conv1: Linear, conv2: Linear, positions: torch.Tensor) -> torch.Tensor:
+    """Log-mel [B, n_mels, 3000] -> conv stem + sinusoid positions [B, 1500, D]."""
+    x = F.gelu(F.conv1d(features, conv1.w, conv1.b, padding=1))
+    x = F.gelu(F.conv1d(x, conv2.w, conv2.b, stride=2, padding=1))
+    x = x.permute(0, 2, 1)
+    return x + positions[: x.shape[1]]

@@ -1,0 +1,163 @@
+"""audio.load, audio.log_mel (parity with WhisperFeatureExtractor), windows, audio.files outputs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mmpipe.graphs.audio import AudioError, Files, FilesConfig, Load, LoadConfig, LogMel, LogMelConfig, log_mel, plan_windows, read_audio
+from mmpipe.graphs.base import ItemMeta
+from mmpipe.runtime.results import Result
+
+sf = pytest.importorskip("soundfile")
+SPEECH = Path(__file__).resolve().parents[2] / "assets" / "speech"
+SR = 16000
+
+
+def _tone_bursts(seconds: list[tuple[float, float]], total: float, noise: float = 0.0) -> torch.Tensor:
+    """A 440 Hz tone during each (start, stop), silence (or noise) elsewhere."""
+    t = torch.arange(int(total * SR)) / SR
+    x = torch.zeros_like(t)
+    for a, b in seconds:
+        m = (t >= a) & (t < b)
+        x[m] = 0.5 * torch.sin(2 * torch.pi * 440 * t[m])
+    if noise:
+        x = x + noise * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    return x
+
+
+# ---------------------------------------------------------------- audio.load
+def test_load_mono_16k_unchanged():
+    w = read_audio(str(SPEECH / "clip1.wav"), SR)
+    ref, sr = sf.read(SPEECH / "clip1.wav", dtype="float32")
+    assert sr == SR and w.dtype == torch.float32 and w.ndim == 1
+    assert torch.equal(w, torch.from_numpy(ref))
+
+
+def test_load_stereo_44k_is_mono_16k():
+    w = read_audio(str(SPEECH / "stereo44k.wav"), SR)
+    mono = read_audio(str(SPEECH / "clip1.wav"), SR)
+    assert w.ndim == 1 and abs(w.shape[0] - mono.shape[0]) <= 2
+    n = min(w.shape[0], mono.shape[0])
+    # same speech after 16k -> 44.1k -> 16k: close, not bit-equal
+    assert torch.corrcoef(torch.stack([w[:n], mono[:n]]))[0, 1] > 0.99
+
+
+def test_load_other_formats(tmp_path):
+    x = _tone_bursts([(0.1, 0.5)], 0.6).numpy()
+    for ext, sub in ((".flac", "PCM_16"), (".ogg", "VORBIS")):
+        p = tmp_path / f"a{ext}"
+        sf.write(p, x, 22050, subtype=sub)
+        w = read_audio(str(p), SR)
+        assert abs(w.shape[0] - len(x) * SR / 22050) <= 2
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "corrupt", "text", "no_samples"])
+def test_load_errors_are_clear(tmp_path, case):
+    p = tmp_path / "bad.wav"
+    if case == "empty":
+        p.write_bytes(b"")
+    elif case == "corrupt":
+        p.write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(range(40)))
+    elif case == "text":
+        p = tmp_path / "notes.mp3"
+        p.write_text("this is not audio\n" * 20)
+    elif case == "no_samples":
+        sf.write(p, np.zeros(0, dtype=np.float32), SR)
+    with pytest.raises(AudioError) as e:
+        Load(LoadConfig()).forward({"path": [str(p)]}, [ItemMeta("r")])
+    msg = str(e.value)
+    assert str(p) in msg
+    assert {"missing": "not found", "empty": "empty", "corrupt": "cannot decode", "text": "cannot decode", "no_samples": "no samples"}[case] in msg
+
+
+# ---------------------------------------------------------------- audio.log_mel
+def test_log_mel_matches_whisper_feature_extractor():
+    from transformers import WhisperFeatureExtractor
+
+    fe = WhisperFeatureExtractor(feature_size=80, sampling_rate=SR, hop_length=160, chunk_length=30, n_fft=400)
+    g = torch.Generator().manual_seed(0)
+    waves = [read_audio(str(SPEECH / f"clip{i}.wav"), SR) for i in (1, 2, 5)]
+    waves += [0.1 * torch.randn(SR * 3, generator=g), torch.zeros(SR), 0.3 * torch.randn(SR * 31, generator=g)]  # silence; > 30 s truncates
+    ours = log_mel(waves, 80, SR)
+    ref = torch.from_numpy(fe([w.numpy() for w in waves], sampling_rate=SR, return_tensors="np").input_features)
+    assert ours.shape == ref.shape == (6, 80, 3000)
+    assert (ours - ref).abs().max().item() < 1e-4
+
+
+def test_log_mel_batch_equals_single():
+    waves = [read_audio(str(SPEECH / f"clip{i}.wav"), SR) for i in (1, 3)]
+    both = log_mel(waves, 80, SR)
+    assert torch.equal(both[1], log_mel(waves[1:], 80, SR)[0])
+
+
+def test_log_mel_node_expands_long_audio():
+    short = read_audio(str(SPEECH / "clip1.wav"), SR)
+    long = _tone_bursts([(i * 3.0, i * 3.0 + 2.0) for i in range(14)], 42.0)
+    out = LogMel(LogMelConfig()).forward({"audio": [short, long]}, [ItemMeta("a"), ItemMeta("b")])
+    assert out["_parent"] == [0, 1, 1]
+    assert out["features"].shape == (3, 80, 3000)
+    w = out["window"]
+    assert w[0] == {"start": 0.0, "end": short.shape[0] / SR, "keep": (0.0, short.shape[0] / SR), "overlap": 0.0}
+    assert w[1]["start"] == 0.0 and w[2]["start"] == w[1]["end"] == w[1]["keep"][1] == w[2]["keep"][0]
+    assert w[2]["end"] == 42.0 and w[1]["overlap"] == w[2]["overlap"] == 0.0
+
+
+# ---------------------------------------------------------------- windows
+def test_windows_cut_in_the_longest_pause_near_the_edge():
+    # speech-like bursts with a short gap at ~24.6 s and a long one at 26.5-28 s
+    bursts = [(0.0, 24.5), (24.7, 26.5), (28.0, 45.0)]
+    wins = plan_windows(_tone_bursts(bursts, 45.0), LogMelConfig())
+    assert len(wins) == 2
+    cut = wins[0]["end"] / SR
+    assert 26.5 < cut < 28.0 and wins[1]["start"] == wins[0]["end"] and wins[1]["overlap"] == 0
+    assert all(w["end"] - w["start"] <= 30 * SR for w in wins)
+
+
+def test_windows_overlap_when_there_is_no_pause():
+    x = _tone_bursts([(0.0, 70.0)], 70.0, noise=0.01)
+    cfg = LogMelConfig(overlap_s=4.0)
+    wins = plan_windows(x, cfg)
+    assert len(wins) == 3
+    for a, b in zip(wins, wins[1:]):
+        assert a["end"] - b["start"] == 4 * SR == b["overlap"]  # 2 s each side of the cut
+        assert a["keep1"] == b["keep0"] == (a["end"] + b["start"]) // 2
+    assert all(w["end"] - w["start"] <= 30 * SR for w in wins) and wins[-1]["end"] == 70 * SR
+
+
+def test_windows_drop_silent_tails():
+    x = torch.cat([_tone_bursts([(0.0, 25.0)], 25.0), torch.zeros(SR * 20)])
+    wins = plan_windows(x, LogMelConfig())
+    assert len(wins) == 1 and 25 * SR < wins[0]["end"] < 30 * SR
+
+
+def test_log_mel_checks():
+    assert LogMel.check(LogMelConfig(chunk_s=40.0))
+    assert LogMel.check(LogMelConfig(overlap_s=10.0))
+    assert not LogMel.check(LogMelConfig())
+
+
+# ---------------------------------------------------------------- audio.files
+def test_files_write_outputs(tmp_path):
+    segs = [{"start": 0.0, "end": 1.5, "text": "Hello there."}, {"start": 61.25, "end": 3725.0, "text": "Bye."}]
+    results = [Result("a", {"audio": "x/a.wav"}, outputs={"text": "Hello there. Bye.", "segments": segs, "language": "en"}),
+               Result("b", {"audio": "x/b.wav"}, error={"message": "boom"})]
+    paths = Files.write_outputs(FilesConfig(path="x"), results, tmp_path)
+    assert sorted(p.name for p in paths) == ["a.json", "a.srt", "a.txt"]
+    assert (tmp_path / "a.txt").read_text() == "Hello there. Bye.\n"
+    assert (tmp_path / "a.srt").read_text() == ("1\n00:00:00,000 --> 00:00:01,500\nHello there.\n\n"
+                                               "2\n00:01:01,250 --> 01:02:05,000\nBye.\n")
+    j = json.loads((tmp_path / "a.json").read_text())
+    assert j["text"] == "Hello there. Bye." and j["segments"] == segs and j["language"] == "en"
+
+
+def test_files_source_expands_dirs_and_globs(tmp_path):
+    for n in ("b.wav", "a.flac", "c.txt"):
+        (tmp_path / n).write_bytes(b"x")
+    reqs = Files.requests(FilesConfig(path=str(tmp_path)))
+    assert [r.id for r in reqs] == ["a", "b"]
+    assert [r.id for r in Files.requests(FilesConfig(path=str(tmp_path / "*.wav")))] == ["b"]
+    assert Files.check(FilesConfig(path=str(tmp_path / "nope.wav")))

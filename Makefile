@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.mmpipe-installed
-RECIPE ?= synthetic
+RECIPE ?= whisper_stt
 
 .PHONY: run test install bench clean
 

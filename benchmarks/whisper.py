@@ -259,7 +259,7 @@ def main() -> int:
             print(f"{name:<{w}} {wall:8.3f} {m.seconds / wall:10.2f} {wall / best['mmpipe']:14.2f}  {agree}/{len(files)} equal to (a)")
         print(f"mmpipe vs the best of (a)-(c): {ref_best / best['mmpipe']:.2f}x (target >= 1.0)")
         print(f"1-min load average before/after each round: {' '.join(f'{x:.2f}' for x in loads)} "
-              f"(above ~2 other processes share the 2 cores and the numbers are not comparable)")
+              f"(this benchmark alone adds ~2; well above that, other processes shared the 2 cores)")
         if a.profile:
             profile(m)
         m.close()

@@ -211,6 +211,7 @@ def cmd_run(plan: Any, loaded: Any, a: Args) -> int:
         results = ex.run(requests, progress=lambda r: bar.update(1) if bar else None)
         wall = time.perf_counter() - t0
         stats = ex.stats(wall)
+        resolved = _resolved_paths(ex)
         if hasattr(ex, "write_trace") and plan.trace:
             ex.write_trace(plan.trace)
     finally:
@@ -220,7 +221,8 @@ def cmd_run(plan: Any, loaded: Any, a: Args) -> int:
     write_results(out_dir, results)
     src_cls = get_source(plan.source["kind"]) if plan.source else None
     files = src_cls.write_outputs(source_config(plan), results, out_dir) if src_cls else []
-    models = {n: pn.config.get("model") for n, pn in plan.nodes.items() if isinstance(pn.config.get("model"), dict)}
+    models = {n: {**pn.config["model"], **({"resolved_path": resolved[n]} if n in resolved else {})}
+              for n, pn in plan.nodes.items() if isinstance(pn.config.get("model"), dict)}
     summary = summarize(plan, results, wall, {**stats, "setup_s": round(setup_s, 4), "overrides": loaded.overrides},
                         OmegaConf.to_container(loaded.cfg, resolve=True), models)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -231,6 +233,16 @@ def cmd_run(plan: Any, loaded: Any, a: Args) -> int:
     failed = sum(not r.ok for r in results)
     print(f"{len(results) - failed}/{len(results)} requests ok in {wall:.2f}s -> {out_dir}/results.jsonl" + (f" (+{len(files)} files)" if files else ""))
     return 1 if failed else 0
+
+
+def _resolved_paths(ex: Any) -> dict[str, str]:
+    """Node -> the directory its weights were loaded from (kinds that report ``resolved_path``)."""
+    out: dict[str, str] = {}
+    for (node, _piece), inst in getattr(ex, "insts", {}).items():
+        path = getattr(inst, "resolved_path", "")
+        if path:
+            out[node] = str(path)
+    return out
 
 
 def _progress(n: int, quiet: bool) -> Any:

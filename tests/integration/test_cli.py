@@ -146,3 +146,11 @@ def test_console_script_and_user_recipe_with_shipped_groups(write_recipe, tmp_pa
     r = subprocess.run([str(exe), "run", str(p), f"output_dir={tmp_path / 'o'}", "-q"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert len((tmp_path / "o" / "results.jsonl").read_text().splitlines()) == 3
+
+
+def test_summary_records_resolved_model_paths(tmp_path):
+    r = mmpipe("run", "whisper_stt", "-q", f"output_dir={tmp_path}")
+    assert r.returncode == 0, r.stderr
+    s = json.loads((tmp_path / "summary.json").read_text())
+    enc = s["models"]["encoder"]
+    assert enc["path"] == "package:tiny_en" and Path(enc["resolved_path"], "config.json").is_file()

@@ -146,7 +146,8 @@ def dispatch(a: Args) -> int:
     return run_one(a, a.overrides)
 
 
-def run_one(a: Args, overrides: list[str], job_dir: str | None = None) -> int:
+def run_one(a: Args, overrides: list[str], job: int | None = None) -> int:
+    """Compose and compile once, then validate, plan or run (``job``: index in a ``-m`` sweep)."""
     from mmpipe.dsl.compile import compile_loaded
     from mmpipe.dsl.load import load_recipe
 
@@ -157,8 +158,12 @@ def run_one(a: Args, overrides: list[str], job_dir: str | None = None) -> int:
         print(OmegaConf.to_yaml(loaded.cfg, resolve=a.resolve), end="")
         return 0
     plan = compile_loaded(loaded)
-    if job_dir is not None:
-        plan.output_dir = job_dir
+    if job is not None:
+        plan.output_dir = str(Path(plan.output_dir) / "multirun" / str(job))
+        print(f"[job {job}] {' '.join(overrides) or '(no overrides)'} -> {plan.output_dir}")
+        if a.command == "run":
+            Path(plan.output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(plan.output_dir) / "overrides.json").write_text(json.dumps(overrides))
     if a.command == "validate":
         from mmpipe.api import requests_of
 
@@ -271,30 +276,17 @@ def _result_line(r: Any) -> str:
 
 
 def _stats_table(stats: dict[str, Any], summary: dict[str, Any]) -> str:
-    try:
-        from mmpipe.runtime.trace import format_stats  # the pipelined runtime's table
+    from mmpipe.runtime.trace import format_stats
 
-        return format_stats({**stats, **{k: summary.get(k) for k in ("throughput_rps", "latency_p50_s", "latency_p95_s")}})
-    except ImportError:
-        rows = [f"stage {s['stage']}: busy {s['busy_pct']}%" for s in stats.get("stages", [])]
-        rows.append(f"throughput {summary.get('throughput_rps')} req/s, latency p50 {summary.get('latency_p50_s')}s p95 {summary.get('latency_p95_s')}s")
-        return "\n".join(rows)
+    return format_stats({**stats, **{k: summary.get(k) for k in ("throughput_rps", "latency_p50_s", "latency_p95_s")}})
 
 
 def cmd_multirun(a: Args) -> int:
-    from mmpipe.dsl.load import expand_sweep, load_recipe
+    from mmpipe.dsl.load import expand_sweep
 
-    jobs = expand_sweep(a.overrides)
     worst = 0
-    for i, ovs in enumerate(jobs):
-        base = load_recipe(a.recipe or "", ovs).cfg.get("output_dir", "outputs")
-        job_dir = str(Path(str(base)) / "multirun" / str(i))
-        print(f"[job {i}] {' '.join(ovs) or '(no overrides)'} -> {job_dir}")
-        code = run_one(a, ovs, job_dir)
-        if a.command == "run":
-            Path(job_dir).mkdir(parents=True, exist_ok=True)
-            (Path(job_dir) / "overrides.json").write_text(json.dumps(ovs))
-        worst = max(worst, code)
+    for i, ovs in enumerate(expand_sweep(a.overrides)):
+        worst = max(worst, run_one(a, ovs, job=i))
     return worst
 
 

@@ -66,7 +66,3 @@ def did_you_mean(word: str, options: Iterable[str]) -> str:
     close = difflib.get_close_matches(str(word), opts, n=1, cutoff=0.6)
     return f"did you mean '{close[0]}'?" if close else ""
 
-
-def fix_with(hint: str, fallback: str) -> str:
-    """Prefer a did-you-mean hint; otherwise the fallback advice."""
-    return hint if hint else fallback

@@ -104,8 +104,3 @@ def rows_to_batch(plan: Plan, items: list[ItemMeta], rows: list[dict[str, Any]])
     keys = rows[0].keys() if rows else []
     return MicroBatch(list(items), {k: collate([r[k] for r in rows], spec_of(plan, k)) for k in keys})
 
-
-def batch_to_rows(mb: MicroBatch, keys: list[str] | None = None) -> list[dict[str, Any]]:
-    """A micro-batch -> one dict of values per item."""
-    ks = list(mb.values) if keys is None else [k for k in keys if k in mb.values]
-    return [{k: row(mb.values[k], i) for k in ks} for i in range(len(mb.items))]

@@ -75,6 +75,9 @@ class NodeKind:
     # A node that turns one item into several (``forward`` returns
     # ``"_parent"``: the input row of each output row).
     expands: ClassVar[bool] = False
+    # Config fields a single request may override (``ItemMeta.params[field]``);
+    # each is validated like the recipe value (see ``param``).
+    request_params: ClassVar[tuple[str, ...]] = ()
 
     # ---- declarations (class level, no weights) --------------------------
     @classmethod
@@ -108,6 +111,13 @@ class NodeKind:
         self.parts = parts if parts is not None else range(num_parts)
         self.num_parts_total = num_parts
         self.device: Any = "cpu"
+
+    def param(self, meta: "ItemMeta", name: str) -> Any:
+        """The item's per-request value of config field ``name`` (a ``request_params``
+        entry), else the recipe's."""
+        if name in self.request_params and name in meta.params:
+            return meta.params[name]
+        return getattr(self.cfg, name)
 
     @property
     def is_first(self) -> bool:

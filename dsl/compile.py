@@ -21,7 +21,7 @@ from mmpipe.dsl.plan import Plan, PlanNode, PortSpec
 from mmpipe.dsl.schema import NodeSpec, Problems, Recipe, validate
 from mmpipe.dsl.shapes import dtype_ok, fmt, substitute, unify
 from mmpipe.dsl.stages import (choose_schedule, device_of, insert_transfers, loops_of, partition_stages,  # noqa: F401
-                               place_devices, wire_stages)
+                               place_devices, single_process, spread_ranks, wire_stages)
 from mmpipe.dsl.typecheck import build
 from mmpipe.graphs import get_kind, get_source, kind_names, load_target, source_names
 from mmpipe.graphs.base import NodeKind, Port
@@ -264,7 +264,7 @@ def expand_parts(resolved: dict[str, Resolved], order: list[str], values: dict[s
         out[name] = PlanNode(
             name=name, kind=r.kind.kind, target=r.spec.target, config=dataclasses.asdict(r.config), wires=dict(r.spec.wires),
             in_ports=ins, out_ports=outs, num_parts=n, split=split, pieces=balanced_ranges(costs, split), costs=costs,
-            loop=r.kind.loop, light=r.kind.light, expands=r.kind.expands,
+            loop=r.kind.loop, light=r.kind.light, expands=r.kind.expands, replicas=r.spec.replicas,
         )
     return out
 
@@ -302,15 +302,22 @@ def compile_loaded(loaded: Loaded, available: Callable[[str], bool] | None = Non
     values = infer_shapes(recipe, resolved, order, problems)
     nodes = expand_parts(resolved, order, values, problems)
     placement = dict(recipe.top.placement)
-    place_devices([n.name for n in recipe.nodes], nodes, placement, problems, available)
+    rt = recipe.top.runtime
+    distributed = rt.backend == "distributed"
+    place_devices([n.name for n in recipe.nodes], nodes, placement, problems, available, rt.nproc, distributed)
     problems.raise_if_any()
     stages = partition_stages(nodes, order, placement)
+    if distributed:
+        spread_ranks(stages, rt.nproc, problems)
+        problems.raise_if_any()
+    else:
+        single_process(stages)
     edges, consumers = wire_stages(stages, nodes, recipe.top.outputs, values)
     top = recipe.top
     return Plan(
         recipe=top.name, file=str(loaded.path), description=top.description,
         inputs={k: dataclasses.asdict(v) for k, v in top.inputs.items()}, outputs=dict(top.outputs), source=source,
-        nodes=nodes, order=order, stages=stages, edges=edges, transfers=insert_transfers(stages, edges),
+        nodes=nodes, order=order, stages=stages, edges=edges, transfers=insert_transfers(stages, edges, distributed),
         loops=loops_of(stages), consumers=consumers, batching=dataclasses.asdict(top.batching),
         runtime=dataclasses.asdict(top.runtime), schedule=choose_schedule(stages), trace=top.trace,
         output_dir=top.output_dir, seed=top.seed, allow_targets=list(top.allow_targets),

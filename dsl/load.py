@@ -180,6 +180,8 @@ def _check_yaml(path: Path) -> None:
 # does not spell them out: ``output_dir=x`` must work without a '+'.
 _SCHEMA_SCALARS = ("output_dir", "trace", "seed", "description", "allow_targets")
 _SCHEMA_MAPS = ("placement", "batching", "runtime")
+# Keys every node has (defaults 1) even when the recipe does not spell them out.
+_NODE_KEYS = ("split", "replicas")
 
 
 def _schema_override(o: str) -> str:
@@ -189,6 +191,9 @@ def _schema_override(o: str) -> str:
     key = o.split("=", 1)[0]
     root = key.split(".", 1)[0]
     if key in _SCHEMA_SCALARS or (root in _SCHEMA_MAPS and "." in key):
+        return "++" + o
+    parts = key.split(".")
+    if len(parts) == 3 and parts[0] == "nodes" and parts[2] in _NODE_KEYS:
         return "++" + o
     return o
 

@@ -44,6 +44,7 @@ class PlanNode:
     loop: bool = False
     light: bool = False
     expands: bool = False
+    replicas: int = 1
 
     def piece_key(self, piece: int) -> str:
         return self.name if self.split == 1 else f"{self.name}.{piece}"
@@ -59,13 +60,31 @@ class Unit:
 
 
 @dataclass
+class Place:
+    """Where one copy of a stage runs: a rank (process; 0 in one process) and a device."""
+
+    rank: int
+    device: str
+
+
+@dataclass
 class Stage:
     index: int
-    device: str
+    device: str  # replica 0's device
     units: list[Unit]
     cost: float
     loop: str | None = None  # name of the loop node whose body piece this stage runs
     reads: list[str] = field(default_factory=list)  # value keys this stage needs from earlier stages/inputs
+    rank: int = 0  # replica 0's rank
+    # One entry per copy of the stage (``nodes.X.replicas``); every copy has its own weights.
+    replicas: list[Place] = field(default_factory=list)
+    # The node whose copies these are: its stages share one replica choice per request,
+    # so the pieces of one copy form a chain (loop lanes stay with their copy).
+    owner: str = ""
+
+    @property
+    def places(self) -> list[Place]:
+        return self.replicas or [Place(self.rank, self.device)]
 
 
 @dataclass
@@ -143,11 +162,25 @@ class Plan:
     def stage_label(self, s: Stage) -> str:
         return " + ".join(self.nodes[u.node].piece_key(u.piece) + _parts(u, self.nodes[u.node]) for u in s.units)
 
+    @property
+    def distributed(self) -> bool:
+        return self.runtime.get("backend") == "distributed"
+
+    @property
+    def nproc(self) -> int:
+        return int(self.runtime.get("nproc", 1)) if self.distributed else 1
+
+    def where(self, s: Stage) -> str:
+        """``cpu``, ``rank1:cuda:0``, or ``[rank0:cpu, rank1:cpu]`` for a replicated stage."""
+        fmt = (lambda p: f"rank{p.rank}:{p.device}") if self.distributed else (lambda p: p.device)
+        places = s.places
+        return fmt(places[0]) if len(places) == 1 else "[" + ", ".join(fmt(p) for p in places) + "]"
+
     def to_text(self) -> str:
         """A table of stages, devices and pieces, then transfers and loops."""
         rows = [("stage", "device", "runs", "cost", "reads")]
         for s in self.stages:
-            rows.append((str(s.index), s.device, self.stage_label(s) + (" [loop]" if s.loop else ""), f"{s.cost:g}", ", ".join(s.reads) or "-"))
+            rows.append((str(s.index), self.where(s), self.stage_label(s) + (" [loop]" if s.loop else ""), f"{s.cost:g}", ", ".join(s.reads) or "-"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = [f"plan for recipe '{self.recipe}' ({self.file}): {self.num_stages} stages, schedule {self.schedule}"]
         for i, r in enumerate(rows):
@@ -160,7 +193,8 @@ class Plan:
         for lp in self.loops:
             lines.append(f"loop {lp.node}: body on stages {lp.stages}; items re-enter stage {lp.stages[0]} until done")
         rt, b = self.runtime, self.batching
-        lines.append(f"batching: max_batch_size={b['max_batch_size']} max_delay_ms={b['max_delay_ms']}; runtime: backend={rt['backend']} microbatch_size={rt['microbatch_size']} queue_depth={rt['queue_depth']}")
+        lines.append(f"batching: max_batch_size={b['max_batch_size']} max_delay_ms={b['max_delay_ms']}; runtime: backend={rt['backend']}"
+                     + (f" nproc={self.nproc}" if self.distributed else "") + f" microbatch_size={rt['microbatch_size']} queue_depth={rt['queue_depth']}")
         return "\n".join(lines)
 
     def to_mermaid(self) -> str:
@@ -168,7 +202,7 @@ class Plan:
         ids: dict[tuple[str, int], str] = {}
         lines = ["flowchart LR", "  inputs([inputs])"]
         for s in self.stages:
-            lines.append(f'  subgraph S{s.index}["stage {s.index} @ {s.device}"]')
+            lines.append(f'  subgraph S{s.index}["stage {s.index} @ {self.where(s)}"]')
             for u in s.units:
                 nid = f"n_{u.node}_{u.piece}".replace(".", "_").replace("-", "_")
                 ids[(u.node, u.piece)] = nid

@@ -15,7 +15,9 @@ from mmpipe.dsl.load import Loaded, Provenance
 from mmpipe.dsl.typecheck import build
 
 INPUT_TYPES = ("audio", "text", "image", "tensor", "int", "float")
-BACKENDS = ("threads", "sequential")
+BACKENDS = ("threads", "sequential", "distributed")
+# auto: NCCL between two GPUs of different ranks, else host memory over gloo; gloo: always host memory
+TRANSPORTS = ("auto", "gloo")
 
 
 @dataclass(kw_only=True)
@@ -45,6 +47,7 @@ class NodeSpec:
     wires: dict[str, str]
     split: int
     params: dict[str, Any]
+    replicas: int = 1
 
 
 @dataclass(kw_only=True)
@@ -63,6 +66,13 @@ class RuntimeOptions:
     # Micro-batches allowed inside a loop at once (0: one per loop stage, min 2).
     max_inflight: int = 0
     dtype: str = "float32"
+    # runtime=distributed: processes (ranks) in all, intra-op threads per rank
+    # (0: this host's cores divided by its local ranks), how long a silent peer
+    # counts as alive, and how tensors travel between ranks.
+    nproc: int = 1
+    threads_per_rank: int = 0
+    peer_timeout_s: float = 30.0
+    transport: str = "auto"
 
 
 @dataclass(kw_only=True)
@@ -75,7 +85,7 @@ class Top:
     outputs: dict[str, str] = field(default_factory=dict)
     nodes: dict[str, Any] = field(default_factory=dict)
     source: dict[str, Any] | None = None
-    placement: dict[str, str] = field(default_factory=dict)
+    placement: dict[str, str | list[str]] = field(default_factory=dict)
     batching: Batching = field(default_factory=Batching)
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     trace: str | None = None
@@ -227,6 +237,16 @@ def _check_top(top: Top, problems: Problems) -> None:
         problems.add("runtime.microbatch_size", f"micro-batch size {r.microbatch_size} is larger than batching.max_batch_size {b.max_batch_size}", f"set runtime.microbatch_size={b.max_batch_size} or raise batching.max_batch_size", r.microbatch_size, True)
     if r.backend not in BACKENDS:
         problems.add("runtime.backend", f"unknown backend '{r.backend}'", did_you_mean(r.backend, BACKENDS) or f"use one of {', '.join(BACKENDS)}", r.backend, True)
+    if r.nproc <= 0:
+        problems.add("runtime.nproc", f"must be positive, got {r.nproc}", "e.g. runtime.nproc=2", r.nproc, True)
+    elif r.nproc > 1 and r.backend != "distributed":
+        problems.add("runtime.nproc", f"runtime.nproc={r.nproc} needs the distributed backend", "add runtime=distributed (or set runtime.nproc=1)", r.nproc, True)
+    if r.threads_per_rank < 0:
+        problems.add("runtime.threads_per_rank", f"must not be negative, got {r.threads_per_rank}", "0 picks cores / local ranks", r.threads_per_rank, True)
+    if r.peer_timeout_s <= 0:
+        problems.add("runtime.peer_timeout_s", f"must be positive, got {r.peer_timeout_s}", "e.g. runtime.peer_timeout_s=30", r.peer_timeout_s, True)
+    if r.transport not in TRANSPORTS:
+        problems.add("runtime.transport", f"unknown transport '{r.transport}'", did_you_mean(r.transport, TRANSPORTS) or f"use one of {', '.join(TRANSPORTS)}", r.transport, True)
     if r.dtype not in ("float32", "float16", "bfloat16"):
         problems.add("runtime.dtype", f"unknown dtype '{r.dtype}'", "use float32, float16 or bfloat16", r.dtype, True)
     if not top.nodes:
@@ -244,6 +264,7 @@ def _nodes(top: Top, problems: Problems) -> list[NodeSpec]:
         kind, target = body.pop("kind", None), body.pop("_target_", None)
         wires = body.pop("in", {}) or {}
         split = body.pop("split", 1)
+        replicas = body.pop("replicas", 1)
         if kind is None and target is None:
             problems.add(key, "node has no kind", "add 'kind: family.name' (see `mmpipe ls --kinds`)")
         if not isinstance(wires, dict):
@@ -255,7 +276,11 @@ def _nodes(top: Top, problems: Problems) -> list[NodeSpec]:
         elif split <= 0:
             problems.add(f"{key}.split", f"split must be positive, got {split}", f"set {key}.split=1 or more", split, True)
             split = 1
-        out.append(NodeSpec(name=name, kind=kind, target=target, wires={str(k): str(v) for k, v in wires.items()}, split=split, params=body))
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas <= 0:
+            problems.add(f"{key}.replicas", f"replicas must be a positive integer, got {replicas!r}", f"e.g. {key}.replicas=2", replicas, True)
+            replicas = 1
+        out.append(NodeSpec(name=name, kind=kind, target=target, wires={str(k): str(v) for k, v in wires.items()}, split=split, params=body,
+                            replicas=replicas))
     return out
 
 

@@ -7,29 +7,57 @@ driver in ``compile.py`` calls them after the graph-level passes.
 from __future__ import annotations
 
 import re
-from typing import Callable
+from typing import Any, Callable
 
 from mmpipe.dsl.errors import did_you_mean
-from mmpipe.dsl.plan import INPUT_STAGE, Edge, LoopPlan, PlanNode, PortSpec, Stage, Transfer, Unit
+from mmpipe.dsl.plan import INPUT_STAGE, Edge, LoopPlan, Place, PlanNode, PortSpec, Stage, Transfer, Unit
 from mmpipe.dsl.schema import Problems
 
 _DEVICE = re.compile(r"^(cpu|meta|mps|cuda|xpu)(:\d+)?$")
+_RANK = re.compile(r"^rank(\d+)(?::(.*))?$")
+UNRANKED = -1  # a place whose rank the compiler picks (spread_ranks)
+# Where a piece runs, one entry per replica: (rank or UNRANKED, device).
+Places = tuple[tuple[int, str], ...]
 
 
 # ------------------------------------------------------------------ pass 5
-def device_of(node: str, piece: int, placement: dict[str, str]) -> str:
+def device_of(node: str, piece: int, placement: dict[str, Any]) -> Any:
     """Placement lookup: ``node.piece`` beats ``node`` beats ``default`` (then cpu)."""
     return placement.get(f"{node}.{piece}") or placement.get(node) or placement.get("default") or "cpu"
 
 
-def partition_stages(nodes: dict[str, PlanNode], order: list[str], placement: dict[str, str]) -> list[Stage]:
-    """Group pieces into stages: every heavy piece starts a stage, light pieces join a
-    neighbour on the same device, loop pieces stand alone."""
-    stages: list[Stage] = []
-    pending: list[tuple[Unit, str]] = []
+def parse_place(value: str, default_device: str = "cpu") -> tuple[int, str] | None:
+    """``cuda:1`` -> (UNRANKED, cuda:1); ``rank2`` -> (2, default device); ``rank2:cuda:0`` -> (2, cuda:0).
+    None when it is not a place."""
+    m = _RANK.match(value)
+    rank, dev = (int(m.group(1)), m.group(2) or default_device) if m else (UNRANKED, value)
+    return (rank, dev) if _DEVICE.match(dev) else None
 
-    def new_stage(units: list[Unit], device: str, cost: float, loop: str | None = None) -> None:
-        stages.append(Stage(index=len(stages), device=device, units=units, cost=cost, loop=loop))
+
+def places_of(node: PlanNode, piece: int, placement: dict[str, Any]) -> Places:
+    """The places of one piece: a placement list names one per replica; a single value
+    serves every replica."""
+    default = placement.get("default")
+    default_dev = (parse_place(default) or (UNRANKED, "cpu"))[1] if isinstance(default, str) else "cpu"
+    raw = device_of(node.name, piece, placement)
+    values = list(raw) if isinstance(raw, (list, tuple)) else [raw] * node.replicas
+    return tuple(parse_place(str(v), default_dev) or (UNRANKED, "cpu") for v in values)
+
+
+def partition_stages(nodes: dict[str, PlanNode], order: list[str], placement: dict[str, Any]) -> list[Stage]:
+    """Group pieces into stages: every heavy piece starts a stage, light pieces join a
+    neighbour in the same place(s), loop pieces stand alone."""
+    stages: list[Stage] = []
+    pending: list[tuple[Unit, Places]] = []
+
+    def new_stage(units: list[Unit], where: Places, cost: float, loop: str | None = None) -> None:
+        owner = next((u.node for u in units if not nodes[u.node].light), units[0].node)
+        reps = [Place(r, d) for r, d in where]
+        stages.append(Stage(index=len(stages), device=reps[0].device, units=units, cost=cost, loop=loop, rank=reps[0].rank,
+                            replicas=reps, owner=owner))
+
+    def key(st: Stage) -> Places:
+        return tuple((p.rank, p.device) for p in st.places)
 
     def flush_pending() -> None:
         while pending:
@@ -42,11 +70,11 @@ def partition_stages(nodes: dict[str, PlanNode], order: list[str], placement: di
         node = nodes[name]
         total = sum(node.costs) or 1.0
         for piece, (lo, hi) in enumerate(node.pieces):
-            unit, dev = Unit(name, piece, [lo, hi]), device_of(name, piece, placement)
+            unit, dev = Unit(name, piece, [lo, hi]), places_of(node, piece, placement)
             cost = 0.0 if node.light else round(sum(node.costs[lo:hi]) / total, 6)
             if node.light:
                 last = stages[-1] if stages else None
-                if last is not None and last.loop is None and last.device == dev and not pending:
+                if last is not None and last.loop is None and key(last) == dev and not pending:
                     last.units.append(unit)
                 else:
                     pending.append((unit, dev))
@@ -66,14 +94,16 @@ def partition_stages(nodes: dict[str, PlanNode], order: list[str], placement: di
 
 
 # ------------------------------------------------------------------ pass 6
-def place_devices(names: list[str], nodes: dict[str, PlanNode], placement: dict[str, str], problems: Problems,
-                  available: Callable[[str], bool] | None = None) -> None:
-    """Check the placement map (node names, piece numbers) and that every device
-    exists on this machine. ``names``: every node of the recipe."""
-    for key, dev in placement.items():
+def place_devices(names: list[str], nodes: dict[str, PlanNode], placement: dict[str, Any], problems: Problems,
+                  available: Callable[[str], bool] | None = None, nproc: int = 1, distributed: bool = False) -> None:
+    """Check the placement map (node names, piece numbers, places, replica counts) and,
+    in one process, that every device exists on this machine (a distributed run checks
+    each rank's devices on that rank when it starts). ``names``: every node of the recipe."""
+    check = available or device_available
+    for key, value in placement.items():
         pkey = f"placement.{key}"
+        name, _, piece = key.partition(".")
         if key != "default":
-            name, _, piece = key.partition(".")
             if name not in names:
                 problems.add(pkey, f"no node '{name}'", did_you_mean(name, list(names) + ["default"]) or f"nodes are: {', '.join(names)}", key, True)
                 continue
@@ -82,12 +112,66 @@ def place_devices(names: list[str], nodes: dict[str, PlanNode], placement: dict[
                 if not piece.isdigit() or int(piece) >= n.split:
                     problems.add(pkey, f"'{key}' names piece {piece} but {name} has {n.split} piece(s) (split={n.split})", f"use {name}.0..{name}.{n.split - 1}, or raise nodes.{name}.split", key, True)
                     continue
-        if not isinstance(dev, str) or not _DEVICE.match(dev):
-            problems.add(pkey, f"'{dev}' is not a device", "use cpu, cuda, cuda:N or mps", dev, True)
-            continue
-        check = available or device_available
-        if not check(dev):
-            problems.add(pkey, f"device '{dev}' is not available on this machine", f"this machine has: {', '.join(machine_devices())}; override {pkey}=cpu", dev, True)
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        if isinstance(value, (list, tuple)) and len(values) > 1:
+            if name in nodes and nodes[name].replicas == 1:
+                nodes[name].replicas = len(values)  # a list of places asks for that many copies
+            reps = nodes[name].replicas if name in nodes else len(values)
+            if key == "default":
+                problems.add(pkey, "placement.default takes one place, not a list", "give replica places per node: placement.NODE=[...]", value, True)
+            elif reps != len(values):
+                problems.add(pkey, f"{len(values)} places for {reps} replica(s) of {name}", f"list one place per replica, or set nodes.{name}.replicas={len(values)}", value, True)
+        for v in values:
+            place = parse_place(v) if isinstance(v, str) else None
+            if place is None:
+                problems.add(pkey, f"'{v}' is not a place", "use a device (cpu, cuda, cuda:N, mps), rankK or rankK:DEVICE", v, True)
+                continue
+            rank, dev = place
+            if rank != UNRANKED and not distributed:
+                problems.add(pkey, f"'{v}' names a rank, but the runtime runs in one process", "add runtime=distributed runtime.nproc=N, or give a device only", v, True)
+            elif rank >= nproc:
+                problems.add(pkey, f"rank {rank} does not exist: runtime.nproc={nproc} gives ranks 0..{nproc - 1}", f"raise runtime.nproc to {rank + 1} or use rank0..rank{nproc - 1}", v, True)
+            if not distributed and not check(dev):
+                problems.add(pkey, f"device '{dev}' is not available on this machine", f"this machine has: {', '.join(machine_devices())}; override {pkey}=cpu", dev, True)
+    for name, node in nodes.items():
+        if node.replicas > 1 and node.loop is False and node.light:
+            problems.add(f"nodes.{name}.replicas", f"{name} is a light node ({node.kind}): it shares a neighbour's stage and has no copies of its own",
+                         f"remove nodes.{name}.replicas", node.replicas, True)
+
+
+def spread_ranks(stages: list[Stage], nproc: int, problems: Problems) -> None:
+    """Give every place without a rank one: stages in contiguous groups balanced by cost,
+    replica k of a stage on the group's rank + k. Every rank must get a stage."""
+    if any(p.rank == UNRANKED for st in stages for p in st.places):
+        if len(stages) < nproc:
+            problems.add("runtime.nproc", f"{len(stages)} stage(s) cannot be spread over {nproc} ranks",
+                         f"split nodes further (nodes.NODE.split), add replicas, or set runtime.nproc={len(stages)}", nproc, True)
+            return
+        from mmpipe.dsl.compile import balanced_ranges
+
+        # light stages cost nothing: a small weight keeps them with a neighbour, not alone
+        groups = balanced_ranges([max(st.cost, 1e-3) for st in stages], nproc)
+        for rank, (lo, hi) in enumerate(groups):
+            for st in stages[lo:hi]:
+                for k, p in enumerate(st.places):
+                    if p.rank == UNRANKED:
+                        p.rank = (rank + k) % nproc
+    for st in stages:
+        st.replicas = st.places
+        st.rank, st.device = st.replicas[0].rank, st.replicas[0].device
+    used = {p.rank for st in stages for p in st.places}
+    idle = [r for r in range(nproc) if r not in used]
+    if idle:
+        problems.add("placement", f"rank(s) {', '.join(map(str, idle))} would run no stage", f"place a stage there (e.g. placement.NODE=rank{idle[0]}) or lower runtime.nproc")
+
+
+def single_process(stages: list[Stage]) -> None:
+    """One process: every place is on rank 0."""
+    for st in stages:
+        for p in st.places:
+            p.rank = 0
+        st.replicas = st.places
+        st.rank = 0
 
 
 def machine_devices() -> list[str]:
@@ -144,14 +228,20 @@ def wire_stages(stages: list[Stage], nodes: dict[str, PlanNode], outputs: dict[s
     return edges, {k: sorted(v) for k, v in sorted(consumers.items())}
 
 
-def insert_transfers(stages: list[Stage], edges: list[Edge]) -> list[Transfer]:
-    """A transfer for every edge whose two stages sit on different devices."""
+def insert_transfers(stages: list[Stage], edges: list[Edge], ranked: bool = False) -> list[Transfer]:
+    """A transfer for every edge between stages on different devices (or ranks).
+    ``ranked``: name places as ``rankK:DEVICE`` (distributed runs)."""
     out = []
+
+    def name(st: Stage) -> str:
+        names = [f"rank{p.rank}:{p.device}" if ranked else p.device for p in st.places]
+        return names[0] if len(names) == 1 else "[" + ", ".join(names) + "]"
+
     for e in edges:
         if 0 <= e.src_stage < len(stages) and e.dst_stage < len(stages):
-            a, b = stages[e.src_stage].device, stages[e.dst_stage].device
-            if a != b:
-                out.append(Transfer(e.key, e.src_stage, e.dst_stage, a, b))
+            a, b = stages[e.src_stage], stages[e.dst_stage]
+            if {(p.rank, p.device) for p in a.places} != {(p.rank, p.device) for p in b.places}:
+                out.append(Transfer(e.key, e.src_stage, e.dst_stage, name(a), name(b)))
     return out
 
 

@@ -67,27 +67,47 @@ def expand_items(mb: MicroBatch, parents: list[int]) -> MicroBatch:
 
 @dataclass
 class LoopBody:
-    """One piece of a loop node with the lanes (per-item state) it owns."""
+    """One piece of a loop node with the lanes (per-item state) it owns.
+
+    A lane is keyed by item key and tagged with the item's entry number (``gen``):
+    an item that enters again (a retry) gets a new number, so a stale lane, or a
+    late request to free one, is told apart from the new lane.
+    """
 
     unit: Unit
     inst: LoopKind
     device: Any
     lanes: dict[str, dict] = field(default_factory=dict)
+    gens: dict[str, int] = field(default_factory=dict)
 
     def lanes_for(self, items: list[ItemMeta]) -> list[dict]:
         return [self.lanes[m.key] for m in items]
 
-    def enter(self, x: dict[str, Any], items: list[ItemMeta]) -> None:
-        for m in items:
+    def is_new(self, m: ItemMeta, gen: int | None) -> bool:
+        return m.key not in self.lanes or (gen is not None and self.gens.get(m.key) != gen)
+
+    def enter(self, x: dict[str, Any], items: list[ItemMeta], gens: list[int] | None = None) -> None:
+        stale = [m for m in items if m.key in self.lanes]
+        if stale:
+            self.finish(stale)
+        for i, m in enumerate(items):
             self.lanes[m.key] = {}
+            if gens is not None:
+                self.gens[m.key] = gens[i]
         self.inst.enter(to_device(x, self.device), items, self.lanes_for(items))
 
     def step(self, carry: dict[str, Any], items: list[ItemMeta]) -> dict[str, Any]:
         return self.inst.step(to_device(carry, self.device), items, self.lanes_for(items))
 
-    def finish(self, items: list[ItemMeta]) -> None:
-        lanes = [self.lanes.pop(m.key) for m in items if m.key in self.lanes]
-        self.inst.finish(lanes)
+    def finish(self, items: list[ItemMeta], gens: list[int] | None = None) -> None:
+        """Free the lanes of these items (only the entry ``gens`` names, when given)."""
+        lanes = []
+        for i, m in enumerate(items):
+            if m.key in self.lanes and (gens is None or self.gens.get(m.key) == gens[i]):
+                lanes.append(self.lanes.pop(m.key))
+                self.gens.pop(m.key, None)
+        if lanes:
+            self.inst.finish(lanes)
 
 
 def loop_exit(plan: Plan, node: str, mb_items: list[ItemMeta], outs: dict[str, Any], done_rows: list[int]) -> dict[int, dict[str, Any]]:

@@ -1,49 +1,90 @@
 """A stage worker: take a packet, run the stage's node pieces, hand the result on.
 
-A node error fails only the requests it touched: the micro-batch is retried
-item by item from the values it arrived with, so one bad item does not take
-its neighbours down.
+A worker runs one copy of one stage. It sees only what it needs: its inbox,
+its ``Outlet`` (sending side), the ``Fabric`` (liveness, failures, other
+copies by address), its own log and busy slot. A node error fails only the
+requests it touched: the micro-batch is retried item by item from the values
+it arrived with, so one bad item does not take its neighbours down.
 """
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
-from mmpipe.graphs.base import select_rows
+from mmpipe.dsl.plan import Unit
+from mmpipe.graphs.base import NodeKind, select_rows
 from mmpipe.runtime.batch import MicroBatch
 from mmpipe.runtime.channels import Packet, Stopped
+from mmpipe.runtime.deliver import Outlet
 from mmpipe.runtime.execute import NodeError, run_unit
+from mmpipe.runtime.fabric import Addr, Fabric
+from mmpipe.runtime.trace import WorkerLog
 from mmpipe.runtime.transfer import bind_cuda_device, wait_ready
 
-if TYPE_CHECKING:
-    from mmpipe.runtime.pipeline import Pipeline
+
+class Slot:
+    """A worker's busy state, for the watchdog (written by that worker only)."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+        self.node = ""
+
+    def busy(self, node: str) -> None:
+        self.node, self.since = node, time.monotonic()
+
+    def idle(self) -> None:
+        self.since = None
+
+
+@dataclass
+class WorkerSpec:
+    """Everything a worker is given (instead of the pipeline object)."""
+
+    fabric: Fabric
+    addr: Addr
+    device: str
+    units: list[tuple[Unit, NodeKind]]
+    outlet: Outlet
+    log: WorkerLog
+    slot: Slot
 
 
 class StageWorker:
-    """The thread body of a (non-loop) stage."""
+    """The thread body of one copy of a (non-loop) stage."""
 
-    def __init__(self, pipe: "Pipeline", s: int) -> None:
-        self.pipe, self.s = pipe, s
-        self.stage = pipe.plan.stages[s]
-        self.device = self.stage.device
-        self.units = [(u, pipe.insts[(u.node, u.piece)]) for u in self.stage.units]
-        self.log = pipe.recorder.logs[s]
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.fabric, self.addr, self.device = spec.fabric, spec.addr, spec.device
+        self.s, self.r = spec.addr
+        self.plan = spec.fabric.plan
+        self.units, self.out, self.log, self.slot = spec.units, spec.outlet, spec.log, spec.slot
+        self.expands = self.fabric.routes.expands[self.s]
 
     def run(self) -> None:
         """Serve the inbox until the pipeline stops."""
         try:
             bind_cuda_device(self.device)  # this thread's current stream is on our GPU
-            while True:
-                self.handle(self.pipe.inboxes[self.s].get())
+            self.loop()
         except Stopped:
             pass
         except BaseException as exc:  # a runtime bug: fail loudly but never hang the callers
-            self.pipe.stall(self.s, "", f"stage {self.s} worker crashed: {type(exc).__name__}: {exc}", kind="RuntimeError")
+            self.fabric.stall(self.s, "", f"stage {self.s} worker crashed: {type(exc).__name__}: {exc}", kind="RuntimeError")
+
+    def loop(self) -> None:
+        inbox = self.fabric.inbox(self.addr)
+        while True:
+            pkt = inbox.get()
+            inbox.busy = True
+            try:
+                self.handle(pkt)
+            finally:
+                inbox.busy = False
 
     def live(self, pkt: Packet) -> Packet | None:
         """The packet without items whose request already failed (None if none is left)."""
         items = pkt.items
-        keep = [i for i, m in enumerate(items) if self.pipe.is_live(m.request_id)]
+        keep = [i for i, m in enumerate(items) if self.fabric.is_live(m.request_id)]
         if len(keep) == len(items):
             return pkt
         if not keep:
@@ -59,7 +100,9 @@ class StageWorker:
             return
         wait_ready(live.ready, self.device)
         values = live.values
-        stored = self.pipe.take_stored(self.s, live.items, pop=True)
+        stored, events = self.fabric.take_stored(self.addr, live.items, pop=True)
+        for ev in events:
+            wait_ready(ev, self.device)
         if stored:
             values = {**values, **stored}
         mb = MicroBatch(live.items, values, id=live.mb)
@@ -67,22 +110,22 @@ class StageWorker:
         out = self.compute(mb)
         t1 = time.perf_counter()
         self.log.spans.append((t0, t1, mb.id, len(mb.items), "compute"))
-        self.pipe.add_time(mb.items, self.s, t1 - t0)
-        self.pipe.progress()
+        self.fabric.add_time(mb.items, self.s, t1 - t0)
+        self.fabric.progress()
         if out is None:
             return
-        if self.pipe.routes.expands[self.s]:
+        if self.expands:
             gone = {m.request_id for m in mb.items} - {m.request_id for m in out.items}
             if gone:
-                self.pipe.complete_empty(gone)
+                self.fabric.complete_empty(gone)
             if not out.items:
                 return
         out = self.live_mb(out)
         if out is not None:
-            self.pipe.deliver(self.s, out.items, out.values, mb.id)
+            self.out.deliver(out.items, out.values, mb.id)
 
     def live_mb(self, mb: MicroBatch) -> MicroBatch | None:
-        keep = [i for i, m in enumerate(mb.items) if self.pipe.is_live(m.request_id)]
+        keep = [i for i, m in enumerate(mb.items) if self.fabric.is_live(m.request_id)]
         if len(keep) == len(mb.items):
             return mb
         return mb.select(keep) if keep else None
@@ -91,15 +134,17 @@ class StageWorker:
     def run_units(self, mb: MicroBatch) -> MicroBatch:
         """Every piece of this stage on ``mb``; a failure raises NodeError."""
         for unit, inst in self.units:
-            self.pipe.busy_node[self.s] = unit.node
-            self.pipe.busy_since[self.s] = time.monotonic()
+            self.slot.busy(unit.node)
             try:
-                mb = run_unit(self.pipe.plan, unit, inst, mb, self.device)
+                mb = run_unit(self.plan, unit, inst, mb, self.device)
             except Exception as exc:
                 raise NodeError(self.s, unit.node, sorted({m.request_id for m in mb.items}), exc) from exc
             finally:
-                self.pipe.busy_since[self.s] = None
+                self.slot.idle()
         return mb
+
+    def fail_node(self, err: NodeError) -> None:
+        self.fabric.fail(err.request_ids, err.to_dict())
 
     def compute(self, mb: MicroBatch) -> MicroBatch | None:
         """``run_units``, isolating failing items by retrying them one at a time."""
@@ -108,18 +153,18 @@ class StageWorker:
             return self.run_units(mb)
         except NodeError as err:
             if len(mb.items) == 1:
-                self.pipe.fail_node(err)
+                self.fail_node(err)
                 return None
         good = []
         for i, m in enumerate(mb.items):
-            if not self.pipe.is_live(m.request_id):
+            if not self.fabric.is_live(m.request_id):
                 continue  # a sibling item of the same request already failed
             one = MicroBatch([m], {k: select_rows(v, [i]) for k, v in before.items()}, id=mb.id)
             try:
                 good.append(self.run_units(one))
             except NodeError as err:
-                self.pipe.fail_node(err)
-        good = [g for g in good if g.items and self.pipe.is_live(g.items[0].request_id)]
+                self.fail_node(err)
+        good = [g for g in good if g.items and self.fabric.is_live(g.items[0].request_id)]
         if not good:
             return None
         out = MicroBatch.join(good)

@@ -27,7 +27,7 @@ def test_help():
     r = mmpipe("--help")
     assert r.returncode == 0 and "mmpipe COMMAND" in r.stdout
     r = mmpipe("run", "synthetic", "--help")
-    assert r.returncode == 0 and "config groups" in r.stdout and "runtime: sequential, threads" in r.stdout
+    assert r.returncode == 0 and "config groups" in r.stdout and "runtime: distributed, sequential, threads" in r.stdout
 
 
 @pytest.mark.parametrize("backend", ["sequential", "threads"])

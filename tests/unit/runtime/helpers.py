@@ -48,7 +48,7 @@ def oracle(plan: Plan, reqs: list[Any]) -> list[Result]:
 def run_pipeline(plan: Plan, reqs: list[Any]) -> tuple[list[Result], dict[str, Any]]:
     with Pipeline(plan) as pipe:
         res = pipe.run(reqs)
-        assert pipe.store.size() == 0, "side-store values outlived their requests"
+        assert pipe.store_size() == 0, "side-store values outlived their requests"
         return res, pipe.stats(1.0)
 
 

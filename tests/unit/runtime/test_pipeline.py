@@ -104,8 +104,8 @@ def test_values_skip_the_stages_that_do_not_read_them(tmp_path: Path, monkeypatc
     reqs = requests_of(plan)
     with Pipeline(plan) as pipe:
         res = pipe.run(reqs)
-        by_inbox = {id(ib): s for s, ib in enumerate(pipe.inboxes)}
-        assert pipe.store.size() == 0
+        by_inbox = {id(ib): addr[0] for addr, ib in pipe.fabric.inboxes.items()}
+        assert pipe.store_size() == 0
     assert_same_results(oracle(plan, reqs), res)
     keys = {}
     for ident, ks in seen:
@@ -152,9 +152,9 @@ def test_loop_lanes_are_freed(tmp_path: Path):
     with Pipeline(plan) as pipe:
         pipe.run(requests_of(plan))
         deadline = time.monotonic() + 5
-        while any(b.lanes for b in pipe.loops["b"].bodies) and time.monotonic() < deadline:
+        while pipe.core.lanes_held() and time.monotonic() < deadline:
             time.sleep(0.02)  # other stages free lanes when idle
-        assert not any(b.lanes for b in pipe.loops["b"].bodies)
+        assert pipe.core.lanes_held() == 0
 
 
 def test_stats_table_and_chrome_trace(tmp_path: Path):
@@ -172,6 +172,6 @@ def test_stats_table_and_chrome_trace(tmp_path: Path):
     assert "busy %" in table and "bubble: measured" in table and "(p-1)/(m+p-1)" in table
     events = json.loads(path.read_text())["traceEvents"]
     spans = [e for e in events if e["ph"] == "X"]
-    assert len(spans) == 18 and {e["tid"] for e in spans} == {0, 1, 2}
+    assert len(spans) == 18 and len({e["tid"] for e in spans}) == 3 and {e["args"]["stage"] for e in spans} == {0, 1, 2}
     assert sum(e["ph"] == "b" for e in events) == 12  # one latency span per request
     assert all(e["dur"] >= 0 and e["args"]["items"] == 2 for e in spans)

@@ -50,6 +50,7 @@ class Args:
     schedule: int | None = None
     kinds: bool = False
     extra: list[str] = field(default_factory=list)
+    raw: list[str] = field(default_factory=list)  # the command line itself (re-run by each rank)
 
 
 class UsageError(Exception):
@@ -57,7 +58,7 @@ class UsageError(Exception):
 
 
 def parse_args(argv: list[str]) -> Args:
-    a = Args()
+    a = Args(raw=list(argv))
     it = iter(argv)
     positional: list[str] = []
     for tok in it:
@@ -102,13 +103,30 @@ def parse_args(argv: list[str]) -> Args:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    code = _main(argv)
+    from mmpipe.launch import exit_now, in_rank_process
+
+    if in_rank_process() and "torch.distributed" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            exit_now(code)
+    return code
+
+
+def _main(argv: list[str]) -> int:
     debug = "--debug" in argv
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         args = parse_args(argv)
         return dispatch(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("interrupted", file=sys.stderr)
-        return 130
+        return 143 if isinstance(exc, Terminated) else 130
     except Exception as exc:  # user errors become exit 2; anything else is a bug: show it
         from mmpipe.dsl.errors import RecipeError
         from mmpipe.graphs.base import UserError
@@ -150,8 +168,9 @@ def run_one(a: Args, overrides: list[str], job: int | None = None) -> int:
     """Compose and compile once, then validate, plan or run (``job``: index in a ``-m`` sweep)."""
     from mmpipe.dsl.compile import compile_loaded
     from mmpipe.dsl.load import load_recipe
+    from mmpipe.launch import in_rank_process, rank_overrides
 
-    loaded = load_recipe(a.recipe or "", overrides)
+    loaded = load_recipe(a.recipe or "", rank_overrides(overrides))
     if a.cfg:
         from omegaconf import OmegaConf
 
@@ -172,6 +191,18 @@ def run_one(a: Args, overrides: list[str], job: int | None = None) -> int:
         return 0
     if a.command == "plan":
         return print_plan(plan, a)
+    if plan.distributed:
+        from mmpipe.api import requests_of
+        from mmpipe.launch import launch_local, run_as_rank
+
+        if in_rank_process():
+            return run_as_rank(plan, lambda p: cmd_run(p, loaded, a))
+        if job is not None:
+            raise UsageError("-m sweeps run in one process: drop runtime=distributed, or run each job on its own")
+        requests_of(plan)  # a user error in the inputs stops here, before any rank starts
+        return launch_local(plan, a.raw)
+    if in_rank_process():
+        raise UsageError("this process was started by torchrun, but the recipe runs in one process: add runtime=distributed")
     return cmd_run(plan, loaded, a)
 
 
@@ -198,46 +229,94 @@ def print_plan(plan: Any, a: Args) -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: stop like Ctrl-C (finished results stay on disk), exit 143."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def cmd_run(plan: Any, loaded: Any, a: Args) -> int:
     from omegaconf import OmegaConf
 
     from mmpipe.api import open_pipeline, requests_of, source_config
     from mmpipe.graphs import get_source
-    from mmpipe.runtime.results import summarize, write_results
+    from mmpipe.runtime.results import ResultsFile, summarize, write_atomic
 
     requests = requests_of(plan)
     out_dir = Path(plan.output_dir)
+    if plan.distributed:
+        _rank_log(out_dir)
+    out = ResultsFile(out_dir)
     bar = _progress(len(requests), a.quiet)
+
+    def done(r: Any) -> None:
+        out.write(r)
+        if bar:
+            bar.update(1)
+
     t_setup = time.perf_counter()
+    t0 = time.perf_counter()
+    interrupted: int | None = None
+    stats: dict[str, Any] = {}
+    resolved: dict[str, str] = {}
+    lost = None
     ex = open_pipeline(plan, str(out_dir))
-    setup_s = time.perf_counter() - t_setup
     try:
+        setup_s = time.perf_counter() - t_setup
         t0 = time.perf_counter()
-        results = ex.run(requests, progress=lambda r: bar.update(1) if bar else None)
+        try:
+            results = ex.run(requests, progress=done)
+        except KeyboardInterrupt as exc:
+            interrupted = 143 if isinstance(exc, Terminated) else 130
+            results = list(out.written)
         wall = time.perf_counter() - t0
         stats = ex.stats(wall)
         resolved = _resolved_paths(ex)
         if hasattr(ex, "write_trace") and plan.trace:
             ex.write_trace(plan.trace)
+        lost = getattr(ex, "lost", None)
     finally:
         ex.close()
         if bar:
             bar.close()
-    write_results(out_dir, results)
+    if interrupted is None:
+        out.finish(results)
+    else:
+        out.close()
     src_cls = get_source(plan.source["kind"]) if plan.source else None
     files = src_cls.write_outputs(source_config(plan), results, out_dir) if src_cls else []
     models = {n: {**pn.config["model"], **({"resolved_path": resolved[n]} if n in resolved else {})}
               for n, pn in plan.nodes.items() if isinstance(pn.config.get("model"), dict)}
-    summary = summarize(plan, results, wall, {**stats, "setup_s": round(setup_s, 4), "overrides": loaded.overrides},
+    summary = summarize(plan, results, wall, {**stats, "setup_s": round(setup_s, 4), "overrides": loaded.overrides,
+                                              "interrupted": interrupted is not None, **({"lost": lost} if lost else {})},
                         OmegaConf.to_container(loaded.cfg, resolve=True), models)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
     if not a.quiet:
         for r in results:
             print(_result_line(r))
         print(_stats_table(stats, summary))
     failed = sum(not r.ok for r in results)
+    if lost and interrupted is None:
+        print(f"error: {lost}", file=sys.stderr)
+    if interrupted is not None:
+        print(f"interrupted: {len(results)}/{len(requests)} requests finished ({failed} failed) -> {out_dir}/results.jsonl", file=sys.stderr)
+        return interrupted
     print(f"{len(results) - failed}/{len(results)} requests ok in {wall:.2f}s -> {out_dir}/results.jsonl" + (f" (+{len(files)} files)" if files else ""))
     return 1 if failed else 0
+
+
+def _rank_log(out_dir: Path) -> None:
+    """The driver's log file; the other ranks' lines arrive over the link (logs/rankK.log)."""
+    import logging
+
+    (out_dir / "logs").mkdir(parents=True, exist_ok=True)
+    h = logging.FileHandler(out_dir / "logs" / "rank0.log")
+    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("mmpipe")
+    logger.addHandler(h)
+    logger.setLevel(logging.INFO)
 
 
 def _resolved_paths(ex: Any) -> dict[str, str]:

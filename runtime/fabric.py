@@ -26,7 +26,6 @@ if TYPE_CHECKING:
     from mmpipe.runtime.loop import LoopLocal
 
 Addr = tuple[int, int]  # (stage, replica); stage p is the collector on the driver
-WAIT_STORED_S = 60.0  # longest wait for side-store values on their way from another process
 
 
 class Fabric:
@@ -64,11 +63,13 @@ class Fabric:
         if rank == 0:
             self.stores[(self.p, 0)] = SideStore()  # the collector's
         self.last_progress = time.monotonic()
+        # In one process a producer stores values before it hands the items on, so they are
+        # always there; from another process they may still be on their way (DistFabric).
+        self.wait_stored_s = 0.0
 
     # ------------------------------------------------------------ places
     def is_local(self, addr: Addr) -> bool:
-        s, r = addr
-        return s >= self.p or self.plan.stages[s].places[r].rank == self.rank
+        return self.rank_of(addr) == self.rank
 
     def device_of(self, addr: Addr) -> str:
         s, r = addr
@@ -108,7 +109,7 @@ class Fabric:
         keys = self.routes.store_reads[s]
         if not keys:
             return {}, []
-        return self.stores[addr].take(keys, items, pop, WAIT_STORED_S, self.stopping)
+        return self.stores[addr].take(keys, items, pop, self.wait_stored_s, self.stopping)
 
     def release(self, addr: Addr, items: list[ItemMeta]) -> None:
         self.stores[addr].release(items)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,12 +85,50 @@ def percentile(xs: list[float], q: float) -> float:
 
 
 def write_results(out_dir: Path, results: list[Result]) -> Path:
+    """``results.jsonl`` with these results, in this order (replaced atomically)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "results.jsonl"
-    with path.open("w") as f:
-        for r in results:
-            f.write(json.dumps(r.to_json()) + "\n")
+    write_atomic(path, "".join(json.dumps(r.to_json()) + "\n" for r in results))
     return path
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the new one, never half."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class ResultsFile:
+    """``results.jsonl`` as a run goes: each result appended and flushed when it finishes,
+    so an interrupted or crashed run keeps every finished request on disk."""
+
+    def __init__(self, out_dir: Path) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir = out_dir
+        self.path = out_dir / "results.jsonl"
+        self.f = self.path.open("w")
+        self.written: list[Result] = []
+
+    def write(self, r: Result) -> None:
+        self.f.write(json.dumps(r.to_json()) + "\n")
+        self.f.flush()
+        self.written.append(r)
+
+    def finish(self, ordered: list[Result]) -> None:
+        """The run completed: the same lines, in request order."""
+        self.close()
+        write_results(self.out_dir, ordered)
+
+    def close(self) -> None:
+        if not self.f.closed:
+            self.f.close()
 
 
 def summarize(plan: Plan, results: list[Result], wall_s: float, stats: dict[str, Any], config: dict[str, Any] | None = None,

@@ -1,0 +1,96 @@
+"""Running a plan on the distributed backend from the CLI.
+
+``mmpipe run RECIPE runtime=distributed runtime.nproc=N`` (not under torchrun)
+starts N local ranks with torch's own launcher (``torch.distributed``'s
+elastic agent, as ``torchrun --standalone`` does), each running the same
+command, and exits with rank 0's exit code; if a rank dies, the agent stops
+the others and this process names the rank. Under torchrun (the environment
+names a rank), the command runs as that rank: rank 0 is the driver (requests,
+results, summary, trace), the others serve their stage copies.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import uuid
+from typing import Any, Callable
+
+RANK_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def in_rank_process() -> bool:
+    """Started by torchrun or by our launcher (the environment describes a rank)."""
+    return all(k in os.environ for k in RANK_ENV)
+
+
+def rank_overrides(overrides: list[str]) -> list[str]:
+    """Under torchrun without ``runtime.nproc``: the world size is the rank count."""
+    if in_rank_process() and not any(o.lstrip("+").startswith("runtime.nproc=") for o in overrides):
+        return overrides + [f"runtime.nproc={os.environ['WORLD_SIZE']}"]
+    return overrides
+
+
+def launch_local(plan: Any, argv: list[str]) -> int:
+    """Start ``plan.nproc`` local ranks running ``mmpipe`` with ``argv``; rank 0's exit code."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from mmpipe.runtime.dist_fabric import thread_count
+    from mmpipe.runtime.dist_pipeline import stages_of
+
+    n = plan.nproc
+    # Each rank sets its own intra-op threads; this keeps OpenMP from oversubscribing before that.
+    os.environ.setdefault("OMP_NUM_THREADS", str(thread_count(int(plan.runtime.get("threads_per_rank", 0)), n)))
+    for name in list(logging.root.manager.loggerDict):  # we name a failed rank ourselves
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=f"mmpipe-{uuid.uuid4().hex[:8]}",
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2)
+    try:
+        elastic_launch(config, entrypoint=sys.executable)("-m", "mmpipe", *argv)
+        return 0
+    except ChildFailedError as exc:
+        codes = {f.local_rank: f.exitcode for f in exc.failures.values()}
+        dead = {k: c for k, c in codes.items() if k != 0 and (c < 0 or c not in (0, 1, 2, 130, 143))}
+        first = sorted(dead)[0] if dead else None
+        if first is not None:
+            c = dead[first]
+            how = f"was killed by {signal.Signals(-c).name}" if c < 0 else f"exited with code {c}"
+            print(f"error: rank {first} ({stages_of(plan, first)}) {how}; the other ranks were stopped "
+                  f"(finished results are in {plan.output_dir}/results.jsonl)", file=sys.stderr)
+        code = codes.get(0, 0)
+        if code in (2, 130, 143):
+            return code
+        return 1 if (dead or code) else 0
+    except SignalException as exc:  # Ctrl-C or SIGTERM: the agent passed it on to every rank
+        return 143 if exc.sigval == signal.SIGTERM else 130
+    except KeyboardInterrupt:
+        return 130
+
+
+def run_as_rank(plan: Any, run_driver: Callable[[Any], int]) -> int:
+    """This process is a rank: rank 0 drives (``run_driver(plan)``), others serve.
+    Rank 0 shares its plan so every rank runs the very same one."""
+    import torch.distributed as dist
+
+    from mmpipe.dsl.plan import Plan
+    from mmpipe.runtime.dist_pipeline import init_group, interruptible, serve_rank
+
+    init_group(float(plan.runtime.get("timeout_s", 600)))
+    box: list[Any] = [plan.to_json() if dist.get_rank() == 0 else None]
+    interruptible(dist.broadcast_object_list, box, 0)
+    plan = Plan.from_json(box[0])
+    if dist.get_rank() == 0:
+        return run_driver(plan)
+    return serve_rank(plan, plan.output_dir)
+
+
+def exit_now(code: int) -> None:
+    """Leave without interpreter teardown: receiver threads may sit in a network receive
+    that destroying the process group would abort."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

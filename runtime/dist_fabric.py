@@ -1,0 +1,235 @@
+"""The fabric of one rank: local addresses as in one process, the rest over the ``Link``.
+
+Workers call the same ``Fabric`` methods in every backend. Here each call
+addressed to a stage copy on another rank becomes a message; the receiving
+rank's ``on_message`` performs it on its own local fabric. What the messages
+carry besides values: the compute time booked for the items' requests (so
+the driver can report per-stage time), the replica choices made for them
+(later producers must follow them), and, for bounded inboxes, a credit that
+comes back when the packet leaves the inbox (back-pressure across processes).
+
+Only rank 0 (the driver) holds the request table. Other ranks learn which
+requests failed from its ``retire`` broadcasts, and forget what they hold for
+finished requests at the same time.
+"""
+from __future__ import annotations
+
+import queue
+from typing import Any, Callable, Iterable
+
+from mmpipe.dsl.plan import Plan
+from mmpipe.graphs.base import ItemMeta
+from mmpipe.runtime.batch import to_device
+from mmpipe.runtime.channels import Packet, Stopped
+from mmpipe.runtime.dist_link import Credits, Link, PeerLost
+from mmpipe.runtime.fabric import Addr, Fabric
+
+# message kinds
+PUT, BACK, STORE, RELEASE, COLLECT = "put", "back", "store", "release", "collect"
+FINISH, GROUP_DONE, FAIL, EMPTY, STALL, RETIRE, CREDIT = "finish", "group_done", "fail", "empty", "stall", "retire", "credit"
+CONTROL = ("hb", "log", "stats?", "stats", "stop", "bye")
+
+
+def _wire(pkt: Packet) -> tuple[Any, ...]:
+    return (pkt.items, pkt.values, pkt.mb, pkt.carry, pkt.group, pkt.isolated, pkt.gens)
+
+
+def _unwire(t: tuple[Any, ...], device: str) -> Packet:
+    items, values, mb, carry, group, isolated, gens = t
+    return Packet(items, to_device(values, device), mb=mb, carry=to_device(carry, device) if carry is not None else None,
+                  group=group, isolated=isolated, gens=gens)
+
+
+class DistFabric(Fabric):
+    """One rank's fabric (see the module docstring)."""
+
+    def __init__(self, plan: Plan, rank: int) -> None:
+        super().__init__(plan, rank)
+        self.link: Link | None = None
+        self.dead: set[str] = set()  # failed requests (ranks other than 0)
+        self.credits: dict[Addr, Credits] = {}
+        self.first_loop = {lp.stages[0] for lp in plan.loops}
+        self.wait_stored_s = float(plan.runtime.get("timeout_s", 600))
+        self.control: Callable[[int, Any], None] = lambda src, msg: None  # stats/stop/log, set by the pipeline
+        self.collect_q: "queue.SimpleQueue[tuple[list[ItemMeta], dict[str, Any]] | None]" = queue.SimpleQueue()
+
+    # ------------------------------------------------------------ sending
+    def _send(self, rank: int, msg: Any) -> None:
+        assert self.link is not None
+        try:
+            self.link.send(rank, msg)
+        except PeerLost:
+            if self.stopping():
+                raise Stopped()
+            raise
+
+    def _ship(self, items: list[ItemMeta]) -> tuple[Any, Any]:
+        rids = [m.request_id for m in items]
+        return self.times.take(rids), self.assigner.known(rids)
+
+    def bounded(self, addr: Addr) -> bool:
+        """Inboxes that hold back their producers: not the inner stages of a loop body."""
+        st = self.plan.stages[addr[0]]
+        return not st.loop or st.index in self.first_loop
+
+    def put(self, addr: Addr, pkt: Packet) -> None:
+        if self.is_local(addr):
+            return super().put(addr, pkt)
+        if self.bounded(addr):
+            self.credits.setdefault(addr, Credits(self.depth)).acquire(self.stopping)
+        self._send(self.rank_of(addr), (PUT, addr, _wire(pkt), *self._ship(pkt.items)))
+
+    def put_back(self, addr: Addr, pkt: Packet, retry: bool = False) -> None:
+        if self.is_local(addr):
+            return super().put_back(addr, pkt, retry)
+        self._send(self.rank_of(addr), (BACK, addr, _wire(pkt), retry, *self._ship(pkt.items)))
+
+    def store(self, addr: Addr, items: list[ItemMeta], values: dict[str, Any], ready: Any = None) -> None:
+        if self.is_local(addr):
+            return super().store(addr, items, values, ready)
+        self._send(self.rank_of(addr), (STORE, addr, items, values))
+
+    def release(self, addr: Addr, items: list[ItemMeta]) -> None:
+        if self.is_local(addr):
+            return super().release(addr, items)
+        self._send(self.rank_of(addr), (RELEASE, addr, items))
+
+    def collect(self, items: list[ItemMeta], values: dict[str, Any]) -> None:
+        if self.rank == 0:
+            return super().collect(items, values)
+        self._send(0, (COLLECT, items, values, *self._ship(items)))
+
+    def finish_lanes(self, node: str, r: int, j: int, items: list[ItemMeta], gens: list[int] | None) -> None:
+        s = next(lp.stages for lp in self.plan.loops if lp.node == node)[j]
+        if self.is_local((s, r)):
+            return super().finish_lanes(node, r, j, items, gens)
+        self._send(self.rank_of((s, r)), (FINISH, node, r, j, items, gens))
+
+    def group_done(self, node: str, r: int) -> None:
+        first = next(lp.stages[0] for lp in self.plan.loops if lp.node == node)
+        if self.is_local((first, r)):
+            return super().group_done(node, r)
+        self._send(self.rank_of((first, r)), (GROUP_DONE, node, r))
+
+    # ------------------------------------------------------------ requests
+    def is_live(self, rid: str) -> bool:
+        return super().is_live(rid) if self.rank == 0 else rid not in self.dead
+
+    def fail(self, rids: Iterable[str], error: dict[str, Any]) -> None:
+        rids = list(rids)
+        if self.rank == 0:
+            return super().fail(rids, error)
+        self.dead.update(rids)
+        self._send(0, (FAIL, rids, error))
+
+    def complete_empty(self, rids: Iterable[str]) -> None:
+        if self.rank == 0:
+            return super().complete_empty(rids)
+        self._send(0, (EMPTY, list(rids)))
+
+    def stall(self, s: int, node: str, message: str, kind: str = "StageTimeout") -> None:
+        if self.rank == 0:
+            return super().stall(s, node, message, kind)
+        try:
+            self._send(0, (STALL, s, node, message, kind))
+        except (PeerLost, Stopped):
+            self.stop_event.set()
+
+    def retired(self, rids: list[str], failed: bool) -> None:
+        super().retired(rids, failed)
+        if self.rank == 0 and self.link is not None:
+            self.link.broadcast((RETIRE, rids, failed))
+
+    # ------------------------------------------------------------ receiving
+    def on_message(self, src: int, msg: Any) -> None:
+        """Perform what another rank addressed to this one (a receiver thread; never blocks)."""
+        kind = msg[0]
+        self.progress()
+        if kind == PUT:
+            _, addr, pk, times, choices = msg
+            self._merge(times, choices)
+            pkt = _unwire(pk, self.device_of(addr))
+            if self.bounded(addr):
+                pkt.on_take = lambda: self._credit(src, addr)
+            self.inboxes[addr].put_nowait(pkt)
+        elif kind == BACK:
+            _, addr, pk, retry, times, choices = msg
+            self._merge(times, choices)
+            self.loop_inbox(addr).put_back(_unwire(pk, self.device_of(addr)), retry)
+        elif kind == STORE:
+            _, addr, items, values = msg
+            Fabric.store(self, addr, items, to_device(values, self.device_of(addr)))
+        elif kind == RELEASE:
+            Fabric.release(self, msg[1], msg[2])
+        elif kind == COLLECT:
+            _, items, values, times, choices = msg
+            self._merge(times, choices)
+            self.collect_q.put((items, values))  # the collector thread may wait for stored values
+        elif kind == FINISH:
+            _, node, r, j, items, gens = msg
+            self.loops[(node, r)].post_finish(j, items, gens)
+        elif kind == GROUP_DONE:
+            Fabric.group_done(self, msg[1], msg[2])
+        elif kind == FAIL:
+            Fabric.fail(self, msg[1], msg[2])
+        elif kind == EMPTY:
+            Fabric.complete_empty(self, msg[1])
+        elif kind == STALL:
+            _, s, node, message, k = msg
+            Fabric.stall(self, s, node, message, k)
+        elif kind == RETIRE:
+            _, rids, failed = msg
+            if failed:
+                self.dead.update(rids)
+            Fabric.retired(self, rids, failed)
+        elif kind == CREDIT:
+            self.credits[msg[1]].release()
+        elif kind in CONTROL:
+            self.control(src, msg)
+        else:
+            raise ValueError(f"unknown message {kind!r} from rank {src}")
+
+    def _merge(self, times: Any, choices: Any) -> None:
+        if times:
+            self.times.merge(times)
+        if choices:
+            self.assigner.merge(choices)
+
+    def _credit(self, src: int, addr: Addr) -> None:
+        try:
+            self._send(src, (CREDIT, addr))
+        except (PeerLost, Stopped):
+            pass  # the sender is gone: nobody waits for this credit
+
+    def run_collector(self) -> None:
+        """Thread body on rank 0: final values from other ranks -> the request table."""
+        while not self.stopping():
+            try:
+                got = self.collect_q.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            if got is None:
+                return
+            try:
+                Fabric.collect(self, *got)
+            except Stopped:
+                return
+            except Exception as exc:
+                items = got[0]
+                self.table.fail({m.request_id for m in items},  # type: ignore[union-attr]
+                                {"type": type(exc).__name__, "message": str(exc), "stage": self.p, "node": "outputs"})
+
+    def wake_all(self) -> None:
+        super().wake_all()
+        self.collect_q.put(None)
+
+
+def thread_count(threads_per_rank: int, local_world: int) -> int:
+    """Intra-op threads of one rank: the setting, else this host's cores over its local ranks."""
+    import os
+
+    if threads_per_rank > 0:
+        return threads_per_rank
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, local_world))
+

@@ -1,0 +1,174 @@
+"""Point-to-point messages between ranks over torch.distributed, and dead-peer detection.
+
+``Link`` sends each message (``dist_wire`` frames) with ``dist.send`` under a
+per-peer lock, so the parts of one message stay together, and runs one
+receiver thread per peer that never blocks on anything but the network: it
+hands each message to ``on_message``. Rank 0 exchanges heartbeats with every
+rank; a peer whose connection breaks (a killed process: gloo's receive fails
+at once) or that stays silent for ``peer_timeout_s`` (a hung host) is reported
+once through ``on_lost``.
+
+``Credits`` is the sending side of back-pressure across processes: a sender
+takes a credit per packet for a bounded inbox in another process and gets it
+back when that packet leaves the inbox.
+"""
+from __future__ import annotations
+
+import re
+import threading
+import time
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from mmpipe.runtime.channels import SLICE_S, Stopped
+from mmpipe.runtime.dist_wire import FRAME, decode, encode, total_of
+
+HEARTBEAT_S = 1.0
+THREAD_PREFIX = "mmpipe-link-"
+
+
+class PeerLost(RuntimeError):
+    """A message could not reach a rank that died or stopped answering."""
+
+
+class Link:
+    """Messages to and from every other rank (see the module docstring)."""
+
+    def __init__(self, rank: int, world: int, on_message: Callable[[int, Any], None], on_lost: Callable[[int, str], None],
+                 peer_timeout_s: float, nccl: Any = None, nccl_peers: set[int] | None = None,
+                 recv_device: Callable[[int], str] | None = None) -> None:
+        """``nccl``: an NCCL process group for GPU tensors to ``nccl_peers``; ``recv_device(peer)``:
+        where GPU tensors from that peer land."""
+        self.rank, self.world = rank, world
+        self.on_message, self.on_lost = on_message, on_lost
+        self.peer_timeout_s = peer_timeout_s
+        self.nccl, self.nccl_peers = nccl, nccl_peers or set()
+        self.recv_device = recv_device or (lambda peer: "cpu")
+        self.peers = [k for k in range(world) if k != rank]
+        self.locks = {k: threading.Lock() for k in self.peers}
+        self.last_seen = {k: time.monotonic() for k in self.peers}
+        self.lost: set[int] = set()
+        self.closing = threading.Event()
+        self.threads: list[threading.Thread] = []
+        self.sent = 0  # messages sent (diagnostics)
+
+    def start(self) -> None:
+        bodies = [(lambda k=k: self._receive(k), f"recv{k}") for k in self.peers] + [(self._heartbeat, "heartbeat")]
+        self.threads = [threading.Thread(target=fn, name=THREAD_PREFIX + n, daemon=True) for fn, n in bodies]
+        for t in self.threads:
+            t.start()
+
+    def close(self) -> None:
+        """Stop caring about peers (their disconnects are no longer failures)."""
+        self.closing.set()
+
+    # ------------------------------------------------------------ sending
+    def send(self, peer: int, msg: Any) -> None:
+        if peer in self.lost:
+            raise PeerLost(f"rank {peer} is gone")
+        use_nccl = self.nccl is not None and peer in self.nccl_peers
+        buf, gpu = encode(msg, (lambda t: True) if use_nccl else None)
+        total = buf.numel()
+        try:
+            with self.locks[peer]:
+                dist.send(buf[: min(total, FRAME)], peer)
+                if total > FRAME:
+                    dist.send(buf[FRAME:], peer)
+                for t in gpu:
+                    dist.send(t, peer, group=self.nccl)
+                self.sent += 1
+        except Exception as exc:
+            self._lost(peer, f"sending failed: {exc}")
+            raise PeerLost(f"rank {peer}: {exc}") from exc
+
+    def broadcast(self, msg: Any) -> None:
+        """To every live peer; peers that are gone are skipped."""
+        for k in self.peers:
+            if k not in self.lost:
+                try:
+                    self.send(k, msg)
+                except PeerLost:
+                    pass
+
+    # ------------------------------------------------------------ receiving
+    def _receive(self, peer: int) -> None:
+        frame = torch.empty(FRAME, dtype=torch.uint8)
+        gpu_recv = self._gpu_receiver(peer) if self.nccl is not None and peer in self.nccl_peers else None
+        while not self.closing.is_set():
+            try:
+                dist.recv(frame, src=peer)
+                total = total_of(frame)
+                if total <= FRAME:
+                    msg = decode(frame[:total], copy=True, gpu=gpu_recv)
+                else:
+                    full = torch.empty(total, dtype=torch.uint8)
+                    full[:FRAME].copy_(frame)
+                    dist.recv(full[FRAME:], src=peer)
+                    msg = decode(full, copy=False, gpu=gpu_recv)
+            except Exception as exc:  # the peer's process is gone (or the group was torn down)
+                self._lost(peer, f"its connection broke ({_short(exc)})")
+                return
+            self.last_seen[peer] = time.monotonic()
+            try:
+                self.on_message(peer, msg)
+            except Stopped:
+                return
+            except BaseException as exc:  # a bug in handling: report it as this peer's loss, loudly
+                self._lost(peer, f"a message from it could not be handled: {type(exc).__name__}: {exc}")
+                return
+
+    def _gpu_receiver(self, peer: int) -> Callable[[int, str, tuple[int, ...]], torch.Tensor]:
+        def recv(i: int, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+            t = torch.empty(shape, dtype=getattr(torch, dtype), device=self.recv_device(peer))
+            dist.recv(t, src=peer, group=self.nccl)
+            return t
+
+        return recv
+
+    def _heartbeat(self) -> None:
+        watch = self.peers if self.rank == 0 else [0]
+        while not self.closing.wait(HEARTBEAT_S):
+            for k in watch:
+                if k in self.lost:
+                    continue
+                try:
+                    self.send(k, ("hb",))
+                except PeerLost:
+                    continue
+                if time.monotonic() - self.last_seen[k] > self.peer_timeout_s:
+                    self._lost(k, f"it sent nothing for {self.peer_timeout_s:g} s (runtime.peer_timeout_s)")
+
+    def _lost(self, peer: int, why: str) -> None:
+        if peer in self.lost or self.closing.is_set():
+            return
+        self.lost.add(peer)
+        self.on_lost(peer, why)
+
+
+def _short(exc: BaseException) -> str:
+    """gloo's first sentence, without its source location: 'Connection closed by peer [127.0.0.1]:37289'."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+    return text.split(". ")[0].rstrip(".")
+
+
+class Credits:
+    """Sending-side slots for one bounded inbox in another process."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.cond = threading.Condition()
+
+    def acquire(self, stopped: Callable[[], bool]) -> None:
+        with self.cond:
+            while self.n <= 0:
+                if stopped():
+                    raise Stopped()
+                self.cond.wait(SLICE_S)
+            self.n -= 1
+
+    def release(self) -> None:
+        with self.cond:
+            self.n += 1
+            self.cond.notify_all()

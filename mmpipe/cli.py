@@ -7,7 +7,9 @@ This is the only module that wires the compiler and the runtime together.
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -116,11 +118,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     debug = "--debug" in argv
-    import signal
-    import threading
-
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
+        _signalled.clear()
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGINT, _on_signal)
     try:
         args = parse_args(argv)
         return dispatch(args)
@@ -233,8 +234,16 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM: stop like Ctrl-C (finished results stay on disk), exit 143."""
 
 
-def _on_sigterm(signum: int, frame: Any) -> None:
-    raise Terminated()
+_signalled: list[int] = []
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    """The first SIGINT/SIGTERM stops the run; repeats (a launcher passes the terminal's
+    Ctrl-C on to every rank) are ignored while the run saves what finished (bounded)."""
+    if _signalled:
+        return
+    _signalled.append(signum)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 def cmd_run(plan: Any, loaded: Any, a: Args) -> int:

@@ -48,7 +48,8 @@ def launch_local(plan: Any, argv: list[str]) -> int:
         if name.startswith("torch.distributed.elastic"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=f"mmpipe-{uuid.uuid4().hex[:8]}",
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2)
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2,
+                          shutdown_timeout=5)
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "mmpipe", *argv)
         return 0
@@ -62,9 +63,9 @@ def launch_local(plan: Any, argv: list[str]) -> int:
             print(f"error: rank {first} ({stages_of(plan, first)}) {how}; the other ranks were stopped "
                   f"(finished results are in {plan.output_dir}/results.jsonl)", file=sys.stderr)
         code = codes.get(0, 0)
-        if code in (2, 130, 143):
-            return code
-        return 1 if (dead or code) else 0
+        if dead:  # the agent stopped rank 0 (SIGTERM) because another rank died: that is the failure
+            return 2 if code == 2 else 1
+        return code if code in (1, 2, 130, 143) else 1
     except SignalException as exc:  # Ctrl-C or SIGTERM: the agent passed it on to every rank
         return 143 if exc.sigval == signal.SIGTERM else 130
     except KeyboardInterrupt:

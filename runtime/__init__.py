@@ -23,7 +23,13 @@ def make_executor(plan: Any, output_dir: str | None = None, backend: str | None 
 
         return Pipeline(plan, output_dir)
     if name == "distributed":
+        import os
+
+        from mmpipe.graphs.base import UserError
         from mmpipe.runtime.dist_pipeline import DistributedPipeline
 
+        if "RANK" not in os.environ:
+            raise UserError("runtime.backend", "the distributed backend runs in processes started by `mmpipe run` or torchrun",
+                            "run `mmpipe run RECIPE runtime=distributed runtime.nproc=N`, or torchrun ... -m mmpipe run RECIPE runtime=distributed")
         return DistributedPipeline(plan, output_dir)
     raise ValueError(f"unknown runtime backend {name!r}")

@@ -5,8 +5,8 @@ per-peer lock, so the parts of one message stay together, and runs one
 receiver thread per peer that never blocks on anything but the network: it
 hands each message to ``on_message``. Rank 0 exchanges heartbeats with every
 rank; a peer whose connection breaks (a killed process: gloo's receive fails
-at once) or that stays silent for ``peer_timeout_s`` (a hung host) is reported
-once through ``on_lost``.
+at once) or that stays silent for ``peer_timeout_s`` (a hung process or host) is
+reported once through ``on_lost``.
 
 ``Credits`` is the sending side of back-pressure across processes: a sender
 takes a credit per packet for a bounded inbox in another process and gets it
@@ -36,7 +36,7 @@ class PeerLost(RuntimeError):
 class Link:
     """Messages to and from every other rank (see the module docstring)."""
 
-    def __init__(self, rank: int, world: int, on_message: Callable[[int, Any], None], on_lost: Callable[[int, str], None],
+    def __init__(self, rank: int, world: int, on_message: Callable[[int, Any], None], on_lost: Callable[[int, str, bool], None],
                  peer_timeout_s: float, nccl: Any = None, nccl_peers: set[int] | None = None,
                  recv_device: Callable[[int], str] | None = None) -> None:
         """``nccl``: an NCCL process group for GPU tensors to ``nccl_peers``; ``recv_device(peer)``:
@@ -71,17 +71,22 @@ class Link:
         use_nccl = self.nccl is not None and peer in self.nccl_peers
         buf, gpu = encode(msg, (lambda t: True) if use_nccl else None)
         total = buf.numel()
+        lock = self.locks[peer]
+        while not lock.acquire(timeout=SLICE_S):  # a send to a hung peer may never return
+            if peer in self.lost:
+                raise PeerLost(f"rank {peer} is gone")
         try:
-            with self.locks[peer]:
-                dist.send(buf[: min(total, FRAME)], peer)
-                if total > FRAME:
-                    dist.send(buf[FRAME:], peer)
-                for t in gpu:
-                    dist.send(t, peer, group=self.nccl)
-                self.sent += 1
+            dist.send(buf[: min(total, FRAME)], peer)
+            if total > FRAME:
+                dist.send(buf[FRAME:], peer)
+            for t in gpu:
+                dist.send(t, peer, group=self.nccl)
+            self.sent += 1
         except Exception as exc:
-            self._lost(peer, f"sending failed: {exc}")
+            self._lost(peer, f"sending failed: {_short(exc)}")
             raise PeerLost(f"rank {peer}: {exc}") from exc
+        finally:
+            lock.release()
 
     def broadcast(self, msg: Any) -> None:
         """To every live peer; peers that are gone are skipped."""
@@ -133,18 +138,21 @@ class Link:
             for k in watch:
                 if k in self.lost:
                     continue
+                if time.monotonic() - self.last_seen[k] > self.peer_timeout_s:
+                    self._lost(k, f"it sent nothing for {self.peer_timeout_s:g} s (runtime.peer_timeout_s)", hung=True)
+                    continue
+                if self.locks[k].locked():
+                    continue  # a message is going out anyway; never queue behind a stuck send
                 try:
                     self.send(k, ("hb",))
                 except PeerLost:
                     continue
-                if time.monotonic() - self.last_seen[k] > self.peer_timeout_s:
-                    self._lost(k, f"it sent nothing for {self.peer_timeout_s:g} s (runtime.peer_timeout_s)")
 
-    def _lost(self, peer: int, why: str) -> None:
+    def _lost(self, peer: int, why: str, hung: bool = False) -> None:
         if peer in self.lost or self.closing.is_set():
             return
         self.lost.add(peer)
-        self.on_lost(peer, why)
+        self.on_lost(peer, why, hung)
 
 
 def _short(exc: BaseException) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import signal
 import socket
 import threading
 import time
@@ -38,7 +39,7 @@ from mmpipe.runtime.trace import WorkerLog
 
 log = logging.getLogger("mmpipe.dist")
 T = TypeVar("T")
-STATS_WAIT_S = 30.0
+STATS_WAIT_S = 10.0
 
 
 def interruptible(fn: Callable[..., T], *args: Any) -> T:
@@ -163,6 +164,7 @@ class _Ranks:
         every = interruptible(setup, self.core, self.threads)
         raise_setup_failure(self.plan, every)
         self.hosts = {k: st["host"] for k, st in enumerate(every)}
+        self.pids = {k: st["pid"] for k, st in enumerate(every)}
         self.offset = interruptible(sync_clocks)
         self.fabric.control = self.control
         link = Link(self.rank, self.world, self.fabric.on_message, self.on_lost, float(self.plan.runtime.get("peer_timeout_s", 30)))
@@ -170,9 +172,16 @@ class _Ranks:
         link.start()
         log.info("rank %d on %s: %s, %d threads, ready", self.rank, self.hosts[self.rank], stages_of(self.plan, self.rank), self.threads)
 
-    def on_lost(self, peer: int, why: str) -> None:
+    def on_lost(self, peer: int, why: str, hung: bool = False) -> None:
         self.lost = f"rank {peer} ({stages_of(self.plan, peer)}) was lost: {why}"
         log.error(self.lost)
+        if hung and self.hosts.get(peer) == self.hosts.get(self.rank):
+            # A hung rank of this job on this host: end it, or it would outlive the run
+            # (a launcher's grace period does not move a stopped process).
+            try:
+                os.kill(self.pids[peer], signal.SIGKILL)
+            except OSError:
+                pass
         if self.rank == 0:
             self.fabric.stall(-1, "", self.lost, kind="RankLost")
         self.stop_asked.set()

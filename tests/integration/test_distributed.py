@@ -238,3 +238,59 @@ def test_a_device_missing_on_a_rank_is_a_user_error(tmp_path: Path) -> None:
     assert r.returncode == 2, r.stdout + r.stderr
     assert "placement.chain" in r.stderr and "rank 1" in r.stderr and "cuda:4" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+# ------------------------------------------------------------------ two hosts
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+
+@pytest.fixture
+def two_hosts() -> Any:
+    """Two network namespaces joined by a veth pair: two hosts, 10.77.x.1 and 10.77.x.2.
+    Removed afterwards, also when the test fails."""
+    import shutil
+
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and iproute2 (ip netns)")
+    tag = f"{os.getpid() % 200}"
+    ns = [f"mmp{tag}a", f"mmp{tag}b"]
+    veth = [f"mmv{tag}a", f"mmv{tag}b"]
+    addr = [f"10.77.{tag}.1", f"10.77.{tag}.2"]
+    try:
+        for n in ns:
+            _ip("netns", "add", n)
+        _ip("link", "add", veth[0], "type", "veth", "peer", "name", veth[1])
+        for n, v, a in zip(ns, veth, addr):
+            _ip("link", "set", v, "netns", n)
+            _ip("-n", n, "addr", "add", f"{a}/24", "dev", v)
+            _ip("-n", n, "link", "set", v, "up")
+            _ip("-n", n, "link", "set", "lo", "up")
+        yield ns, veth, addr
+    finally:
+        for n in ns:
+            subprocess.run(["ip", "netns", "del", n], capture_output=True)
+
+
+@pytest.mark.slow
+def test_whisper_across_two_hosts_with_torchrun(two_hosts: Any, whisper_ref: dict[str, Any], tmp_path: Path) -> None:
+    ns, veth, addr = two_hosts
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    procs = []
+    for k in range(2):
+        cmd = ["ip", "netns", "exec", ns[k], "env", f"GLOO_SOCKET_IFNAME={veth[k]}", f"PYTHONPATH={ROOT}",
+               torchrun, "--nnodes=2", "--nproc-per-node=1", f"--node-rank={k}", f"--master-addr={addr[0]}", "--master-port=29577",
+               "-m", "mmpipe", "run", "whisper_stt", f"input={CLIPS}/clip*.wav", "nodes.encoder.split=2", "nodes.decoder.split=2",
+               *DIST, f"output_dir={tmp_path}", "-q"]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True))
+    try:
+        outs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert outputs(tmp_path) == whisper_ref
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert sorted(summary["ranks"]) == ["0", "1"] and {s["rank"] for s in summary["stages"]} == {0, 1}
+    assert (tmp_path / "logs" / "rank1.log").exists()  # the other host's log came over the link

@@ -89,3 +89,41 @@ def test_wire_stages_unit():
     edges, consumers = wire_stages(stages, nodes, {"out": "b.y"}, {"a.y": P("y", "float32", ["B"])})
     assert consumers == {"a#0": [1], "a.y": [2], "b.y": [3], "inputs.x": [0]}
     assert [s.reads for s in stages] == [["inputs.x"], ["a#0"], ["a.y"]]
+
+
+def test_distributed_placement_names_ranks_and_spreads_the_rest():
+    plan = compile_recipe("whisper_stt", ["runtime=distributed", "runtime.nproc=3", "nodes.encoder.split=2", "nodes.decoder.split=2",
+                                          "placement.decoder.1=rank2"])
+    ranks = {plan.stage_label(s): s.rank for s in plan.stages}
+    assert ranks["decoder.1 (part 3/4)"] == 2
+    assert sorted({s.rank for s in plan.stages}) == [0, 1, 2]  # every rank runs something
+    # contiguous groups: ranks never go back
+    spread = [s.rank for s in plan.stages if plan.stage_label(s) != "decoder.1 (part 3/4)"]
+    assert spread == sorted(spread)
+    assert any("rank" in t.src_device for t in plan.transfers)
+
+
+def test_replicas_from_a_placement_list_and_from_a_count():
+    plan = compile_recipe("whisper_stt", ["runtime=distributed", "runtime.nproc=2", "placement.encoder=[rank0,rank1]"])
+    enc = next(s for s in plan.stages if s.owner == "encoder")
+    assert [(p.rank, p.device) for p in enc.places] == [(0, "cpu"), (1, "cpu")] and plan.nodes["encoder"].replicas == 2
+    plan = compile_recipe("synthetic", ["stages=2", "nodes.chain.replicas=3"])
+    assert [len(s.places) for s in plan.stages] == [3, 3] and "[cpu, cpu, cpu]" in plan.to_text()
+
+
+@pytest.mark.parametrize("overrides, key, words", [
+    (["runtime=distributed", "runtime.nproc=2", "placement.decoder=rank2"], "placement.decoder", "rank 2 does not exist"),
+    (["placement.decoder=rank1"], "placement.decoder", "runs in one process"),
+    (["runtime=distributed", "runtime.nproc=2", "nodes.encoder.replicas=3", "placement.encoder=[rank0,rank1]"], "placement.encoder", "2 places for 3 replica"),
+    (["runtime=distributed", "runtime.nproc=2", "placement.default=rank0"], "placement", "rank(s) 1 would run no stage"),
+    (["runtime=distributed", "runtime.nproc=9"], "runtime.nproc", "cannot be spread over 9 ranks"),
+    (["runtime.nproc=2"], "runtime.nproc", "needs the distributed backend"),
+    (["nodes.encoder.replicas=0"], "nodes.encoder.replicas", "positive integer"),
+    (["placement.decoder=rank1:gpu"], "placement.decoder", "is not a place"),
+])
+def test_placement_mistakes_are_reported(overrides, key, words):
+    from mmpipe.dsl.errors import RecipeError
+
+    with pytest.raises(RecipeError) as e:
+        compile_recipe("whisper_stt", overrides)
+    assert any(p.key == key and words in p.message for p in e.value.problems), e.value.format()

@@ -54,10 +54,10 @@ class DistFabric(Fabric):
         self.collect_q: "queue.SimpleQueue[tuple[list[ItemMeta], dict[str, Any]] | None]" = queue.SimpleQueue()
 
     # ------------------------------------------------------------ sending
-    def _send(self, rank: int, msg: Any) -> None:
+    def _send(self, rank: int, msg: Any, device: str = "cpu") -> None:
         assert self.link is not None
         try:
-            self.link.send(rank, msg)
+            self.link.send(rank, msg, device)
         except PeerLost:
             if self.stopping():
                 raise Stopped()
@@ -77,17 +77,17 @@ class DistFabric(Fabric):
             return super().put(addr, pkt)
         if self.bounded(addr):
             self.credits.setdefault(addr, Credits(self.depth)).acquire(self.stopping)
-        self._send(self.rank_of(addr), (PUT, addr, _wire(pkt), *self._ship(pkt.items)))
+        self._send(self.rank_of(addr), (PUT, addr, _wire(pkt), *self._ship(pkt.items)), self.device_of(addr))
 
     def put_back(self, addr: Addr, pkt: Packet, retry: bool = False) -> None:
         if self.is_local(addr):
             return super().put_back(addr, pkt, retry)
-        self._send(self.rank_of(addr), (BACK, addr, _wire(pkt), retry, *self._ship(pkt.items)))
+        self._send(self.rank_of(addr), (BACK, addr, _wire(pkt), retry, *self._ship(pkt.items)), self.device_of(addr))
 
     def store(self, addr: Addr, items: list[ItemMeta], values: dict[str, Any], ready: Any = None) -> None:
         if self.is_local(addr):
             return super().store(addr, items, values, ready)
-        self._send(self.rank_of(addr), (STORE, addr, items, values))
+        self._send(self.rank_of(addr), (STORE, addr, items, values), self.device_of(addr))
 
     def release(self, addr: Addr, items: list[ItemMeta]) -> None:
         if self.is_local(addr):

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from mmpipe.runtime.channels import SLICE_S, Stopped
-from mmpipe.runtime.dist_wire import FRAME, decode, encode, total_of
+from mmpipe.runtime.dist_wire import FRAME, GpuRecv, decode, encode, total_of
 
 HEARTBEAT_S = 1.0
 THREAD_PREFIX = "mmpipe-link-"
@@ -37,15 +37,14 @@ class Link:
     """Messages to and from every other rank (see the module docstring)."""
 
     def __init__(self, rank: int, world: int, on_message: Callable[[int, Any], None], on_lost: Callable[[int, str, bool], None],
-                 peer_timeout_s: float, nccl: Any = None, nccl_peers: set[int] | None = None,
-                 recv_device: Callable[[int], str] | None = None) -> None:
-        """``nccl``: an NCCL process group for GPU tensors to ``nccl_peers``; ``recv_device(peer)``:
-        where GPU tensors from that peer land."""
+                 peer_timeout_s: float, nccl: tuple[Any, Any] | None = None, nccl_peers: set[int] | None = None) -> None:
+        """``nccl``: two NCCL groups, for messages to higher and to lower ranks (one
+        direction per group and pair, so a receive waiting on a GPU stream is never queued
+        in front of a send the peer waits for); used for GPU tensors to ``nccl_peers``."""
         self.rank, self.world = rank, world
         self.on_message, self.on_lost = on_message, on_lost
         self.peer_timeout_s = peer_timeout_s
         self.nccl, self.nccl_peers = nccl, nccl_peers or set()
-        self.recv_device = recv_device or (lambda peer: "cpu")
         self.peers = [k for k in range(world) if k != rank]
         self.locks = {k: threading.Lock() for k in self.peers}
         self.last_seen = {k: time.monotonic() for k in self.peers}
@@ -65,11 +64,17 @@ class Link:
         self.closing.set()
 
     # ------------------------------------------------------------ sending
-    def send(self, peer: int, msg: Any) -> None:
+    def _group(self, src: int, dst: int) -> Any:
+        assert self.nccl is not None
+        return self.nccl[0] if src < dst else self.nccl[1]
+
+    def send(self, peer: int, msg: Any, device: str = "cpu") -> None:
+        """``device``: where the receiver will use the message's tensors (GPU tensors go
+        over NCCL when that is a GPU the peer reaches that way)."""
         if peer in self.lost:
             raise PeerLost(f"rank {peer} is gone")
-        use_nccl = self.nccl is not None and peer in self.nccl_peers
-        buf, gpu = encode(msg, (lambda t: True) if use_nccl else None)
+        nccl_to = device if self.nccl is not None and peer in self.nccl_peers and device.startswith("cuda") else None
+        buf, gpu = encode(msg, nccl_to)
         total = buf.numel()
         lock = self.locks[peer]
         while not lock.acquire(timeout=SLICE_S):  # a send to a hung peer may never return
@@ -80,7 +85,7 @@ class Link:
             if total > FRAME:
                 dist.send(buf[FRAME:], peer)
             for t in gpu:
-                dist.send(t, peer, group=self.nccl)
+                dist.send(t, peer, group=self._group(self.rank, peer))
             self.sent += 1
         except Exception as exc:
             self._lost(peer, f"sending failed: {_short(exc)}")
@@ -124,10 +129,10 @@ class Link:
                 self._lost(peer, f"a message from it could not be handled: {type(exc).__name__}: {exc}")
                 return
 
-    def _gpu_receiver(self, peer: int) -> Callable[[int, str, tuple[int, ...]], torch.Tensor]:
-        def recv(i: int, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
-            t = torch.empty(shape, dtype=getattr(torch, dtype), device=self.recv_device(peer))
-            dist.recv(t, src=peer, group=self.nccl)
+    def _gpu_receiver(self, peer: int) -> GpuRecv:
+        def recv(i: int, dtype: str, shape: tuple[int, ...], device: str) -> torch.Tensor:
+            t = torch.empty(shape, dtype=getattr(torch, dtype), device=device)
+            dist.recv(t, src=peer, group=self._group(peer, self.rank))
             return t
 
         return recv

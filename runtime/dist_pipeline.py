@@ -84,11 +84,16 @@ def stages_of(plan: Plan, rank: int) -> str:
     return f"stage{'s' if len(mine) > 1 else ''} {', '.join(str(i) for i, _ in mine)} ({'; '.join(n for _, n in mine)})"
 
 
+def _gpu(dev: str) -> str:
+    return "cuda:0" if dev == "cuda" else dev
+
+
 def setup(core: Core, threads: int) -> list[dict[str, Any]]:
     """Collective: check devices and build this rank's pieces; every rank's status, in rank order."""
     from mmpipe.dsl.stages import device_available, machine_devices
 
-    status: dict[str, Any] = {"ok": True, **rank_info(threads)}
+    status: dict[str, Any] = {"ok": True, **rank_info(threads), "cuda": torch.cuda.is_available(),
+                              "gpus": sorted({_gpu(core.fabric.device_of(a)) for a in core.addrs if core.fabric.device_of(a).startswith("cuda")})}
     t0 = time.perf_counter()
     try:
         for s, r in core.addrs:
@@ -143,6 +148,23 @@ def sync_clocks(rounds: int = 8) -> float:
     return float(offset[0])
 
 
+def nccl_groups(plan: Plan, every: list[dict[str, Any]], rank: int) -> tuple[tuple[Any, Any] | None, set[int]]:
+    """Collective: with ``runtime.transport=auto`` and GPU stages on two or more ranks, two
+    NCCL groups (one per direction) and the peers this rank reaches over NCCL: those whose
+    GPUs are not its own (another host, or other devices of this host; NCCL refuses two
+    ranks on one GPU, so those stage through host memory)."""
+    gpu_ranks = [k for k, st in enumerate(every) if st["cuda"] and st["gpus"]]
+    if plan.runtime.get("transport", "auto") != "auto" or len(gpu_ranks) < 2:
+        return None, set()
+    up = dist.new_group(ranks=gpu_ranks, backend="nccl")
+    down = dist.new_group(ranks=gpu_ranks, backend="nccl")
+    if rank not in gpu_ranks:
+        return None, set()
+    mine = every[rank]
+    peers = {k for k in gpu_ranks if k != rank and (every[k]["host"] != mine["host"] or not set(every[k]["gpus"]) & set(mine["gpus"]))}
+    return (up, down), peers
+
+
 class _Ranks:
     """What the driver and the other ranks share: the link, clock offset, control messages."""
 
@@ -166,8 +188,9 @@ class _Ranks:
         self.hosts = {k: st["host"] for k, st in enumerate(every)}
         self.pids = {k: st["pid"] for k, st in enumerate(every)}
         self.offset = interruptible(sync_clocks)
+        nccl, peers = interruptible(nccl_groups, self.plan, every, self.rank)
         self.fabric.control = self.control
-        link = Link(self.rank, self.world, self.fabric.on_message, self.on_lost, float(self.plan.runtime.get("peer_timeout_s", 30)))
+        link = Link(self.rank, self.world, self.fabric.on_message, self.on_lost, float(self.plan.runtime.get("peer_timeout_s", 30)), nccl, peers)
         self.fabric.link = link
         link.start()
         log.info("rank %d on %s: %s, %d threads, ready", self.rank, self.hosts[self.rank], stages_of(self.plan, self.rank), self.threads)

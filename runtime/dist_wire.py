@@ -12,8 +12,8 @@ message. Layout::
 The receiver posts one receive of ``FRAME`` bytes (gloo accepts a smaller
 send); a longer message sends its remainder as a second part of exact size,
 into which its tensors are then views (no copy). Tensors on a GPU that the
-peer reaches over NCCL are left out of the buffer (``NcclRef``) and sent after
-it on the NCCL group.
+peer reaches over NCCL are left out of the buffer (a reference with dtype,
+shape and the receiver's device) and sent after it on an NCCL group.
 """
 from __future__ import annotations
 
@@ -43,38 +43,41 @@ def _tensor(i: int) -> torch.Tensor:
     return _LOCAL.tensors[i]
 
 
-def _gpu_tensor(i: int, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+def _gpu_tensor(i: int, dtype: str, shape: tuple[int, ...], device: str) -> torch.Tensor:
     if _LOCAL.gpu is None:
         raise pickle.UnpicklingError("a GPU tensor came without an NCCL receiver")
-    return _LOCAL.gpu(i, dtype, shape)
+    return _LOCAL.gpu(i, dtype, shape, device)
 
 
 class _Pickler(pickle.Pickler):
     """Pickles tensors as references into the message's tensor list (a C-level
     dispatch-table lookup: no Python call for the other objects)."""
 
-    def __init__(self, f: io.BytesIO, nccl: Callable[[torch.Tensor], bool] | None) -> None:
+    def __init__(self, f: io.BytesIO, nccl_to: str | None) -> None:
         super().__init__(f, protocol=pickle.HIGHEST_PROTOCOL)
         self.tensors: list[torch.Tensor] = []
         self.gpu: list[torch.Tensor] = []
-        self.nccl = nccl
+        self.nccl_to = nccl_to
         self.dispatch_table = copyreg.dispatch_table.copy()
         self.dispatch_table[torch.Tensor] = self._reduce
         self.dispatch_table[torch.nn.Parameter] = self._reduce
 
     def _reduce(self, obj: torch.Tensor) -> Any:
         t = obj.detach()
-        if t.device.type == "cuda" and self.nccl is not None and self.nccl(t):
+        if t.device.type == "cuda" and self.nccl_to is not None:
             self.gpu.append(t.contiguous())
-            return _gpu_tensor, (len(self.gpu) - 1, str(t.dtype)[6:], tuple(t.shape))
+            return _gpu_tensor, (len(self.gpu) - 1, str(t.dtype)[6:], tuple(t.shape), self.nccl_to)
         self.tensors.append(t)
         return _tensor, (len(self.tensors) - 1,)
 
 
-def encode(msg: Any, nccl: Callable[[torch.Tensor], bool] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """``msg`` as one uint8 CPU buffer, plus the GPU tensors to send over NCCL after it."""
+def encode(msg: Any, nccl_to: str | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``msg`` as one uint8 CPU buffer, plus the GPU tensors to send over NCCL after it.
+
+    ``nccl_to``: the receiver's GPU (``cuda:N`` on its host) when GPU tensors go over
+    NCCL; otherwise they are copied to host memory into the buffer."""
     f = io.BytesIO()
-    p = _Pickler(f, nccl)
+    p = _Pickler(f, nccl_to)
     p.dump(msg)
     cpu = [t if t.device.type == "cpu" else t.cpu() for t in p.tensors]  # host staging for gloo
     cpu = [t if t.is_contiguous() else t.contiguous() for t in cpu]
@@ -108,7 +111,10 @@ def total_of(frame: torch.Tensor) -> int:
     return int(_HEAD.unpack(bytes(frame[: _HEAD.size].numpy()))[0])
 
 
-def decode(buf: torch.Tensor, copy: bool, gpu: Callable[[int, str, tuple[int, ...]], torch.Tensor] | None = None) -> Any:
+GpuRecv = Callable[[int, str, tuple[int, ...], str], torch.Tensor]
+
+
+def decode(buf: torch.Tensor, copy: bool, gpu: GpuRecv | None = None) -> Any:
     """The message in ``buf`` (the whole message). ``copy``: the buffer will be reused,
     so tensors are copied out of it; otherwise they are views into it."""
     raw = buf.numpy()

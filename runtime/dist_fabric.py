@@ -15,6 +15,7 @@ finished requests at the same time.
 from __future__ import annotations
 
 import queue
+import threading
 from typing import Any, Callable, Iterable
 
 from mmpipe.dsl.plan import Plan
@@ -24,6 +25,7 @@ from mmpipe.runtime.channels import Packet, Stopped
 from mmpipe.runtime.dist_link import Credits, Link, PeerLost
 from mmpipe.runtime.fabric import Addr, Fabric
 
+RETIRE_BATCH, RETIRE_S = 64, 0.02
 # message kinds
 PUT, BACK, STORE, RELEASE, COLLECT = "put", "back", "store", "release", "collect"
 FINISH, GROUP_DONE, FAIL, EMPTY, STALL, RETIRE, CREDIT = "finish", "group_done", "fail", "empty", "stall", "retire", "credit"
@@ -52,6 +54,12 @@ class DistFabric(Fabric):
         self.wait_stored_s = float(plan.runtime.get("timeout_s", 600))
         self.control: Callable[[int, Any], None] = lambda src, msg: None  # stats/stop/log, set by the pipeline
         self.collect_q: "queue.SimpleQueue[tuple[list[ItemMeta], dict[str, Any]] | None]" = queue.SimpleQueue()
+        # Credits go back in batches (half an inbox at a time, or at once when it empties);
+        # finished requests are announced in batches too (failed ones at once).
+        self.owed: dict[tuple[int, Addr], int] = {}
+        self.owed_lock = threading.Lock()
+        self.retiring: list[str] = []
+        self.retire_cond = threading.Condition()
 
     # ------------------------------------------------------------ sending
     def _send(self, rank: int, msg: Any, device: str = "cpu") -> None:
@@ -137,8 +145,24 @@ class DistFabric(Fabric):
 
     def retired(self, rids: list[str], failed: bool) -> None:
         super().retired(rids, failed)
-        if self.rank == 0 and self.link is not None:
-            self.link.broadcast((RETIRE, rids, failed))
+        if self.rank != 0 or self.link is None:
+            return
+        if failed:  # other ranks must stop working for these at once
+            self.link.broadcast((RETIRE, rids, True))
+            return
+        with self.retire_cond:
+            self.retiring += rids
+            if len(self.retiring) >= RETIRE_BATCH:
+                self.retire_cond.notify_all()
+
+    def run_retirer(self) -> None:
+        """Thread body on rank 0: announce finished requests every ``RETIRE_S`` (or per batch)."""
+        while not self.stopping():
+            with self.retire_cond:
+                self.retire_cond.wait(RETIRE_S)
+                rids, self.retiring = self.retiring, []
+            if rids and self.link is not None:
+                self.link.broadcast((RETIRE, rids, False))
 
     # ------------------------------------------------------------ receiving
     def on_message(self, src: int, msg: Any) -> None:
@@ -183,7 +207,7 @@ class DistFabric(Fabric):
                 self.dead.update(rids)
             Fabric.retired(self, rids, failed)
         elif kind == CREDIT:
-            self.credits[msg[1]].release()
+            self.credits[msg[1]].release(msg[2])
         elif kind in CONTROL:
             self.control(src, msg)
         else:
@@ -196,8 +220,14 @@ class DistFabric(Fabric):
             self.assigner.merge(choices)
 
     def _credit(self, src: int, addr: Addr) -> None:
+        """A packet from ``src`` left ``addr``'s inbox: its credit goes back (batched)."""
+        with self.owed_lock:
+            n = self.owed[(src, addr)] = self.owed.get((src, addr), 0) + 1
+            if n < max(1, self.depth // 2) and len(self.inboxes[addr]):
+                return  # more packets wait here: their credits will go back together
+            self.owed[(src, addr)] = 0
         try:
-            self._send(src, (CREDIT, addr))
+            self._send(src, (CREDIT, addr, n))
         except (PeerLost, Stopped):
             pass  # the sender is gone: nobody waits for this credit
 

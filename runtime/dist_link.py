@@ -181,7 +181,7 @@ class Credits:
                 self.cond.wait(SLICE_S)
             self.n -= 1
 
-    def release(self) -> None:
+    def release(self, n: int = 1) -> None:
         with self.cond:
-            self.n += 1
+            self.n += n
             self.cond.notify_all()

@@ -288,9 +288,10 @@ class DistributedPipeline(Pipeline):
             self._connected = self._built = True
         super().start()
         fabric: DistFabric = self.fabric  # type: ignore[assignment]
-        t = threading.Thread(target=fabric.run_collector, name="mmpipe-collector", daemon=True)
-        t.start()
-        self.core.threads.append(t)
+        for fn, name in ((fabric.run_collector, "collector"), (fabric.run_retirer, "retirer")):
+            t = threading.Thread(target=fn, name=f"mmpipe-{name}", daemon=True)
+            t.start()
+            self.core.threads.append(t)
         return self
 
     def stats(self, wall_s: float) -> dict[str, Any]:

@@ -16,6 +16,8 @@
    this is CPU cost, not parallel time.
 3. Matmul stages (compute-bound, 2 cores): the pipeline against the same stages
    run sequentially in one thread, with 1 and 2 torch intra-op threads.
+
+Tables 2 and 3 run each method in a process of its own (``common.py``).
 """
 from __future__ import annotations
 
@@ -28,11 +30,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import best_of  # noqa: E402
+from common import table as common_table  # noqa: E402
+
 from mmpipe.api import compile, requests_of  # noqa: E402
-from mmpipe.runtime.batch import from_requests  # noqa: E402
-from mmpipe.runtime.execute import run_unit  # noqa: E402
 from mmpipe.runtime.pipeline import Pipeline  # noqa: E402
-from mmpipe.runtime.sequential import SequentialExecutor  # noqa: E402
 
 
 def plan_for(p: int, m: int, work: str, **extra: Any) -> Any:
@@ -92,73 +96,44 @@ def steady_stream(p: int, m: int, stage_ms: float) -> str:
 
 
 # ---------------------------------------------------------------- table 2
-def direct_s(pipe: Pipeline, reqs: list[Any]) -> float:
-    """The same node pieces on the same micro-batches in one thread, no runtime at all."""
-    plan = pipe.plan
-    mbs = [from_requests(plan, [r], pipe.routes.input_keys) for r in reqs]
-    t0 = time.perf_counter()
-    for mb in mbs:
-        for st in plan.stages:
-            for u in st.units:
-                mb = run_unit(plan, u, pipe.insts[(u.node, u.piece)], mb, st.device)
-    return time.perf_counter() - t0
-
-
-def overhead_table(ps: list[int], m: int, singles: int) -> list[str]:
+def overhead_table(ps: list[int], m: int, singles: int, rounds: int) -> list[str]:
+    """Each method in a process of its own (``common.method``): the pipeline, the same pieces
+    in a plain loop, and one micro-batch alone through the pipeline."""
     rows = [("p", "m", "wall ms", "pipeline us/hop", "nodes alone us/hop", "runtime us/hop", "1 mb alone: runtime us/hop")]
     for p in ps:
-        plan = plan_for(p, m, "noop")
-        reqs = requests_of(plan)
-        with Pipeline(plan) as pipe:
-            pipe.run(reqs[:8])
-            wall = min(timed_run(pipe, reqs)[0] for _ in range(3))
-            direct = min(direct_s(pipe, reqs) for _ in range(3)) / (m * p)
-            lats = []
-            for r in reqs[:singles]:
-                t0 = time.perf_counter()
-                pipe.run([r])
-                lats.append(time.perf_counter() - t0)
+        base = [f"stages={p}", "work=noop", "runtime.microbatch_size=1", "batching.max_delay_ms=0"]
+        best = best_of(rounds, {
+            "pipeline": dict(recipe="synthetic", overrides=base + [f"requests={m}"], threads=1, repeat=3),
+            "direct": dict(recipe="synthetic", overrides=base + [f"requests={m}"], threads=1, repeat=3, direct=True),
+            "alone": dict(recipe="synthetic", overrides=base + [f"requests={singles}"], threads=1, repeat=1, single=True),
+        })
+        wall, direct = best["pipeline"]["wall_s"], best["direct"]["wall_s"] / (m * p)
         hop = wall / (m * p)
-        alone = statistics.median(lats) / p - direct
+        alone = best["alone"]["latency_s"] / p - direct
         rows.append((str(p), str(m), f"{1000 * wall:.1f}", f"{1e6 * hop:.1f}", f"{1e6 * direct:.1f}",
                      f"{1e6 * (hop - direct):.1f}", f"{1e6 * alone:.1f}"))
     return table(rows)
 
 
 # ---------------------------------------------------------------- table 3
-def matmul_table(ps: list[int], m: int, dim: int) -> list[str]:
-    import torch
-
+def matmul_table(ps: list[int], m: int, dim: int, rounds: int) -> list[str]:
+    """Sequential and pipelined, with 1 and 2 torch threads, each in a process of its own."""
     rows = [("p", "m", "dim", "how", "torch threads", "wall ms", "speed-up vs 1 thread")]
-    saved = torch.get_num_threads()
-    try:
-        for p in ps:
-            plan = plan_for(p, m, "matmul", dim=dim)
-            reqs = requests_of(plan)
-            base = None
-            for how, threads in (("sequential", 1), ("sequential", 2), ("pipeline", 1), ("pipeline", 2)):
-                torch.set_num_threads(threads)
-                ex: Any = SequentialExecutor(plan) if how == "sequential" else Pipeline(plan)
-                with ex:
-                    ex.run(reqs[:2])
-                    walls = []
-                    for _ in range(2):
-                        t0 = time.perf_counter()
-                        ex.run(reqs)
-                        walls.append(time.perf_counter() - t0)
-                wall = min(walls)
-                base = base or wall
-                rows.append((str(p), str(m), str(dim), how, str(threads), f"{1000 * wall:.1f}", f"{base / wall:.2f}x"))
-    finally:
-        torch.set_num_threads(saved)
+    for p in ps:
+        base = [f"stages={p}", f"requests={m}", "work=matmul", f"dim={dim}", "runtime.microbatch_size=1", "batching.max_delay_ms=0"]
+        methods = {f"{how} {t}": dict(recipe="synthetic", overrides=base + (["runtime=sequential"] if how == "sequential" else []),
+                                      threads=t, repeat=2)
+                   for how in ("sequential", "pipeline") for t in (1, 2)}
+        best = best_of(rounds, methods)
+        ref = best["sequential 1"]["wall_s"]
+        for name, res in best.items():
+            how, t = name.split()
+            rows.append((str(p), str(m), str(dim), how, t, f"{1000 * res['wall_s']:.1f}", f"{ref / res['wall_s']:.2f}x"))
     return table(rows)
 
 
 def table(rows: list[tuple[str, ...]]) -> list[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    out = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
-    out.insert(1, "  ".join("-" * w for w in widths))
-    return out
+    return common_table(rows).splitlines()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,10 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(sleep_table([2, 4, 8], [1, 4, 16, 64], stage_ms, 1 if a.quick else 3, 64 if a.quick else 200)))
     if "noop" in only:
         print("\n## 2. runtime overhead per micro-batch per stage hop (no-op stages)")
-        print("\n".join(overhead_table([2, 4, 8], 300 if a.quick else 2000, 20 if a.quick else 100)))
+        print("\n".join(overhead_table([2, 4, 8], 300 if a.quick else 2000, 20 if a.quick else 100, 1 if a.quick else 3)))
     if "matmul" in only:
         print("\n## 3. matmul stages (one dim x dim product per stage per micro-batch) on this machine's cores")
-        print("\n".join(matmul_table([2, 4], 16 if a.quick else 32, 384 if a.quick else 512)))
+        print("\n".join(matmul_table([2, 4], 16 if a.quick else 32, 384 if a.quick else 512, 1 if a.quick else 3)))
     return 0
 
 

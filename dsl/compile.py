@@ -247,9 +247,18 @@ def expand_parts(resolved: dict[str, Resolved], order: list[str], values: dict[s
         r = resolved.get(name)
         if r is None:
             continue
-        n = int(r.kind.num_parts(r.config))
+        try:
+            n = int(r.kind.num_parts(r.config))
+        except Exception as exc:  # a user kind's num_parts() may fail on odd configs
+            problems.add(f"nodes.{name}", f"{r.kind.kind}.num_parts() failed: {exc}", "check the node's parameters")
+            continue
         split = r.spec.split
         key = f"nodes.{name}.split"
+        if n < 1:
+            if not any(p.key.startswith(f"nodes.{name}.") for p in problems.items):  # else the kind's own check said why
+                problems.add(f"nodes.{name}", f"{r.kind.kind} has {n} parts with these parameters: a node needs at least one",
+                             "check the node's parameters (e.g. a layer or part count of 0 or less)", n, True)
+            continue
         if split > 1 and not r.kind.splittable:
             problems.add(key, f"{r.kind.kind} cannot be split", f"remove split or set {key}=1", split, True)
             split = 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,20 +136,38 @@ def _display(path: Path) -> str:
 
 
 def _hydra_problem(exc: Exception, overrides: list[str], path: Path) -> Problem:
+    """One of Hydra's errors as a problem: the override it is about, and a fix."""
     msg = str(exc).strip()
     first = msg.splitlines()[0] if msg else type(exc).__name__
+    bare = next((o for o in overrides if "=" not in o and not o.startswith("~")), None)
+    if bare is not None:  # e.g. a path with a space the shell cut in two
+        return Problem("", f"'{bare}' is not an override (key=value)",
+                       "if it belongs to the value before it, quote the whole override as one shell word, "
+                       "e.g. 'input=/path/with space.wav'; otherwise write key=value", Where(override=bare))
     where = Where(file=_display(path))
     bad = None
     for o in overrides:
         k = o.lstrip("+~").split("=", 1)[0]
-        if any(s in msg for s in (f"'{k}'", f"'{o}'", f"{k}=", f"'{k.split('.')[-1]}'")) or (
-            "no viable alternative" in first and first.split("input", 1)[-1].strip(" '\n") in o
-        ):
+        if any(s in msg for s in (f"'{k}'", f"'{o}'", f"{k}=", f"'{k.split('.')[-1]}'")):
             where, bad = Where(override=o), o
             break
     known = list(yaml_lines(path.read_text()))
     fix = ""
-    if bad and ("Could not override" in msg or "No match in config" in msg or "not in struct" in msg):
+    if any(s in msg for s in ("LexerNoViableAlt", "no viable alternative", "mismatched input", "token recognition error", "extraneous input")):
+        o = bad or next((x for x in overrides if x in msg), overrides[-1] if overrides else "")
+        where = Where(override=o)
+        key, _, value = o.partition("=")
+        if not key.lstrip("+~").isascii():
+            fix = f"keys are plain ASCII names: check '{key}' (did a non-ASCII character slip in?)"
+        else:
+            quoted = "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+            fix = f"Hydra's grammar cannot read that value unquoted: write {key}={quoted} (in a shell: \"{key}={quoted}\")"
+    elif "Ambiguous value" in msg:
+        o = bad or next((x for x in overrides if "," in x), "")
+        where = Where(override=o)
+        key, _, value = o.partition("=")
+        fix = f"a comma makes a list of values to sweep: run with -m to try each, or quote it as one value: \"{key.lstrip('+')}='{value}'\""
+    elif bad and ("Could not override" in msg or "No match in config" in msg or "not in struct" in msg):
         key = bad.split("=", 1)[0]
         hint = did_you_mean(key, known)
         add = f"add a new key with +{bad.lstrip('+')}"
@@ -160,15 +179,48 @@ def _hydra_problem(exc: Exception, overrides: list[str], path: Path) -> Problem:
         fix = hint or "only keys that exist can be deleted with ~key"
     elif "Could not append" in msg or "already" in msg:
         fix = "the key exists: set it without '+' (key=value), or force with ++key=value"
-    elif "no viable alternative" in msg or "mismatched input" in msg:
-        fix = "check the override syntax: key=value, +key=value, ~key, key=a,b (quote values with spaces)"
     return Problem("", first, fix, where)
 
 
+class _DupLoader(yaml.SafeLoader):
+    """Safe loading that notes keys given twice in one mapping (YAML would keep the last silently)."""
+
+    dups: list[tuple[str, int, int]]
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: dict[Any, int] = {}
+        for k, _ in node.value:
+            key = k.value
+            if key in seen:
+                self.dups.append((str(key), k.start_mark.line + 1, seen[key]))
+            else:
+                seen[key] = k.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def _check_yaml(path: Path) -> None:
-    """A YAML syntax error as one problem with its line (Hydra's message has none)."""
+    """YAML syntax errors and duplicate keys as problems with their lines (Hydra's
+    messages have none)."""
+    text = path.read_text()
     try:
-        yaml.safe_load(path.read_text())
+        loader = _DupLoader(text)
+        loader.dups = []
+        try:
+            loader.get_single_data()
+        finally:
+            loader.dispose()
+        if loader.dups:
+            at: dict[int, list[str]] = {}
+            for k, ln in yaml_lines(text).items():
+                at.setdefault(ln, []).append(k)
+
+            def path_of(key: str, line: int) -> str:
+                cands = [k for k in at.get(line, []) if k == key or k.endswith("." + key)]
+                return min(cands, key=len) if cands else key
+
+            raise RecipeError([Problem(path_of(key, line), f"key '{key}' appears twice in one mapping (first on line {first})",
+                                       "give each key once: rename one of them, or merge their settings",
+                                       Where(file=_display(path), line=line)) for key, line, first in loader.dups])
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         what = " ".join(str(getattr(exc, a) or "") for a in ("context", "problem")).strip() or str(exc)
@@ -182,6 +234,45 @@ _SCHEMA_SCALARS = ("output_dir", "trace", "seed", "description", "allow_targets"
 _SCHEMA_MAPS = ("placement", "batching", "runtime")
 # Keys every node has (defaults 1) even when the recipe does not spell them out.
 _NODE_KEYS = ("split", "replicas")
+
+
+_PLAIN = re.compile(r"^[A-Za-z0-9_\-./:@+*%?|$ ]*$")
+_INTERP = re.compile(r"^\$\{[^}]*\}$")
+
+
+def text_keys(path: Path) -> set[str]:
+    """Key paths the recipe file gives a string (or null) value: free text such as
+    prompts, paths and names, which overrides may give as a shell user types them."""
+    out = {"output_dir", "trace", "description", "name"}
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        return out
+
+    def walk(d: Any, prefix: str) -> None:
+        if isinstance(d, dict):
+            for k, v in d.items():
+                key = f"{prefix}.{k}" if prefix else str(k)
+                if isinstance(v, dict):
+                    walk(v, key)
+                elif v is None or isinstance(v, str):
+                    out.add(key)
+
+    walk(data, "")
+    return out
+
+
+def quote_free_text(o: str, keys: set[str]) -> str:
+    """``prompt=it's a cat, oil painting`` -> ``prompt='it\\'s a cat, oil painting'``: Hydra's
+    grammar reads commas, quotes and brackets; a free-text value is quoted for it."""
+    if o.startswith("~") or "=" not in o:
+        return o
+    key, value = o.split("=", 1)
+    if key.lstrip("+") not in keys or value in ("", "null") or _PLAIN.match(value) or _INTERP.match(value):
+        return o
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return o  # already quoted for Hydra
+    return f"{key}='" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _schema_override(o: str) -> str:
@@ -216,12 +307,14 @@ def load_recipe(recipe: str | Path, overrides: list[str] | None = None) -> Loade
     register_resolvers()
     path = resolve_recipe(str(recipe))
     _check_yaml(path)
+    keys = text_keys(path)
+    typed = [quote_free_text(o, keys) for o in overrides]
     shipped = path.parent == recipes_dir()
     extra = [] if shipped else [f"hydra.searchpath=[file://{recipes_dir()}]"]
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(path.parent), version_base=None, job_name="mmpipe"):
-            cfg = compose(config_name=path.stem, overrides=[_schema_override(o) for o in overrides] + extra, return_hydra_config=True)
+            cfg = compose(config_name=path.stem, overrides=[_schema_override(o) for o in typed] + extra, return_hydra_config=True)
     except RecipeError:
         raise
     except Exception as exc:  # Hydra's own errors: turn them into one problem each
@@ -232,7 +325,11 @@ def load_recipe(recipe: str | Path, overrides: list[str] | None = None) -> Loade
     choices = {k: v for k, v in OmegaConf.to_container(cfg.hydra.runtime.choices).items() if not k.startswith("hydra/") and v is not None}
     with open_dict(cfg):
         del cfg["hydra"]
-    prov = _provenance(path, choices, overrides)
+    prov = _provenance(path, choices, typed)
+    for o_typed, o in zip(typed, overrides):  # name the override as the user wrote it
+        for k, w in prov.entries.items():
+            if w.override == o_typed:
+                prov.entries[k] = Where(override=o)
     return Loaded(cfg=cfg, path=path, overrides=overrides, provenance=prov, choices=choices)
 
 
@@ -279,7 +376,32 @@ def _provenance(path: Path, choices: dict[str, str], overrides: list[str]) -> Pr
         for k in list(prov.entries):
             if k.startswith(key + ".") or k.startswith(key + "["):
                 prov.entries[k] = w
+    # A value that is exactly ${var}: a problem with it is the override of var's doing.
+    for k, var in _references(text).items():
+        src = prov.entries.get(var)
+        if src is not None and src.override is not None:
+            prov.entries[k] = src
     return prov
+
+
+def _references(text: str) -> dict[str, str]:
+    """Key path -> variable, for every value that is exactly ``${variable}``."""
+    out: dict[str, str] = {}
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return out
+
+    def walk(d: Any, prefix: str) -> None:
+        if isinstance(d, dict):
+            for k, v in d.items():
+                key = f"{prefix}.{k}" if prefix else str(k)
+                if isinstance(v, str) and _INTERP.match(v) and ":" not in v:
+                    out[key] = v[2:-1].strip()
+                walk(v, key)
+
+    walk(data, "")
+    return out
 
 
 def expand_sweep(overrides: list[str]) -> list[list[str]]:

@@ -199,7 +199,7 @@ def validate(loaded: Loaded) -> tuple[Recipe | None, Problems]:
         top_data["placement"] = _flatten(top_data["placement"])
     if "name" not in top_data:
         top_data["name"] = loaded.path.stem
-    top = build(Top, top_data, "", problems)
+    top = build(Top, top_data, "", problems, lenient=True)  # bad values take defaults: later checks still run
     if top is None:
         return None, problems
     _check_top(top, problems)

@@ -99,10 +99,17 @@ def convert(value: Any, tp: Any, key: str, report: Report) -> Any:
     return value
 
 
-def build(cls: type, data: dict[str, Any], prefix: str, report: Report, *, extra: str = "error") -> Any:
+def _has_default(f: Any) -> bool:
+    return f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING  # type: ignore[misc]
+
+
+def build(cls: type, data: dict[str, Any], prefix: str, report: Report, *, extra: str = "error", lenient: bool = False) -> Any:
     """Instantiate dataclass ``cls`` from ``data``, reporting every problem.
 
-    ``extra``: "error" reports unknown keys; "ignore" skips them.
+    ``extra``: "error" reports unknown keys; "ignore" skips them. ``lenient``: a field
+    whose value has a problem (reported) takes its default, so that checking can go on
+    and find every other problem in the same pass; unknown keys are reported and
+    skipped. Only a required field without a usable value makes the result None.
     """
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
@@ -114,11 +121,11 @@ def build(cls: type, data: dict[str, Any], prefix: str, report: Report, *, extra
             if extra == "error":
                 hint = did_you_mean(str(k), fields)
                 report(path, f"unknown key '{k}'", hint or f"known keys: {', '.join(sorted(fields))}", None, False)
-                ok = False
+                ok = ok and lenient
             continue
         if v == MISSING_MARK:
             report(path, "missing required value (???)", f"set it, e.g. {path}=...", None, False)
-            ok = False
+            ok = ok and lenient and _has_default(fields[k])
             continue
         n = [0]
 
@@ -126,8 +133,20 @@ def build(cls: type, data: dict[str, Any], prefix: str, report: Report, *, extra
             n[0] += 1
             report(*r)
 
-        kwargs[k] = convert(v, hints[k], path, counting)
-        ok = ok and n[0] == 0
+        tp = hints[k]
+        if lenient and dataclasses.is_dataclass(tp) and isinstance(v, dict):
+            # a nested section: its own bad values take their defaults
+            value = build(tp, v, path, counting, extra=extra, lenient=True)
+            if value is not None:
+                kwargs[k] = value
+            elif not _has_default(fields[k]):
+                ok = False
+            continue
+        value = convert(v, tp, path, counting)
+        if n[0] == 0:
+            kwargs[k] = value
+        elif not (lenient and _has_default(fields[k])):
+            ok = False
     for name, f in fields.items():
         if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
             if name not in data:

@@ -89,6 +89,8 @@ class Chain(_Work, NodeKind):
     @classmethod
     def check(cls, cfg: Any) -> list[tuple[str, str, str]]:
         out = []
+        if cfg.parts < 1:
+            out.append(("parts", f"parts must be at least 1, got {cfg.parts}", "e.g. parts=4 (recipe variable stages=4 in the synthetic recipe)"))
         if cfg.work not in ("sleep", "matmul", "noop"):
             out.append(("work", f"unknown work {cfg.work!r}", "use one of sleep, matmul, noop"))
         if cfg.costs and len(cfg.costs) != cfg.parts:

@@ -11,6 +11,7 @@ found by all passes are raised together as one ``RecipeError``.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -328,8 +329,9 @@ def compile_loaded(loaded: Loaded, available: Callable[[str], bool] | None = Non
         inputs={k: dataclasses.asdict(v) for k, v in top.inputs.items()}, outputs=dict(top.outputs), source=source,
         nodes=nodes, order=order, stages=stages, edges=edges, transfers=insert_transfers(stages, edges, distributed),
         loops=loops_of(stages), consumers=consumers, batching=dataclasses.asdict(top.batching),
-        runtime=dataclasses.asdict(top.runtime), schedule=choose_schedule(stages), trace=top.trace,
-        output_dir=top.output_dir, seed=top.seed, allow_targets=list(top.allow_targets),
+        runtime=dataclasses.asdict(top.runtime), schedule=choose_schedule(stages),
+        trace=os.path.expanduser(top.trace) if top.trace else None,
+        output_dir=os.path.expanduser(top.output_dir), seed=top.seed, allow_targets=list(top.allow_targets),
     )
 
 

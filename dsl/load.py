@@ -230,7 +230,7 @@ def _check_yaml(path: Path) -> None:
 
 # Top-level schema keys every recipe has (with defaults) even when its file
 # does not spell them out: ``output_dir=x`` must work without a '+'.
-_SCHEMA_SCALARS = ("output_dir", "trace", "seed", "description", "allow_targets")
+_SCHEMA_SCALARS = ("output_dir", "trace", "seed", "description", "allow_targets", "resume", "overwrite")
 _SCHEMA_MAPS = ("placement", "batching", "runtime")
 # Keys every node has (defaults 1) even when the recipe does not spell them out.
 _NODE_KEYS = ("split", "replicas")
@@ -290,11 +290,21 @@ def _schema_override(o: str) -> str:
 
 
 def register_resolvers() -> None:
-    """``${example:NAME}``: a file shipped in recipes/examples (for default inputs)."""
+    """``${example:NAME}``: a file shipped in recipes/examples (for default inputs);
+    ``${now:FORMAT}``: the time (once per process, as in Hydra)."""
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("example"):
         OmegaConf.register_new_resolver("example", lambda name: str(recipes_dir() / "examples" / str(name)))
+    if not OmegaConf.has_resolver("now"):  # Hydra's own ${now:%Y-%m-%d}, for time-stamped output dirs
+        from datetime import datetime
+
+        def now(fmt: str) -> str:
+            # MMPIPE_NOW: the launching process's time, so that every rank names the same folder
+            t = os.environ.get("MMPIPE_NOW")
+            return (datetime.fromisoformat(t) if t else datetime.now()).strftime(str(fmt))
+
+        OmegaConf.register_new_resolver("now", now, use_cache=True)
 
 
 def load_recipe(recipe: str | Path, overrides: list[str] | None = None) -> Loaded:

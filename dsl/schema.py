@@ -92,6 +92,10 @@ class Top:
     output_dir: str = "outputs"
     seed: int = 0
     allow_targets: list[str] = field(default_factory=list)
+    # An output_dir that holds an earlier run's results: skip the requests that
+    # succeeded there (resume) or start afresh (overwrite). Neither: a user error.
+    resume: bool = False
+    overwrite: bool = False
 
 
 @dataclass

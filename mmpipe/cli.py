@@ -7,14 +7,14 @@ This is the only module that wires the compiler and the runtime together.
 from __future__ import annotations
 
 import json
-import signal
 import sys
 import threading
-import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from mmpipe.run import Terminated, cmd_run, watch_signals
 
 USAGE = """usage: mmpipe COMMAND [RECIPE] [overrides...] [options]
 
@@ -118,10 +118,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     debug = "--debug" in argv
+    # ${now:...} (time-stamped output dirs): one time for this command and every rank it starts
+    import os
+    from datetime import datetime
+
+    os.environ.setdefault("MMPIPE_NOW", datetime.now().isoformat())
     if threading.current_thread() is threading.main_thread():
-        _signalled.clear()
-        signal.signal(signal.SIGTERM, _on_signal)
-        signal.signal(signal.SIGINT, _on_signal)
+        watch_signals()
     try:
         args = parse_args(argv)
         return dispatch(args)
@@ -197,14 +200,14 @@ def run_one(a: Args, overrides: list[str], job: int | None = None) -> int:
         from mmpipe.launch import launch_local, run_as_rank
 
         if in_rank_process():
-            return run_as_rank(plan, lambda p: cmd_run(p, loaded, a))
+            return run_as_rank(plan, lambda p: cmd_run(p, loaded, a.quiet))
         if job is not None:
             raise UsageError("-m sweeps run in one process: drop runtime=distributed, or run each job on its own")
         requests_of(plan)  # a user error in the inputs stops here, before any rank starts
         return launch_local(plan, a.raw)
     if in_rank_process():
         raise UsageError("this process was started by torchrun, but the recipe runs in one process: add runtime=distributed")
-    return cmd_run(plan, loaded, a)
+    return cmd_run(plan, loaded, a.quiet)
 
 
 def print_plan(plan: Any, a: Args) -> int:
@@ -228,145 +231,6 @@ def print_plan(plan: Any, a: Args) -> int:
             print(f"\nschedule ({m} micro-batches, streaming; bubble {100 * sch.bubble(table):.0f}%, GPipe theory {100 * sch.theory_bubble(p, m):.0f}%):")
         print(sch.grid(table))
     return 0
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM: stop like Ctrl-C (finished results stay on disk), exit 143."""
-
-
-_signalled: list[int] = []
-
-
-def _on_signal(signum: int, frame: Any) -> None:
-    """The first SIGINT/SIGTERM stops the run; repeats (a launcher passes the terminal's
-    Ctrl-C on to every rank) are ignored while the run saves what finished (bounded)."""
-    if _signalled:
-        return
-    _signalled.append(signum)
-    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
-
-
-def cmd_run(plan: Any, loaded: Any, a: Args) -> int:
-    from omegaconf import OmegaConf
-
-    from mmpipe.api import open_pipeline, requests_of, source_config
-    from mmpipe.graphs import get_source
-    from mmpipe.runtime.results import ResultsFile, summarize, write_atomic
-
-    requests = requests_of(plan)
-    out_dir = Path(plan.output_dir)
-    if plan.distributed:
-        _rank_log(out_dir)
-    out = ResultsFile(out_dir)
-    bar = _progress(len(requests), a.quiet)
-
-    def done(r: Any) -> None:
-        out.write(r)
-        if bar:
-            bar.update(1)
-
-    t_setup = time.perf_counter()
-    t0 = time.perf_counter()
-    interrupted: int | None = None
-    stats: dict[str, Any] = {}
-    resolved: dict[str, str] = {}
-    lost = None
-    ex = open_pipeline(plan, str(out_dir))
-    try:
-        setup_s = time.perf_counter() - t_setup
-        t0 = time.perf_counter()
-        try:
-            results = ex.run(requests, progress=done)
-        except KeyboardInterrupt as exc:
-            interrupted = 143 if isinstance(exc, Terminated) else 130
-            results = list(out.written)
-        wall = time.perf_counter() - t0
-        stats = ex.stats(wall)
-        resolved = _resolved_paths(ex)
-        if hasattr(ex, "write_trace") and plan.trace:
-            ex.write_trace(plan.trace)
-        lost = getattr(ex, "lost", None)
-    finally:
-        ex.close()
-        if bar:
-            bar.close()
-    if interrupted is None:
-        out.finish(results)
-    else:
-        out.close()
-    src_cls = get_source(plan.source["kind"]) if plan.source else None
-    files = src_cls.write_outputs(source_config(plan), results, out_dir) if src_cls else []
-    models = {n: {**pn.config["model"], **({"resolved_path": resolved[n]} if n in resolved else {})}
-              for n, pn in plan.nodes.items() if isinstance(pn.config.get("model"), dict)}
-    summary = summarize(plan, results, wall, {**stats, "setup_s": round(setup_s, 4), "overrides": loaded.overrides,
-                                              "interrupted": interrupted is not None, **({"lost": lost} if lost else {})},
-                        OmegaConf.to_container(loaded.cfg, resolve=True), models)
-    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
-    if not a.quiet:
-        for r in results:
-            print(_result_line(r))
-        print(_stats_table(stats, summary))
-    failed = sum(not r.ok for r in results)
-    if lost and interrupted is None:
-        print(f"error: {lost}", file=sys.stderr)
-    if interrupted is not None:
-        print(f"interrupted: {len(results)}/{len(requests)} requests finished ({failed} failed) -> {out_dir}/results.jsonl", file=sys.stderr)
-        return interrupted
-    print(f"{len(results) - failed}/{len(results)} requests ok in {wall:.2f}s -> {out_dir}/results.jsonl" + (f" (+{len(files)} files)" if files else ""))
-    return 1 if failed else 0
-
-
-def _rank_log(out_dir: Path) -> None:
-    """The driver's log file; the other ranks' lines arrive over the link (logs/rankK.log)."""
-    import logging
-
-    (out_dir / "logs").mkdir(parents=True, exist_ok=True)
-    h = logging.FileHandler(out_dir / "logs" / "rank0.log")
-    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logger = logging.getLogger("mmpipe")
-    logger.addHandler(h)
-    logger.setLevel(logging.INFO)
-
-
-def _resolved_paths(ex: Any) -> dict[str, str]:
-    """Node -> the directory its weights were loaded from (kinds that report ``resolved_path``)."""
-    out: dict[str, str] = {}
-    for (node, _piece), inst in getattr(ex, "insts", {}).items():
-        path = getattr(inst, "resolved_path", "")
-        if path:
-            out[node] = str(path)
-    return out
-
-
-def _progress(n: int, quiet: bool) -> Any:
-    if quiet or n < 2:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=n, unit="req", file=sys.stderr, disable=None, leave=False)
-
-
-def _short(v: Any) -> str:
-    if hasattr(v, "shape") and hasattr(v, "dtype"):
-        flat = v.flatten().tolist()
-        head = ", ".join(f"{x:.4g}" if isinstance(x, float) else str(x) for x in flat[:4])
-        return f"tensor{list(v.shape)} [{head}{', ...' if len(flat) > 4 else ''}]"
-    s = str(v)
-    return s if len(s) <= 100 else s[:97] + "..."
-
-
-def _result_line(r: Any) -> str:
-    if not r.ok:
-        return f"{r.id}: ERROR {r.error.get('message')} (stage {r.error.get('stage')}, node {r.error.get('node')})"
-    return f"{r.id}: " + "  ".join(f"{k}={_short(v)}" for k, v in (r.outputs or {}).items() if v not in (None, [], ""))
-
-
-def _stats_table(stats: dict[str, Any], summary: dict[str, Any]) -> str:
-    from mmpipe.runtime.trace import format_stats
-
-    return format_stats({**stats, **{k: summary.get(k) for k in ("throughput_rps", "latency_p50_s", "latency_p95_s")}})
 
 
 def cmd_multirun(a: Args) -> int:

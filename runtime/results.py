@@ -109,22 +109,31 @@ class ResultsFile:
     """``results.jsonl`` as a run goes: each result appended and flushed when it finishes,
     so an interrupted or crashed run keeps every finished request on disk."""
 
-    def __init__(self, out_dir: Path) -> None:
+    def __init__(self, out_dir: Path, kept: list[dict[str, Any]] | None = None) -> None:
+        """``kept``: lines of an earlier run this one resumes (written first)."""
         out_dir.mkdir(parents=True, exist_ok=True)
         self.out_dir = out_dir
         self.path = out_dir / "results.jsonl"
+        self.lines: dict[str, str] = {str(row["id"]): json.dumps(row) for row in kept or []}
         self.f = self.path.open("w")
+        for line in self.lines.values():
+            self.f.write(line + "\n")
+        self.f.flush()
         self.written: list[Result] = []
 
     def write(self, r: Result) -> None:
-        self.f.write(json.dumps(r.to_json()) + "\n")
+        line = json.dumps(r.to_json())
+        self.f.write(line + "\n")
         self.f.flush()
+        self.lines[r.id] = line
         self.written.append(r)
 
-    def finish(self, ordered: list[Result]) -> None:
-        """The run completed: the same lines, in request order."""
+    def finish(self, order: list[str]) -> None:
+        """The run completed: the same lines (a resumed run's too), in request order."""
         self.close()
-        write_results(self.out_dir, ordered)
+        rank = {rid: i for i, rid in enumerate(order)}
+        lines = sorted(self.lines.items(), key=lambda kv: rank.get(kv[0], len(rank)))
+        write_atomic(self.path, "".join(line + "\n" for _, line in lines))
 
     def close(self) -> None:
         if not self.f.closed:

@@ -3,8 +3,9 @@
 A worker runs one copy of one stage. It sees only what it needs: its inbox,
 its ``Outlet`` (sending side), the ``Fabric`` (liveness, failures, other
 copies by address), its own log and busy slot. A node error fails only the
-requests it touched: the micro-batch is retried item by item from the values
-it arrived with, so one bad item does not take its neighbours down.
+requests it touched: the micro-batch is retried in halves from the values it
+arrived with, down to single items, so one bad item (or one batch too big for
+memory) does not take its neighbours down.
 """
 from __future__ import annotations
 
@@ -147,7 +148,9 @@ class StageWorker:
         self.fabric.fail(err.request_ids, err.to_dict())
 
     def compute(self, mb: MicroBatch) -> MicroBatch | None:
-        """``run_units``, isolating failing items by retrying them one at a time."""
+        """``run_units``; a failing micro-batch is retried in halves (smaller micro-batches, as
+        after running out of memory) down to single items, and an item that fails alone
+        fails its request, so one bad item does not take its neighbours down."""
         before: dict[str, Any] = dict(mb.values)  # run_unit pops/adds keys, never edits values
         try:
             return self.run_units(mb)
@@ -155,18 +158,36 @@ class StageWorker:
             if len(mb.items) == 1:
                 self.fail_node(err)
                 return None
-        good = []
-        for i, m in enumerate(mb.items):
-            if not self.fabric.is_live(m.request_id):
-                continue  # a sibling item of the same request already failed
-            one = MicroBatch([m], {k: select_rows(v, [i]) for k, v in before.items()}, id=mb.id)
-            try:
-                good.append(self.run_units(one))
-            except NodeError as err:
-                self.fail_node(err)
-        good = [g for g in good if g.items and self.fabric.is_live(g.items[0].request_id)]
+            free_memory(err.cause)
+        half = len(mb.items) // 2
+        good = [g for rows in (list(range(half)), list(range(half, len(mb.items))))
+                if (g := self._retry(mb, before, rows)) is not None]
+        good = [g for g in good if g.items]
         if not good:
             return None
         out = MicroBatch.join(good)
         out.id = mb.id
         return out
+
+    def _retry(self, mb: MicroBatch, before: dict[str, Any], rows: list[int]) -> MicroBatch | None:
+        live = [i for i in rows if self.fabric.is_live(mb.items[i].request_id)]  # a sibling item may have failed
+        if not live:
+            return None
+        part = MicroBatch([mb.items[i] for i in live], {k: select_rows(v, live) for k, v in before.items()}, id=mb.id)
+        out = self.compute(part)
+        return self.live_mb(out) if out is not None else None
+
+
+def free_memory(cause: BaseException) -> None:
+    """After running out of memory, give the cached blocks back before the smaller retries."""
+    if isinstance(cause, MemoryError) or type(cause).__name__ == "OutOfMemoryError":
+        import gc
+
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except Exception:
+            pass

@@ -112,3 +112,24 @@ class Gate(NodeKind):
         Gate.entered.set()
         Gate.open.wait(self.cfg.wait_s)
         return {"y": x["x"].clone()}
+
+
+@dataclass(kw_only=True)
+class SmallConfig:
+    max_items: int = 1
+
+
+class SmallMemory(NodeKind):
+    """Runs out of memory on micro-batches larger than ``max_items`` (as a GPU would)."""
+
+    kind = "testing.small_memory"
+    Config = SmallConfig
+    inputs = (Port("x", "float32", ("B", "D")),)
+    outputs = (Port("y", "float32", ("B", "D")),)
+    sizes: list[int] = []  # micro-batch sizes it was called with
+
+    def forward(self, x: Batch, meta: list[ItemMeta]) -> Batch:
+        SmallMemory.sizes.append(len(meta))
+        if len(meta) > self.cfg.max_items:
+            raise MemoryError(f"out of memory for {len(meta)} items")
+        return {"y": x["x"] * 2}

@@ -136,3 +136,28 @@ def test_close_resolves_every_future():
         r = f.result()
         assert r.ok or r.error["type"] == "Closed"
     assert any(f.result().error for f in futures)  # closing early left work undone
+
+
+def test_out_of_memory_retries_smaller_micro_batches(tmp_path: Path):
+    """A stage that runs out of memory on 8 items retries halves (4, then 2) and every request succeeds."""
+    from tests.unit.runtime import kinds
+
+    kinds.SmallMemory.sizes = []
+    nodes = {"a": {"_target_": f"{KINDS}.SmallMemory", "in": {"x": "inputs.x"}, "max_items": 2}}
+    plan = compile_data(tmp_path, recipe(nodes, {"y": "a.y"}, count=8, batching={"max_batch_size": 8, "max_delay_ms": 50},
+                                         runtime={"microbatch_size": 8}))
+    reqs = requests_of(plan)
+    with Pipeline(plan) as pipe:
+        res = pipe.run(reqs)
+    assert all(r.ok for r in res)
+    assert_same_results(oracle(plan, reqs), res)
+    assert kinds.SmallMemory.sizes[:3] == [8, 4, 2]  # halves, not single items at once
+    assert max(kinds.SmallMemory.sizes[3:]) <= 4
+
+
+def test_one_bad_item_with_micro_batches_of_one(tmp_path: Path):
+    """With micro-batch size 1 a failure fails its request with the node's own error
+    (a swallowed failure would surface as a StageTimeout instead)."""
+    nodes = {"a": {"kind": "synthetic.chain", "in": {"x": "inputs.x"}, "parts": 2, "split": 2, "work": "noop", "fail_ids": ["r0003"]}}
+    plan = compile_data(tmp_path, recipe(nodes, {"y": "a.y"}, count=8, runtime={"microbatch_size": 1, "timeout_s": 30}))
+    check_one_bad(plan, "r0003", stage=0, node="a")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -60,20 +61,34 @@ def test_stages_work_on_different_micro_batches_at_once(tmp_path: Path):
     assert kinds.Handshake.met == [True, True]
 
 
-def test_bounded_queues_hold_back_the_producer(tmp_path: Path):
+def test_bounded_queues_hold_back_the_producer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Stage 1 is held shut: stage 0 fills stage 1's inbox (depth 1), then blocks handing on
+    the next micro-batch, and computes nothing more until stage 1 opens."""
     kinds.Gate.open.clear()
     kinds.Gate.entered.clear()
     kinds.Counted.calls = []
+    blocked = threading.Event()
+    put = Inbox.put
+    gate_inbox: list[Inbox] = []
+
+    def watched(self, pkt):  # note when stage 0 has to wait for room in stage 1's inbox
+        if self in gate_inbox and len(self.main) >= self.depth:
+            blocked.set()
+        return put(self, pkt)
+
+    monkeypatch.setattr(Inbox, "put", watched)
     nodes = {"a": {"_target_": f"{KINDS}.Counted", "in": {"x": "inputs.x"}},
              "b": {"_target_": f"{KINDS}.Gate", "in": {"x": "a.y"}}}
     plan = compile_data(tmp_path, recipe(nodes, {"y": "b.y"}, count=30, runtime={"microbatch_size": 1, "queue_depth": 1}))
     with Pipeline(plan) as pipe:
-        futures = [pipe.submit(r) for r in requests_of(plan)]
-        assert kinds.Gate.entered.wait(10)
-        time.sleep(0.3)  # give a runtime without back-pressure the chance to run ahead
-        # gate holds 1, its inbox 1, stage 0 holds 1 it cannot hand on
-        assert len(kinds.Counted.calls) <= 3
-        kinds.Gate.open.set()
+        gate_inbox.append(pipe.fabric.inboxes[(1, 0)])
+        try:
+            futures = [pipe.submit(r) for r in requests_of(plan)]
+            assert kinds.Gate.entered.wait(10) and blocked.wait(10)
+            # gate holds 1, its inbox 1, stage 0 holds the 1 it cannot hand on
+            assert len(kinds.Counted.calls) == 3
+        finally:
+            kinds.Gate.open.set()
         assert all(f.result(timeout=30).ok for f in futures)
     assert len(kinds.Counted.calls) == 30
 

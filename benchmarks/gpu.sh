@@ -16,7 +16,8 @@ mkdir -p "$OUT"
 REPORT="$OUT/report.md"
 export PYTHONUNBUFFERED=1 MMPIPE_CACHE=/tmp/mmpipe-cache HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 PY=${PY:-python3}
-DEV=${MMPIPE_GPU_DEVICE:-cuda}  # MMPIPE_GPU_DEVICE=cpu PY=.venv/bin/python GPU_SKIP_SETUP=1: a dry run of this script here
+# A dry run here: MMPIPE_GPU_DEVICE=cpu PY=.venv/bin/python GPU_SKIP_SETUP=1 SD_IMAGES=2 SD_STEPS=2 bash benchmarks/gpu.sh
+DEV=${MMPIPE_GPU_DEVICE:-cuda}
 CLIPS="$PWD/tests/assets/speech"
 WHISPER="$PWD/.gpu/whisper-tiny-en-int8"
 RUNS=/tmp/gpu-runs
@@ -47,7 +48,7 @@ step "pytest: CUDA transfer and placement tests" 300 $PY -m pytest -q -p no:cach
 step "pytest: distributed synthetic (gloo)" 300 $PY -m pytest -q -p no:cacheprovider tests/integration/test_distributed.py -k synthetic
 
 # ---- whisper_stt on cuda: parity (CPU, transformers) and timings
-W=(whisper_stt "input=$CLIPS/clip*.wav" "model.path=$WHISPER" -q)
+W=(whisper_stt "input=$CLIPS/clip*.wav" "model.path=$WHISPER" overwrite=true -q)
 step "whisper cpu (reference)" 300 $MM run "${W[@]}" output_dir=$RUNS/w_cpu
 step "whisper cuda fp32" 300 $MM run "${W[@]}" placement=$DEV output_dir=$RUNS/w_cuda
 step "whisper cuda fp32, encoder/decoder split 2" 300 $MM run "${W[@]}" placement=$DEV nodes.encoder.split=2 nodes.decoder.split=2 output_dir=$RUNS/w_cuda_split
@@ -57,7 +58,8 @@ step "whisper distributed, 2 ranks on cuda:0 (host staging)" 300 $MM run "${W[@]
 step "whisper parity vs transformers generate on cuda" 300 $PY benchmarks/gpu_check.py whisper "$RUNS" "$CLIPS"
 
 # ---- sd_txt2img on cuda: parity (diffusers on the same components) and timings
-S=(sd_txt2img model=tiny_random_large num_images_per_prompt=8 num_inference_steps=20 -q)
+# (SD_IMAGES=2 SD_STEPS=2 for a dry run on a CPU, where fp16 convolutions crawl)
+S=(sd_txt2img model=tiny_random_large num_images_per_prompt=${SD_IMAGES:-8} num_inference_steps=${SD_STEPS:-20} overwrite=true -q)
 step "sd cuda fp32" 300 $MM run "${S[@]}" placement=$DEV output_dir=$RUNS/s_cuda
 step "sd cuda fp32, UNet split 3" 300 $MM run "${S[@]}" placement=$DEV nodes.denoise.split=3 output_dir=$RUNS/s_cuda_split
 step "sd cuda fp16" 300 $MM run "${S[@]}" placement=$DEV runtime.dtype=float16 output_dir=$RUNS/s_cuda_fp16

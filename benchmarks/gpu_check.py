@@ -75,7 +75,12 @@ def sd(runs: Path) -> None:
     from PIL import Image
 
     s = summary(runs / "s_cuda")
-    root = next(m["resolved_path"] for m in s["models"].values() if "resolved_path" in m)
+    path = next(m.get("resolved_path") or m["path"] for m in s["models"].values())
+    if path.startswith("builtin:"):
+        from mmpipe.graphs.diffusion_models import ensure_model
+
+        path = str(ensure_model(path.split(":", 1)[1]))
+    root = path
     pipe = StableDiffusionPipeline.from_pretrained(root, safety_checker=None).to(DEV)
     pipe.set_progress_bar_config(disable=True)
     mine = rows(runs / "s_cuda")

@@ -255,6 +255,8 @@ def _check_top(top: Top, problems: Problems) -> None:
         problems.add("runtime.dtype", f"unknown dtype '{r.dtype}'", "use float32, float16 or bfloat16", r.dtype, True)
     if not top.nodes:
         problems.add("nodes", "the recipe has no nodes", "add at least one node under nodes:")
+    if top.resume and top.overwrite:
+        problems.add("overwrite", "resume=true and overwrite=true contradict each other", "keep one of them", True, True)
 
 
 def _nodes(top: Top, problems: Problems) -> list[NodeSpec]:

@@ -223,7 +223,7 @@ def _check_yaml(path: Path) -> None:
                                        Where(file=_display(path), line=line)) for key, line, first in loader.dups])
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        what = " ".join(str(getattr(exc, a) or "") for a in ("context", "problem")).strip() or str(exc)
+        what = " ".join(str(getattr(exc, a, None) or "") for a in ("context", "problem")).strip() or str(exc).splitlines()[0]
         raise RecipeError([Problem("", f"YAML syntax error: {what}", "fix the YAML syntax (quote values that start with ?, :, {, [, * or &)",
                                    Where(file=_display(path), line=mark.line + 1 if mark else None))]) from exc
 

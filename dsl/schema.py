@@ -271,6 +271,12 @@ def _nodes(top: Top, problems: Problems) -> list[NodeSpec]:
         wires = body.pop("in", {}) or {}
         split = body.pop("split", 1)
         replicas = body.pop("replicas", 1)
+        if kind is not None and not isinstance(kind, str):
+            problems.add(f"{key}.kind", f"kind must be a name like family.kind, got {type(kind).__name__}", "e.g. kind: whisper.encoder", kind, True)
+            continue
+        if target is not None and not isinstance(target, str):
+            problems.add(f"{key}._target_", f"_target_ must be a dotted class path, got {type(target).__name__}", "e.g. _target_: mypkg.kinds.MyKind", target, True)
+            continue
         if kind is None and target is None:
             problems.add(key, "node has no kind", "add 'kind: family.name' (see `mmpipe ls --kinds`)")
         if not isinstance(wires, dict):

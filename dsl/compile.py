@@ -27,6 +27,7 @@ from mmpipe.dsl.typecheck import build
 from mmpipe.graphs import get_kind, get_source, kind_names, load_target, source_names
 from mmpipe.graphs.base import NodeKind, Port
 
+MAX_PARTS = 10_000  # more pieces than any model has layers: parameters gone wrong
 _INPUT_DTYPES = {"audio": ("str", None), "text": ("str", None), "image": ("any", None), "tensor": ("any", None), "int": ("int64", ["B"]), "float": ("float32", ["B"])}
 
 
@@ -58,8 +59,12 @@ def resolve_kinds(recipe: Recipe, problems: Problems) -> dict[str, Resolved]:
             if cfg is None:
                 continue
         else:
-            for field_, msg, fix in cls.check(cfg):
-                problems.add(f"{key}.{field_}", msg, fix, _get(cfg, field_), True)
+            try:
+                checks = cls.check(cfg)
+            except Exception as exc:  # a kind's check may trip over absurd values itself
+                checks = [("", f"{cls.kind}.check() failed on these parameters: {type(exc).__name__}: {exc}", "check the node's parameters")]
+            for field_, msg, fix in checks:
+                problems.add(f"{key}.{field_}" if field_ else key, msg, fix, _get(cfg, field_) if field_ else None, bool(field_))
         try:
             ins, outs = cls.ports(cfg)
         except Exception as exc:  # a user kind's ports() may fail on odd configs
@@ -248,17 +253,19 @@ def expand_parts(resolved: dict[str, Resolved], order: list[str], values: dict[s
         r = resolved.get(name)
         if r is None:
             continue
-        try:
+        try:  # a kind's own arithmetic may fail on absurd parameters: a problem, not a crash
             n = int(r.kind.num_parts(r.config))
-        except Exception as exc:  # a user kind's num_parts() may fail on odd configs
-            problems.add(f"nodes.{name}", f"{r.kind.kind}.num_parts() failed: {exc}", "check the node's parameters")
+            costs = [float(c) for c in r.kind.part_costs(r.config)] if 1 <= n <= MAX_PARTS else []
+        except Exception as exc:
+            problems.add(f"nodes.{name}", f"{r.kind.kind} cannot size its parts with these parameters: {type(exc).__name__}: {exc}",
+                         "check the node's parameters (model sizes, layer or block counts)")
             continue
         split = r.spec.split
         key = f"nodes.{name}.split"
-        if n < 1:
+        if not 1 <= n <= MAX_PARTS:
             if not any(p.key.startswith(f"nodes.{name}.") for p in problems.items):  # else the kind's own check said why
-                problems.add(f"nodes.{name}", f"{r.kind.kind} has {n} parts with these parameters: a node needs at least one",
-                             "check the node's parameters (e.g. a layer or part count of 0 or less)", n, True)
+                problems.add(f"nodes.{name}", f"{r.kind.kind} has {n} parts with these parameters: a node needs 1 to {MAX_PARTS}",
+                             "check the node's parameters (e.g. a layer or part count)", n, True)
             continue
         if split > 1 and not r.kind.splittable:
             problems.add(key, f"{r.kind.kind} cannot be split", f"remove split or set {key}=1", split, True)
@@ -266,8 +273,7 @@ def expand_parts(resolved: dict[str, Resolved], order: list[str], values: dict[s
         elif split > n:
             problems.add(key, f"split {split} is larger than the node's {n} parts", f"set {key} to at most {n}", split, True)
             split = n
-        costs = [float(c) for c in r.kind.part_costs(r.config)]
-        if len(costs) != n:
+        if len(costs) != n or not all(c >= 0 and c < float("inf") for c in costs):
             costs = [1.0] * n
         ins = [PortSpec(p.name, p.dtype, list(p.shape) if p.shape is not None else None, p.collate, p.pad_value, p.optional) for p in r.in_ports]
         outs = [values.get(f"{name}.{p.name}") or PortSpec(p.name, p.dtype, None, p.collate) for p in r.out_ports]
@@ -292,8 +298,12 @@ def check_source(recipe: Recipe, problems: Problems) -> dict[str, Any] | None:
     cfg = build(cls.Config, src.params, "source", problems)
     if cfg is None:
         return None
-    for field_, msg, fix in cls.check(cfg):
-        problems.add(f"source.{field_}", msg, fix, getattr(cfg, field_, None), True)
+    try:
+        checks = cls.check(cfg)
+    except Exception as exc:
+        checks = [("", f"{src.kind}.check() failed on these parameters: {type(exc).__name__}: {exc}", "check the source's parameters")]
+    for field_, msg, fix in checks:
+        problems.add(f"source.{field_}" if field_ else "source", msg, fix, getattr(cfg, field_, None), bool(field_))
     for name, spec in recipe.top.inputs.items():
         if not spec.optional and name not in cls.fields:
             problems.add(f"inputs.{name}", f"source {src.kind} does not provide '{name}'", f"it provides: {', '.join(cls.fields)}")

@@ -108,7 +108,7 @@ class Provenance:
         while k:
             if k in self.entries:
                 return self.entries[k]
-            if k.endswith("]"):
+            if k.endswith("]") and "[" in k:
                 k = k[: k.rindex("[")]
             elif "." in k:
                 k = k.rsplit(".", 1)[0]

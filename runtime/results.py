@@ -106,8 +106,9 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 class ResultsFile:
-    """``results.jsonl`` as a run goes: each result appended and flushed when it finishes,
-    so an interrupted or crashed run keeps every finished request on disk."""
+    """``results.jsonl`` as a run goes: each result appended when it finishes, straight to
+    the file (no buffer), so an interrupted or crashed run keeps every finished request
+    on disk, and a full disk leaves no torn line."""
 
     def __init__(self, out_dir: Path, kept: list[dict[str, Any]] | None = None) -> None:
         """``kept``: lines of an earlier run this one resumes (written first)."""
@@ -115,16 +116,25 @@ class ResultsFile:
         self.out_dir = out_dir
         self.path = out_dir / "results.jsonl"
         self.lines: dict[str, str] = {str(row["id"]): json.dumps(row) for row in kept or []}
-        self.f = self.path.open("w")
-        for line in self.lines.values():
-            self.f.write(line + "\n")
-        self.f.flush()
+        self.fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._append("".join(line + "\n" for line in self.lines.values()))
         self.written: list[Result] = []
 
+    def _append(self, text: str) -> None:
+        assert self.fd is not None, "the results file is closed"
+        data = text.encode()
+        end = os.lseek(self.fd, 0, os.SEEK_END)
+        try:
+            while data:
+                data = data[os.write(self.fd, data):]
+        except OSError:
+            os.ftruncate(self.fd, end)  # frees space: works on a full disk
+            raise
+
     def write(self, r: Result) -> None:
+        """Append one line (a full disk: nothing of it stays, and the error is raised)."""
         line = json.dumps(r.to_json())
-        self.f.write(line + "\n")
-        self.f.flush()
+        self._append(line + "\n")
         self.lines[r.id] = line
         self.written.append(r)
 
@@ -136,8 +146,9 @@ class ResultsFile:
         write_atomic(self.path, "".join(line + "\n" for _, line in lines))
 
     def close(self) -> None:
-        if not self.f.closed:
-            self.f.close()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def summarize(plan: Plan, results: list[Result], wall_s: float, stats: dict[str, Any], config: dict[str, Any] | None = None,

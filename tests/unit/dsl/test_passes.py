@@ -127,3 +127,24 @@ def test_placement_mistakes_are_reported(overrides, key, words):
     with pytest.raises(RecipeError) as e:
         compile_recipe("whisper_stt", overrides)
     assert any(p.key == key and words in p.message for p in e.value.problems), e.value.format()
+
+
+def test_a_light_node_on_another_device_gets_its_own_stage_and_transfer():
+    nodes = {"a": node("a"), "light": node("light", light=True), "b": node("b")}
+    nodes["light"].wires, nodes["b"].wires = {"x": "a.y"}, {"x": "light.y"}
+    stages = partition_stages(nodes, ["a", "light", "b"], {"a": "cpu", "light": "meta", "b": "cpu"})
+    assert [[u.node for u in s.units] for s in stages] == [["a"], ["light"], ["b"]]
+    from mmpipe.dsl.plan import PortSpec as P
+
+    edges, _ = wire_stages(stages, nodes, {"out": "b.y"}, {"a.y": P("y", "float32", None), "light.y": P("y", "float32", None)})
+    assert {(t.src_stage, t.dst_stage, t.dst_device) for t in insert_transfers(stages, edges)} == {(0, 1, "meta"), (1, 2, "cpu")}
+
+
+def test_a_problem_on_an_unwritten_key_points_at_its_parent_line():
+    from mmpipe.dsl.errors import Where
+    from mmpipe.dsl.load import Provenance
+
+    prov = Provenance(entries={"nodes.chain": Where("r.yaml", 7), "nodes.chain.in": Where("r.yaml", 8)}, recipe_file="r.yaml")
+    assert str(prov.where("nodes.chain.parts")) == "r.yaml:7"  # not written: the node's line
+    assert str(prov.where("nodes.chain.in.x")) == "r.yaml:8"
+    assert str(prov.where("odd]key")) == "r.yaml"  # never fails on odd keys

@@ -133,3 +133,21 @@ class SmallMemory(NodeKind):
         if len(meta) > self.cfg.max_items:
             raise MemoryError(f"out of memory for {len(meta)} items")
         return {"y": x["x"] * 2}
+
+
+@dataclass(kw_only=True)
+class LightConfig:
+    add: float = 1.0
+
+
+class LightAdd(NodeKind):
+    """A light node (shares its neighbour's stage): y = x + add."""
+
+    kind = "testing.light_add"
+    Config = LightConfig
+    inputs = (Port("x", "float32", ("B", "D")),)
+    outputs = (Port("y", "float32", ("B", "D")),)
+    light = True
+
+    def forward(self, x: Batch, meta: list[ItemMeta]) -> Batch:
+        return {"y": x["x"] + self.cfg.add}

@@ -7,7 +7,7 @@ PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.mmpipe-installed
 RECIPE ?= whisper_stt
 
-.PHONY: run test install bench clean
+.PHONY: run test install bench mutation clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/runtime.py --quick
+
+# Mutation testing of dsl/, runtime/ and the loop modules (hours; MUTATION_SAMPLE=150 samples per group).
+mutation: $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt 'cosmic-ray>=8.3'
+	$(PY) benchmarks/mutation.py --sample $${MUTATION_SAMPLE:-0}
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

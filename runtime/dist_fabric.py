@@ -26,6 +26,7 @@ from mmpipe.runtime.dist_link import Credits, Link, PeerLost
 from mmpipe.runtime.fabric import Addr, Fabric
 
 RETIRE_BATCH, RETIRE_S = 64, 0.02
+WITH_CREDITS = "cr"  # (WITH_CREDITS, [(addr, n), ...], message): credits riding on a message
 # message kinds
 PUT, BACK, STORE, RELEASE, COLLECT = "put", "back", "store", "release", "collect"
 FINISH, GROUP_DONE, FAIL, EMPTY, STALL, RETIRE, CREDIT = "finish", "group_done", "fail", "empty", "stall", "retire", "credit"
@@ -63,7 +64,11 @@ class DistFabric(Fabric):
 
     # ------------------------------------------------------------ sending
     def _send(self, rank: int, msg: Any, device: str = "cpu") -> None:
+        """Send ``msg``; credits this rank owes ``rank`` ride along (no message of their own)."""
         assert self.link is not None
+        owed = self._owed_to(rank)
+        if owed:
+            msg = (WITH_CREDITS, owed, msg)
         try:
             self.link.send(rank, msg, device)
         except PeerLost:
@@ -169,6 +174,11 @@ class DistFabric(Fabric):
         """Perform what another rank addressed to this one (a receiver thread; never blocks)."""
         kind = msg[0]
         self.progress()
+        if kind == WITH_CREDITS:
+            for addr, n in msg[1]:
+                self.credits[addr].release(n)
+            msg = msg[2]
+            kind = msg[0]
         if kind == PUT:
             _, addr, pk, times, choices = msg
             self._merge(times, choices)
@@ -188,7 +198,10 @@ class DistFabric(Fabric):
         elif kind == COLLECT:
             _, items, values, times, choices = msg
             self._merge(times, choices)
-            self.collect_q.put((items, values))  # the collector thread may wait for stored values
+            try:  # at once when every stored value is here (the usual case) ...
+                Fabric.collect(self, items, values, wait=False)
+            except KeyError:  # ... else the collector thread waits for the rest
+                self.collect_q.put((items, values))
         elif kind == FINISH:
             _, node, r, j, items, gens = msg
             self.loops[(node, r)].post_finish(j, items, gens)
@@ -207,7 +220,7 @@ class DistFabric(Fabric):
                 self.dead.update(rids)
             Fabric.retired(self, rids, failed)
         elif kind == CREDIT:
-            self.credits[msg[1]].release(msg[2])
+            pass  # an envelope for owed credits (released above)
         elif kind in CONTROL:
             self.control(src, msg)
         else:
@@ -220,16 +233,24 @@ class DistFabric(Fabric):
             self.assigner.merge(choices)
 
     def _credit(self, src: int, addr: Addr) -> None:
-        """A packet from ``src`` left ``addr``'s inbox: its credit goes back (batched)."""
+        """A packet from ``src`` left ``addr``'s inbox: its credit goes back, with the next
+        message to ``src``, or on its own once half an inbox is owed or the inbox ran dry
+        (then the sender may be waiting for it)."""
         with self.owed_lock:
             n = self.owed[(src, addr)] = self.owed.get((src, addr), 0) + 1
             if n < max(1, self.depth // 2) and len(self.inboxes[addr]):
-                return  # more packets wait here: their credits will go back together
-            self.owed[(src, addr)] = 0
+                return
         try:
-            self._send(src, (CREDIT, addr, n))
+            self._send(src, (CREDIT, addr, 0))  # the owed credits ride on it
         except (PeerLost, Stopped):
-            pass  # the sender is gone: nobody waits for this credit
+            pass  # the sender is gone: nobody waits for these credits
+
+    def _owed_to(self, rank: int) -> list[tuple[Addr, int]]:
+        with self.owed_lock:
+            out = [(addr, n) for (src, addr), n in self.owed.items() if src == rank and n]
+            for addr, _ in out:
+                self.owed[(rank, addr)] = 0
+        return out
 
     def run_collector(self) -> None:
         """Thread body on rank 0: final values from other ranks -> the request table."""

@@ -103,20 +103,21 @@ class Fabric:
             if not self.is_live(rid):  # failed meanwhile: do not keep its values
                 store.purge(rid)
 
-    def take_stored(self, addr: Addr, items: list[ItemMeta], pop: bool) -> tuple[dict[str, Any], list[Any]]:
-        """Values addressed to ``addr`` for these items (waiting for those still on their way)."""
+    def take_stored(self, addr: Addr, items: list[ItemMeta], pop: bool, wait: bool = True) -> tuple[dict[str, Any], list[Any]]:
+        """Values addressed to ``addr`` for these items (waiting for those still on their way,
+        unless ``wait`` is False: then a KeyError says some are not there yet)."""
         s = addr[0]
         keys = self.routes.store_reads[s]
         if not keys:
             return {}, []
-        return self.stores[addr].take(keys, items, pop, self.wait_stored_s, self.stopping)
+        return self.stores[addr].take(keys, items, pop, self.wait_stored_s if wait else 0.0, self.stopping)
 
     def release(self, addr: Addr, items: list[ItemMeta]) -> None:
         self.stores[addr].release(items)
 
-    def collect(self, items: list[ItemMeta], values: dict[str, Any]) -> None:
+    def collect(self, items: list[ItemMeta], values: dict[str, Any], wait: bool = True) -> None:
         """Final values of finished items: with the collector's stored ones, to the request table."""
-        stored, _ = self.take_stored((self.p, 0), items, pop=True)
+        stored, _ = self.take_stored((self.p, 0), items, pop=True, wait=wait)
         assert self.table is not None, "only the driver collects"
         self.table.collect(items, {**values, **stored})
 

@@ -126,6 +126,8 @@ class Loaded:
     overrides: list[str]
     provenance: Provenance
     choices: dict[str, str]
+    # hydra.run.dir / hydra.sweep.dir / hydra.sweep.subdir, where the user set them
+    hydra_dirs: dict[str, str] = field(default_factory=dict)
 
 
 def _display(path: Path) -> str:
@@ -333,6 +335,14 @@ def load_recipe(recipe: str | Path, overrides: list[str] | None = None) -> Loade
         GlobalHydra.instance().clear()
 
     choices = {k: v for k, v in OmegaConf.to_container(cfg.hydra.runtime.choices).items() if not k.startswith("hydra/") and v is not None}
+    hydra_dirs = {}
+    for key in ("run.dir", "sweep.dir", "sweep.subdir"):  # Hydra's run conventions: honoured, where given
+        if any(o.lstrip("+").startswith(f"hydra.{key}=") for o in overrides):
+            try:
+                hydra_dirs[key] = str(OmegaConf.select(cfg.hydra, key))
+            except Exception as exc:  # e.g. ${now:...} with an unknown resolver
+                raise RecipeError([Problem(f"hydra.{key}", f"cannot resolve hydra.{key}: {exc}", "give a plain path",
+                                           Where(override=next(o for o in overrides if f"hydra.{key}=" in o)))]) from exc
     with open_dict(cfg):
         del cfg["hydra"]
     prov = _provenance(path, choices, typed)
@@ -340,7 +350,7 @@ def load_recipe(recipe: str | Path, overrides: list[str] | None = None) -> Loade
         for k, w in prov.entries.items():
             if w.override == o_typed:
                 prov.entries[k] = Where(override=o)
-    return Loaded(cfg=cfg, path=path, overrides=overrides, provenance=prov, choices=choices)
+    return Loaded(cfg=cfg, path=path, overrides=overrides, provenance=prov, choices=choices, hydra_dirs=hydra_dirs)
 
 
 def _provenance(path: Path, choices: dict[str, str], overrides: list[str]) -> Provenance:
@@ -426,7 +436,16 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     for o in parsed:
         if o.is_sweep_override():
             prefix = o.get_key_element()
-            axes.append([f"{prefix}={v}" for v in o.sweep_string_iterator()])
+            if type(o.value()).__name__ == "Glob":  # glob(*) over a config group's options
+                group = o.key_or_group
+                opts = sorted(q.stem for q in (recipes_dir() / group).glob("*.yaml"))
+                if not opts:
+                    raise RecipeError([Problem(group, f"glob() sweeps the options of a config group, and '{group}' is none",
+                                               f"config groups: {', '.join(sorted(p.name for p in recipes_dir().iterdir() if p.is_dir()))}",
+                                               Where(override=o.input_line))])
+                axes.append([f"{prefix}={v}" for v in o.value().filter(opts)])
+            else:
+                axes.append([f"{prefix}={v}" for v in o.sweep_string_iterator()])
         else:
             axes.append([o.input_line])
     return [list(combo) for combo in itertools.product(*axes)]

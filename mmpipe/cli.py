@@ -6,7 +6,6 @@ This is the only module that wires the compiler and the runtime together.
 """
 from __future__ import annotations
 
-import json
 import sys
 import threading
 import traceback
@@ -23,16 +22,22 @@ commands:
   validate RECIPE [overrides]   report every problem at once (exit 2 if any); loads no weights
   plan RECIPE [overrides]       print the compiled plan [--format text|json|mermaid] [--schedule M]
   ls [--kinds]                  shipped recipes with one-line descriptions (and node kinds)
+  ls RECIPE | KIND              a recipe's variables, or a node kind's ports and parameters
+  cp RECIPE DEST.yaml           copy a shipped recipe to edit [--force]
   convert ctranslate2 SRC DST   convert a CTranslate2 Whisper directory to transformers
 
 RECIPE is a name from `mmpipe ls` or a path to a .yaml file.
 overrides use Hydra syntax: key=value  +key=value  ~key  group=option  key=a,b (with -m)
+free text needs no Hydra quoting: prompt="a cat, oil painting"  "prompt=it's a cat"
 
 options:
   -m, --multirun      sweep over comma-separated override values (one output dir per job)
   --cfg job           print the composed config and exit (add --resolve to resolve it)
   --debug             show Python tracebacks for user errors
-  -q, --quiet         no progress bar, no per-request lines
+  -q, --quiet         warnings only: no progress bar, no per-request lines
+  -v, --verbose       more detail in the log (-vv: everything)
+  --version, --info   mmpipe's version; versions, search path, cache and devices
+  --shell-completion install=bash|zsh   print a completion script (eval it in your shell)
   -h, --help          this help; `mmpipe run RECIPE --help` shows the recipe's options
 """
 
@@ -51,6 +56,10 @@ class Args:
     format: str = "text"
     schedule: int | None = None
     kinds: bool = False
+    verbose: int = 0
+    force: bool = False
+    names: bool = False  # ls --names / --keys: plain words for shell completion
+    keys: bool = False
     extra: list[str] = field(default_factory=list)
     raw: list[str] = field(default_factory=list)  # the command line itself (re-run by each rank)
 
@@ -76,6 +85,17 @@ def parse_args(argv: list[str]) -> Args:
             a.resolve = True
         elif tok == "--kinds":
             a.kinds = True
+        elif tok in ("-v", "--verbose", "-vv"):
+            a.verbose += 2 if tok == "-vv" else 1
+        elif tok == "--force":
+            a.force = True
+        elif tok in ("--names", "--keys"):
+            a.names, a.keys = a.names or tok == "--names", a.keys or tok == "--keys"
+        elif tok in ("--version", "--info"):
+            a.command = tok[2:]
+        elif tok == "--shell-completion" or tok.startswith("--shell-completion="):
+            v = tok.split("=", 1)[1] if "=" in tok else next(it, "install=bash")
+            a.command, a.extra = "shell-completion", [v.split("=", 1)[-1]]
         elif tok in ("--cfg", "-c") or tok.startswith("--cfg="):
             a.cfg = tok.split("=", 1)[1] if "=" in tok else next(it, None)
             if a.cfg not in ("job", "all"):
@@ -93,12 +113,12 @@ def parse_args(argv: list[str]) -> Args:
             raise UsageError(f"unknown option {tok}")
         else:
             positional.append(tok)
-    if positional:
+    if positional and a.command not in ("version", "info", "shell-completion"):
         a.command = positional.pop(0)
     if a.command in ("run", "validate", "plan") and positional:
         a.recipe = positional.pop(0)
         a.overrides = positional
-    else:
+    elif a.command not in ("version", "info", "shell-completion"):
         a.extra = positional
     return a
 
@@ -116,8 +136,32 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def _logging(quiet: bool, verbose: int) -> None:
+    """mmpipe's log to stderr: warnings with -q, progress notes by default, details with -v."""
+    import logging
+
+    class Prefixed(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            msg = super().format(record)
+            return msg if msg.startswith("mmpipe") else f"mmpipe: {msg}"
+
+    logger = logging.getLogger("mmpipe")
+    if not any(getattr(h, "_mmpipe_cli", False) for h in logger.handlers):
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(Prefixed("%(message)s"))
+        h._mmpipe_cli = True  # type: ignore[attr-defined]
+        logger.addHandler(h)
+    logger.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+    if verbose >= 2:
+        logging.getLogger().setLevel(logging.DEBUG)  # the libraries' own logs too
+
+
 def _main(argv: list[str]) -> int:
     debug = "--debug" in argv
+    if threading.current_thread() is threading.main_thread():
+        import signal
+
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `mmpipe plan ... | head` ends quietly
     # ${now:...} (time-stamped output dirs): one time for this command and every rank it starts
     import os
     from datetime import datetime
@@ -127,6 +171,7 @@ def _main(argv: list[str]) -> int:
         watch_signals()
     try:
         args = parse_args(argv)
+        _logging(args.quiet, args.verbose)
         return dispatch(args)
     except KeyboardInterrupt as exc:
         print("interrupted", file=sys.stderr)
@@ -153,8 +198,20 @@ def dispatch(a: Args) -> int:
     if not a.command or (a.help and not a.recipe):
         print(USAGE)
         return 0 if a.help or not a.command else 2
+    if a.command == "version":
+        import importlib.metadata as md
+
+        print(f"mmpipe {md.version('mmpipe')}")
+        return 0
+    if a.command in ("info", "shell-completion"):
+        from mmpipe import describe
+
+        print(describe.info() if a.command == "info" else describe.completion(a.extra[0]), end="\n" if a.command == "info" else "")
+        return 0
     if a.command == "ls":
         return cmd_ls(a)
+    if a.command == "cp":
+        return cmd_cp(a)
     if a.command == "convert":
         return cmd_convert(a)
     if a.command not in ("run", "validate", "plan"):
@@ -168,25 +225,39 @@ def dispatch(a: Args) -> int:
     return run_one(a, a.overrides)
 
 
-def run_one(a: Args, overrides: list[str], job: int | None = None) -> int:
-    """Compose and compile once, then validate, plan or run (``job``: index in a ``-m`` sweep)."""
+def prepare(a: Args, overrides: list[str], job: int | None = None) -> tuple[Any, Any]:
+    """Compose and compile (``job``: index in a ``-m`` sweep): the loaded recipe and its plan."""
     from mmpipe.dsl.compile import compile_loaded
     from mmpipe.dsl.load import load_recipe
-    from mmpipe.launch import in_rank_process, rank_overrides
+    from mmpipe.launch import rank_overrides
 
     loaded = load_recipe(a.recipe or "", rank_overrides(overrides))
+    if a.cfg:
+        return loaded, None
+    plan = compile_loaded(loaded)
+    dirs = loaded.hydra_dirs
+    if job is None and "run.dir" in dirs:
+        plan.output_dir = dirs["run.dir"]  # Hydra's run directory, when the user set it
+    if job is not None:
+        if "sweep.dir" in dirs:
+            plan.output_dir = str(Path(dirs["sweep.dir"]) / (dirs.get("sweep.subdir") or str(job)))
+        else:
+            plan.output_dir = str(Path(plan.output_dir) / "multirun" / str(job))
+    return loaded, plan
+
+
+def run_one(a: Args, overrides: list[str], job: int | None = None, prepared: tuple[Any, Any] | None = None) -> int:
+    """Validate, plan or run one composition (``job``: index in a ``-m`` sweep)."""
+    from mmpipe.launch import in_rank_process
+
+    loaded, plan = prepared or prepare(a, overrides, job)
     if a.cfg:
         from omegaconf import OmegaConf
 
         print(OmegaConf.to_yaml(loaded.cfg, resolve=a.resolve), end="")
         return 0
-    plan = compile_loaded(loaded)
     if job is not None:
-        plan.output_dir = str(Path(plan.output_dir) / "multirun" / str(job))
         print(f"[job {job}] {' '.join(overrides) or '(no overrides)'} -> {plan.output_dir}")
-        if a.command == "run":
-            Path(plan.output_dir).mkdir(parents=True, exist_ok=True)
-            (Path(plan.output_dir) / "overrides.json").write_text(json.dumps(overrides))
     if a.command == "validate":
         from mmpipe.api import requests_of
 
@@ -195,19 +266,21 @@ def run_one(a: Args, overrides: list[str], job: int | None = None) -> int:
         return 0
     if a.command == "plan":
         return print_plan(plan, a)
+    own_dir = job is None and "run.dir" not in loaded.hydra_dirs
     if plan.distributed:
         from mmpipe.api import requests_of
         from mmpipe.launch import launch_local, run_as_rank
 
         if in_rank_process():
-            return run_as_rank(plan, lambda p: cmd_run(p, loaded, a.quiet))
-        if job is not None:
-            raise UsageError("-m sweeps run in one process: drop runtime=distributed, or run each job on its own")
+            return run_as_rank(plan, lambda p: cmd_run(p, loaded, a.quiet, own_dir))
         requests_of(plan)  # a user error in the inputs stops here, before any rank starts
-        return launch_local(plan, a.raw)
+        # the ranks run this job alone (a sweep's other jobs are not theirs), in this job's folder
+        argv = a.raw if job is None else ["run", a.recipe or "", *overrides, f"output_dir={plan.output_dir}"] + [
+            f for f in a.raw if f in ("-q", "--quiet", "--debug", "-v", "--verbose")]
+        return launch_local(plan, argv)
     if in_rank_process():
         raise UsageError("this process was started by torchrun, but the recipe runs in one process: add runtime=distributed")
-    return cmd_run(plan, loaded, a.quiet)
+    return cmd_run(plan, loaded, a.quiet, own_dir)
 
 
 def print_plan(plan: Any, a: Args) -> int:
@@ -234,11 +307,24 @@ def print_plan(plan: Any, a: Args) -> int:
 
 
 def cmd_multirun(a: Args) -> int:
+    """Every job of the sweep is composed and checked first: all problems of all jobs are
+    reported before any job runs."""
+    from mmpipe.dsl.errors import RecipeError
     from mmpipe.dsl.load import expand_sweep
 
+    jobs = expand_sweep(a.overrides)
+    prepared, bad = [], []
+    for i, ovs in enumerate(jobs):
+        try:
+            prepared.append(prepare(a, ovs, job=i))
+        except RecipeError as e:
+            bad.append(f"[job {i}] {' '.join(ovs)}:\n" + e.format())
+    if bad:
+        print("\n".join(bad), file=sys.stderr)
+        return 2
     worst = 0
-    for i, ovs in enumerate(expand_sweep(a.overrides)):
-        worst = max(worst, run_one(a, ovs, job=i))
+    for i, (ovs, prep) in enumerate(zip(jobs, prepared)):
+        worst = max(worst, run_one(a, ovs, job=i, prepared=prep))
     return worst
 
 
@@ -246,6 +332,11 @@ def cmd_ls(a: Args) -> int:
     from mmpipe.dsl.load import recipe_description, recipes_dir, shipped_recipes
 
     recipes = shipped_recipes()
+    if a.names:
+        print(" ".join(list(recipes) + ["--help"]))
+        return 0
+    if a.extra:
+        return cmd_ls_one(a.extra[0], a.keys)
     w = max(len(n) for n in recipes)
     for name, path in recipes.items():
         print(f"{name.ljust(w)}  {recipe_description(path)}")
@@ -264,20 +355,52 @@ def cmd_ls(a: Args) -> int:
     return 0
 
 
+def cmd_ls_one(name: str, keys: bool) -> int:
+    """``mmpipe ls KIND`` (ports and parameters) or ``mmpipe ls RECIPE`` (its variables)."""
+    from mmpipe import describe
+    from mmpipe.dsl.load import shipped_recipes
+    from mmpipe.graphs import get_kind, get_source, kind_names, source_names
+
+    if keys:
+        print(" ".join(describe.completion_words(name)))
+        return 0
+    if name in shipped_recipes() or name.endswith((".yaml", ".yml")):
+        print(describe.describe_recipe(name))
+        return 0
+    if "." in name and (get_kind(name) or get_source(name)):
+        print(describe.describe_kind(name))
+        return 0
+    from mmpipe.dsl.errors import did_you_mean
+
+    hint = did_you_mean(name, list(shipped_recipes()) + kind_names() + source_names())
+    raise UsageError(f"'{name}' is neither a recipe nor a node kind" + (f" ({hint})" if hint else "; see `mmpipe ls --kinds`"))
+
+
+def cmd_cp(a: Args) -> int:
+    if len(a.extra) != 2:
+        raise UsageError("usage: mmpipe cp RECIPE DEST.yaml [--force]")
+    from mmpipe import describe
+
+    out = describe.copy_recipe(a.extra[0], a.extra[1], a.force)
+    print(f"copied {a.extra[0]} to {out}: edit it, then `mmpipe run {out}` (the shipped config groups still apply)")
+    return 0
+
+
 def cmd_recipe_help(a: Args) -> int:
     from omegaconf import OmegaConf
 
-    from mmpipe.dsl.load import load_recipe, recipes_dir
+    from mmpipe.dsl.load import load_recipe
 
     loaded = load_recipe(a.recipe or "", a.overrides)
     first = loaded.path.read_text().splitlines()[:1]
     print(f"{loaded.path.stem}: {loaded.cfg.get('description', '')}")
     if first and first[0].startswith("#"):
         print(f"run it: {first[0].lstrip('# ').strip()}")
+    from mmpipe.describe import fitting_options
+
     print("\n== config groups (group=option) ==")
     for g, choice in loaded.choices.items():
-        opts = sorted(q.stem for q in (recipes_dir() / g).glob("*.yaml"))
-        print(f"{g}: {', '.join(opts)} (now: {choice})")
+        print(f"{g}: {', '.join(fitting_options(loaded, g))} (now: {choice})")
     print("\n== config (override any key: key=value) ==")
     print(OmegaConf.to_yaml(loaded.cfg), end="")
     return 0

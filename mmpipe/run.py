@@ -41,20 +41,21 @@ def _on_signal(signum: int, frame: Any) -> None:
     raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
-def cmd_run(plan: Any, loaded: Any, quiet: bool = False) -> int:
-    """Run the plan's requests (the driver, in a distributed run); the exit code."""
+def cmd_run(plan: Any, loaded: Any, quiet: bool = False, own_dir: bool = True) -> int:
+    """Run the plan's requests (the driver, in a distributed run); the exit code.
+    ``own_dir``: the output dir is the recipe's (not a sweep job's or Hydra's run dir)."""
     from mmpipe.rundir import check_writable_file, claim, point_latest, record_config
 
-    raw_out = _raw(loaded.cfg, "output_dir")
+    stamped = own_dir and "${now:" in _raw(loaded.cfg, "output_dir")
     rd = claim(Path(plan.output_dir), bool(loaded.cfg.get("resume", False)), bool(loaded.cfg.get("overwrite", False)),
-               timestamped="${now:" in raw_out)
+               timestamped=stamped)
     try:
         plan.output_dir = str(rd.path)
         if plan.trace:
             check_writable_file("trace", Path(plan.trace))
         config, secrets = redacted_config(loaded.cfg)
         record_config(rd.path, config, loaded.overrides)
-        if "${now:" in raw_out:
+        if stamped:
             point_latest(rd.path)
         return _run(plan, loaded, rd, config, secrets, quiet)
     finally:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mmpipe.dsl.plan import Plan
 
@@ -129,7 +130,7 @@ def test_multirun_sweep_one_output_dir_per_job(tmp_path):
     for i, stages in enumerate((1, 2)):
         s = json.loads((tmp_path / "multirun" / str(i) / "summary.json").read_text())
         assert len(s["plan"]["stages"]) == stages
-        assert json.loads((tmp_path / "multirun" / str(i) / "overrides.json").read_text())[0] == f"stages={stages}"
+        assert yaml.safe_load((tmp_path / "multirun" / str(i) / ".hydra" / "overrides.yaml").read_text())[0] == f"stages={stages}"
 
 
 def test_console_script_and_user_recipe_with_shipped_groups(write_recipe, tmp_path):

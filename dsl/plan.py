@@ -178,11 +178,12 @@ class Plan:
 
     def to_text(self) -> str:
         """A table of stages, devices and pieces, then transfers and loops."""
-        rows = [("stage", "device", "runs", "cost", "reads")]
+        rows = [("stage", "device", "runs", "cost share", "reads")]
         for s in self.stages:
             rows.append((str(s.index), self.where(s), self.stage_label(s) + (" [loop]" if s.loop else ""), f"{s.cost:g}", ", ".join(s.reads) or "-"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = [f"plan for recipe '{self.recipe}' ({self.file}): {self.num_stages} stages, schedule {self.schedule}"]
+        lines = [f"plan for recipe '{self.recipe}' ({self.file}): {self.num_stages} stages, schedule {self.schedule}",
+                 "  (cost share: a stage's part of its node's cost hints, not seconds: `mmpipe profile` measures)"]
         for i, r in enumerate(rows):
             lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
             if i == 0:
@@ -197,8 +198,31 @@ class Plan:
                      + (f" nproc={self.nproc}" if self.distributed else "") + f" microbatch_size={rt['microbatch_size']} queue_depth={rt['queue_depth']}")
         return "\n".join(lines)
 
+    def unit_edges(self) -> list[tuple[tuple[str, int] | None, tuple[str, int] | None, str]]:
+        """Value edges between node pieces, ``(producer, consumer, key)``: None stands for the
+        request inputs (as producer) or the recipe outputs (as consumer). Includes edges
+        inside a stage; each edge once."""
+        producer: dict[str, tuple[str, int]] = {}
+        for name, n in self.nodes.items():
+            for p in n.out_ports:
+                producer[f"{name}.{p.name}"] = (name, n.split - 1)
+            for k in range(n.split - 1):
+                producer[f"{name}#{k}"] = (name, k)
+        out: list[tuple[tuple[str, int] | None, tuple[str, int] | None, str]] = []
+        for name in self.order:
+            n = self.nodes[name]
+            readers = range(n.split) if n.loop else [0]
+            for src in dict.fromkeys(n.wires.values()):
+                for k in readers:
+                    out.append((producer.get(src), (name, k), src))
+            if not n.loop:
+                out += [((name, k), (name, k + 1), f"{name}#{k}") for k in range(n.split - 1)]
+        out += [(producer.get(src), None, src) for src in dict.fromkeys(self.outputs.values())]
+        return out
+
     def to_mermaid(self) -> str:
-        """A Mermaid flowchart: one subgraph per stage (with its device)."""
+        """A Mermaid flowchart: one subgraph per stage (with its place), an edge per value
+        from the piece that makes it to each piece that reads it."""
         ids: dict[tuple[str, int], str] = {}
         lines = ["flowchart LR", "  inputs([inputs])"]
         for s in self.stages:
@@ -211,18 +235,13 @@ class Plan:
                 lines.append(f"    {nid}{shape[0]}{label}<br/>{self.nodes[u.node].kind}{shape[1]}")
             lines.append("  end")
         lines.append("  outputs([outputs])")
-        stage_first = {s.index: ids[(s.units[0].node, s.units[0].piece)] for s in self.stages}
-        seen = set()
-        for e in self.edges:
-            src = "inputs" if e.src_stage < 0 else stage_first[e.src_stage]
-            dst = "outputs" if e.dst_stage >= self.num_stages else stage_first[e.dst_stage]
-            if src == dst or (src, dst, e.key) in seen:
-                continue
-            seen.add((src, dst, e.key))
-            lines.append(f"  {src} -->|{e.key}| {dst}")
+        for src, dst, key in self.unit_edges():
+            a = "inputs" if src is None else ids[src]
+            b = "outputs" if dst is None else ids[dst]
+            lines.append(f"  {a} -->|{key}| {b}")
         for lp in self.loops:
-            a, b = stage_first[lp.stages[-1]], stage_first[lp.stages[0]]
-            lines.append(f"  {a} -.->|next iteration| {b}")
+            last, first = self.stages[lp.stages[-1]].units[0], self.stages[lp.stages[0]].units[0]
+            lines.append(f"  {ids[(last.node, last.piece)]} -.->|next iteration| {ids[(first.node, first.piece)]}")
         return "\n".join(lines)
 
 

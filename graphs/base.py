@@ -101,6 +101,11 @@ class NodeKind:
         return []
 
     @classmethod
+    def expected_trips(cls, cfg: Any) -> int | None:
+        """Loop kinds: the iterations an item takes (None: it depends on the data)."""
+        return None
+
+    @classmethod
     def gather(cls, port: str, values: list[Any]) -> Any:
         """Merge the per-item values of one request (after ``expands``)."""
         return values

@@ -294,15 +294,24 @@ def print_plan(plan: Any, a: Args) -> int:
         print(plan.to_text())
         p = plan.num_stages
         m = a.schedule or max(2 * p, 4)
+        names = None
         if plan.loops:
+            from mmpipe.graphs.base import make_config
+            from mmpipe.runtime.nodes import kind_class
+
             lp = plan.loops[0]
-            trips = [2 + (i % 3) for i in range(m)]
-            table = sch.loop_reentry(len(lp.stages), trips, max(len(lp.stages), 2))
-            print(f"\nschedule of loop '{lp.node}' ({m} micro-batches with 2-4 iterations, {max(len(lp.stages), 2)} in flight; cell = mb.iteration):")
+            cls = kind_class(plan, lp.node)
+            n = cls.expected_trips(make_config(cls.Config, plan.nodes[lp.node].config))
+            trips = [n] * m if n else [2 + (i % 3) for i in range(m)]
+            what = f"{n} iterations each" if n else "2-4 iterations each (a guess: the data decides)"
+            inflight = int(plan.runtime.get("max_inflight", 0)) or max(len(lp.stages), 2)
+            table = sch.loop_reentry(len(lp.stages), trips, inflight)
+            names = [f"stage {s}" for s in lp.stages]
+            print(f"\nschedule of loop '{lp.node}' ({m} micro-batches, {what}, {inflight} in flight; cell = mb.iteration):")
         else:
             table = sch.streaming(p, m)
             print(f"\nschedule ({m} micro-batches, streaming; bubble {100 * sch.bubble(table):.0f}%, GPipe theory {100 * sch.theory_bubble(p, m):.0f}%):")
-        print(sch.grid(table))
+        print(sch.grid(table, stage_names=names))
     return 0
 
 

@@ -15,6 +15,7 @@ from mmpipe.runtime.batch import MicroBatch, from_requests, row, to_device
 from mmpipe.runtime.execute import LoopBody, NodeError, loop_exit, node_inputs, rows_to_batch, run_unit
 from mmpipe.runtime.nodes import build_unit
 from mmpipe.runtime.results import Result, assemble
+from mmpipe.runtime.trace import Recorder, WorkerInfo
 
 Progress = Callable[[Result], None]
 
@@ -26,8 +27,10 @@ class SequentialExecutor:
         self.plan = plan
         self.output_dir = output_dir
         self.insts: dict[tuple[str, int], NodeKind] = {}
-        self.busy = [0.0] * plan.num_stages
         self.timeout_s = float(plan.runtime.get("timeout_s", 600))
+        self._n = 0  # index of the request being run (the micro-batch id of its spans)
+        # one track per stage, as a pipeline would have: the trace shows the stages taking turns
+        self.recorder = Recorder([WorkerInfo(s.index, 0, 0, s.device, plan.stage_label(s), s.loop) for s in plan.stages], plan.num_stages)
 
     def start(self) -> "SequentialExecutor":
         """Build and set up every piece (loads weights)."""
@@ -49,10 +52,12 @@ class SequentialExecutor:
     def run(self, requests: list[Request], progress: Progress | None = None) -> list[Result]:
         if not self.insts:
             self.start()
+        self.recorder.reset()
         results = []
-        for req in requests:
+        for n, req in enumerate(requests):
             t0 = time.perf_counter()
             timings: dict[str, float] = {}
+            self._n = n
             try:
                 rows = self._run_one(req, timings)
                 outputs = assemble(self.plan, rows)[req.id]
@@ -60,13 +65,18 @@ class SequentialExecutor:
             except NodeError as e:
                 res = Result(req.id, req.input, error=e.to_dict())
             res.timings = {"stages_s": {k: round(v, 6) for k, v in timings.items()}, "latency_s": round(time.perf_counter() - t0, 6)}
+            self.recorder.request_done(req.id, t0, res.ok)
             results.append(res)
             if progress:
                 progress(res)
         return results
 
     def stats(self, wall_s: float) -> dict[str, Any]:
-        return {"stages": [{"stage": i, "busy_pct": round(100 * b / wall_s, 2) if wall_s > 0 else 0.0} for i, b in enumerate(self.busy)]}
+        return self.recorder.stats(wall_s)
+
+    def write_trace(self, path: Any) -> Any:
+        """Chrome trace of the last ``run``: a track per stage, one request at a time."""
+        return self.recorder.write_trace(path)
 
     # ----------------------------------------------------------------
     def _run_one(self, req: Request, timings: dict[str, float]) -> list[tuple[Any, dict[str, Any]]]:
@@ -87,9 +97,9 @@ class SequentialExecutor:
                         mb = run_unit(plan, u, self.insts[(u.node, u.piece)], mb, stage.device)
                     except Exception as exc:
                         raise NodeError(stage.index, u.node, [req.id], exc) from exc
-            dt = time.perf_counter() - t0
-            self.busy[stage.index] += dt
-            timings[f"stage{stage.index}"] = timings.get(f"stage{stage.index}", 0.0) + dt
+            t1 = time.perf_counter()
+            self.recorder.logs[stage.index].spans.append((t0, t1, self._n, len(mb.items), "loop" if stage.loop else "compute"))
+            timings[f"stage{stage.index}"] = timings.get(f"stage{stage.index}", 0.0) + t1 - t0
         keys = sorted(set(plan.outputs.values()))
         return [(m, {k: row(mb.values[k], i) for k in keys if k in mb.values}) for i, m in enumerate(mb.items)]
 

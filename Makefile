@@ -7,7 +7,7 @@ PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.mmpipe-installed
 RECIPE ?= whisper_stt
 
-.PHONY: run test install bench mutation clean
+.PHONY: run test typecheck install bench mutation clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,16 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/mmpipe run $(RECIPE)
 
-test: $(STAMP)
+test: $(STAMP) typecheck
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# mypy --strict on dsl/ and runtime/ (config in pyproject.toml). The folders install as
+# mmpipe.dsl, mmpipe.runtime, ...: a tree of links gives mypy that layout.
+typecheck: $(STAMP)
+	@rm -rf build/typecheck && mkdir -p build/typecheck/mmpipe
+	@for f in mmpipe/*.py; do ln -s "$$PWD/$$f" build/typecheck/$$f; done
+	@for d in dsl runtime graphs recipes; do ln -s "$$PWD/$$d" build/typecheck/mmpipe/$$d; done
+	cd build/typecheck && $(abspath $(PY)) -m mypy --config-file $(abspath pyproject.toml) -p mmpipe.dsl -p mmpipe.runtime
 
 bench: $(STAMP)
 	$(PY) benchmarks/runtime.py --quick

@@ -194,7 +194,8 @@ def infer_shapes(recipe: Recipe, resolved: dict[str, Resolved], order: list[str]
     """Check dtype and symbolic shape on every edge; return the spec of every value key."""
     values: dict[str, PortSpec] = {}
     for name, spec in recipe.top.inputs.items():
-        dtype, shape = _INPUT_DTYPES.get(spec.type, ("any", None))
+        dtype, dims = _INPUT_DTYPES.get(spec.type, ("any", None))
+        shape: list[int | str] | None = list(dims) if dims is not None else None
         values[f"inputs.{name}"] = PortSpec(name, dtype, shape, "list" if shape is None else "stack", optional=spec.optional)
     for name in order:
         r = resolved.get(name)

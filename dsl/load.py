@@ -184,7 +184,7 @@ def _hydra_problem(exc: Exception, overrides: list[str], path: Path) -> Problem:
     return Problem("", first, fix, where)
 
 
-class _DupLoader(yaml.SafeLoader):
+class _DupLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML ships no type hints
     """Safe loading that notes keys given twice in one mapping (YAML would keep the last silently)."""
 
     dups: list[tuple[str, int, int]]
@@ -334,7 +334,8 @@ def load_recipe(recipe: str | Path, overrides: list[str] | None = None) -> Loade
     finally:
         GlobalHydra.instance().clear()
 
-    choices = {k: v for k, v in OmegaConf.to_container(cfg.hydra.runtime.choices).items() if not k.startswith("hydra/") and v is not None}
+    chosen: Any = OmegaConf.to_container(cfg.hydra.runtime.choices)
+    choices = {str(k): str(v) for k, v in chosen.items() if not str(k).startswith("hydra/") and v is not None}
     hydra_dirs = {}
     for key in ("run.dir", "sweep.dir", "sweep.subdir"):  # Hydra's run conventions: honoured, where given
         if any(o.lstrip("+").startswith(f"hydra.{key}=") for o in overrides):
@@ -443,9 +444,10 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
                     raise RecipeError([Problem(group, f"glob() sweeps the options of a config group, and '{group}' is none",
                                                f"config groups: {', '.join(sorted(p.name for p in recipes_dir().iterdir() if p.is_dir()))}",
                                                Where(override=o.input_line))])
-                axes.append([f"{prefix}={v}" for v in o.value().filter(opts)])
+                glob: Any = o.value()
+                axes.append([f"{prefix}={v}" for v in glob.filter(opts)])
             else:
                 axes.append([f"{prefix}={v}" for v in o.sweep_string_iterator()])
         else:
-            axes.append([o.input_line])
+            axes.append([str(o.input_line)])
     return [list(combo) for combo in itertools.product(*axes)]

@@ -148,11 +148,11 @@ class Plan:
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
-        return _from_data(cls, json.loads(text))
+        return typing.cast("Plan", _from_data(cls, json.loads(text)))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Plan":
-        return _from_data(cls, data)
+        return typing.cast("Plan", _from_data(cls, data))
 
     # ------------------------------------------------------------ views
     @property
@@ -259,7 +259,8 @@ def _from_data(tp: Any, data: Any) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         hints = typing.get_type_hints(tp)
-        return tp(**{k: _from_data(hints[k], v) for k, v in data.items() if k in hints})
+        make: Any = tp
+        return make(**{k: _from_data(hints[k], v) for k, v in data.items() if k in hints})
     if origin is list:
         (arg,) = typing.get_args(tp) or (Any,)
         return [_from_data(arg, v) for v in data]

@@ -135,16 +135,18 @@ def resolve_config(cfg: Any, problems: Problems) -> dict[str, Any]:
 
     def walk(node: Any, path: str) -> Any:
         if isinstance(node, DictConfig):
-            out = {}
+            out: dict[Any, Any] = {}
+            k: Any
             for k in node.keys():
                 p = f"{path}.{k}" if path else str(k)
                 if OmegaConf.is_missing(node, k):
                     out[k] = "???"
                     continue
+                raw: Any = node._get_node(k)
                 try:
-                    child = node._get_node(k)._dereference_node() if OmegaConf.is_interpolation(node, k) else node._get_node(k)
+                    child = raw._dereference_node() if OmegaConf.is_interpolation(node, k) else raw
                 except OmegaConfBaseException as exc:
-                    problems.add(p, f"cannot resolve {node._get_node(k)._value()!r}: {str(exc).splitlines()[0]}", "fix the ${...} reference (keys are case-sensitive)")
+                    problems.add(p, f"cannot resolve {raw._value()!r}: {str(exc).splitlines()[0]}", "fix the ${...} reference (keys are case-sensitive)")
                     out[k] = None
                     continue
                 out[k] = walk(child, p)
@@ -164,7 +166,8 @@ def resolve_config(cfg: Any, problems: Problems) -> dict[str, Any]:
             return v
         return node
 
-    return walk(cfg, "")
+    data: dict[str, Any] = walk(cfg, "")
+    return data
 
 
 _REF = re.compile(r"\$\{([^}]+)\}")
@@ -232,9 +235,9 @@ def _check_top(top: Top, problems: Problems) -> None:
     for key, v in (("batching.max_batch_size", b.max_batch_size), ("runtime.microbatch_size", r.microbatch_size), ("runtime.queue_depth", r.queue_depth)):
         if v <= 0:
             problems.add(key, f"must be positive, got {v}", f"set {key}=1 or more", v, True)
-    for key, v in (("batching.max_delay_ms", b.max_delay_ms), ("runtime.max_inflight", r.max_inflight)):
-        if v < 0:
-            problems.add(key, f"must not be negative, got {v}", f"set {key}=0 or more", v, True)
+    for key, x in (("batching.max_delay_ms", b.max_delay_ms), ("runtime.max_inflight", float(r.max_inflight))):
+        if x < 0:
+            problems.add(key, f"must not be negative, got {x:g}", f"set {key}=0 or more", x, True)
     if r.timeout_s <= 0:
         problems.add("runtime.timeout_s", f"must be positive, got {r.timeout_s}", "e.g. runtime.timeout_s=600", r.timeout_s, True)
     if b.max_batch_size > 0 and r.microbatch_size > b.max_batch_size:

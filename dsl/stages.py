@@ -218,11 +218,11 @@ def wire_stages(stages: list[Stage], nodes: dict[str, PlanNode], outputs: dict[s
         consumers.setdefault(src, set()).add(final)
     edges = []
     for key, dsts in sorted(consumers.items()):
-        src = INPUT_STAGE if key.startswith("inputs.") else producer.get(key, INPUT_STAGE)
+        src_stage = INPUT_STAGE if key.startswith("inputs.") else producer.get(key, INPUT_STAGE)
         spec = values.get(key)
         for d in sorted(dsts):
-            if d != src:
-                edges.append(Edge(key, src, d, spec.dtype if spec else "any", spec.shape if spec else None))
+            if d != src_stage:
+                edges.append(Edge(key, src_stage, d, spec.dtype if spec else "any", spec.shape if spec else None))
     for s in stages:
         s.reads = sorted({e.key for e in edges if e.dst_stage == s.index})
     return edges, {k: sorted(v) for k, v in sorted(consumers.items())}

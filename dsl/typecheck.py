@@ -74,7 +74,7 @@ def convert(value: Any, tp: Any, key: str, report: Report) -> Any:
         if not isinstance(value, dict):
             report(key, f"expected a mapping, got {type(value).__name__}", "write a YAML mapping (key: value)", value, True)
             return value
-        return build(tp, value, key, report)
+        return build(typing.cast(type, tp), value, key, report)
     if tp is bool:
         if not isinstance(value, bool):
             report(key, f"expected true or false, got {value!r}", "write true or false", value, True)
@@ -100,7 +100,7 @@ def convert(value: Any, tp: Any, key: str, report: Report) -> Any:
 
 
 def _has_default(f: Any) -> bool:
-    return f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING  # type: ignore[misc]
+    return f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
 
 
 def build(cls: type, data: dict[str, Any], prefix: str, report: Report, *, extra: str = "error", lenient: bool = False) -> Any:
@@ -136,7 +136,7 @@ def build(cls: type, data: dict[str, Any], prefix: str, report: Report, *, extra
         tp = hints[k]
         if lenient and dataclasses.is_dataclass(tp) and isinstance(v, dict):
             # a nested section: its own bad values take their defaults
-            value = build(tp, v, path, counting, extra=extra, lenient=True)
+            value = build(typing.cast(type, tp), v, path, counting, extra=extra, lenient=True)
             if value is not None:
                 kwargs[k] = value
             elif not _has_default(fields[k]):
@@ -148,7 +148,7 @@ def build(cls: type, data: dict[str, Any], prefix: str, report: Report, *, extra
         elif not (lenient and _has_default(fields[k])):
             ok = False
     for name, f in fields.items():
-        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
+        if name not in kwargs and not _has_default(f):
             if name not in data:
                 path = f"{prefix}.{name}" if prefix else name
                 report(path, "missing required value", f"add '{name}: ...' to the recipe or override {path}=...", None, False)

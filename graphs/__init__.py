@@ -6,6 +6,7 @@ module level, so that ``mmpipe validate`` and ``mmpipe plan`` start fast.
 from __future__ import annotations
 
 import importlib
+import typing
 from typing import TypeVar
 
 from mmpipe.graphs.base import (  # noqa: F401  (re-exported)
@@ -38,10 +39,13 @@ K = TypeVar("K", bound=type)
 
 def register(cls: K) -> K:
     """Class decorator: register a node or source kind under ``cls.kind``."""
-    table = _SOURCES if issubclass(cls, SourceKind) else _KINDS
-    if not cls.kind or "." not in cls.kind:
-        raise ValueError(f"{cls.__name__}.kind must be a dotted name, got {cls.kind!r}")
-    table[cls.kind] = cls
+    name = getattr(cls, "kind", "")
+    if not name or "." not in name:
+        raise ValueError(f"{cls.__name__}.kind must be a dotted name, got {name!r}")
+    if issubclass(cls, SourceKind):
+        _SOURCES[name] = cls
+    else:
+        _KINDS[name] = typing.cast("type[NodeKind]", cls)
     return cls
 
 

@@ -8,6 +8,7 @@ parts) and calls ``setup`` then ``forward`` (or the loop methods).
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -164,14 +165,14 @@ class LoopKind(NodeKind):
         """First piece: the initial carry of newly entered items."""
         raise NotImplementedError
 
-    def enter(self, x: Batch, meta: list[ItemMeta], lanes: list[dict]) -> None:
+    def enter(self, x: Batch, meta: list[ItemMeta], lanes: list[dict[str, Any]]) -> None:
         """Every piece: fill the lanes of newly entered items from the node inputs."""
 
-    def step(self, carry: Batch, meta: list[ItemMeta], lanes: list[dict]) -> Batch:
+    def step(self, carry: Batch, meta: list[ItemMeta], lanes: list[dict[str, Any]]) -> Batch:
         """Every piece: one pass of this piece's share of the body."""
         raise NotImplementedError
 
-    def end(self, carry: Batch, meta: list[ItemMeta], lanes: list[dict]) -> tuple[Batch, list[bool], Batch]:
+    def end(self, carry: Batch, meta: list[ItemMeta], lanes: list[dict[str, Any]]) -> tuple[Batch, list[bool], Batch]:
         """Last piece: (carry for the next iteration, done flags, outputs).
 
         ``outputs`` are batched over all items of ``carry``; the runtime takes
@@ -179,7 +180,7 @@ class LoopKind(NodeKind):
         """
         raise NotImplementedError
 
-    def finish(self, lanes: list[dict]) -> None:
+    def finish(self, lanes: list[dict[str, Any]]) -> None:
         """Every piece: items left the loop; free anything lanes hold."""
 
     @staticmethod
@@ -284,8 +285,6 @@ def make_config(cls: type, data: dict[str, Any]) -> Any:
 
     The compiler has already checked types; this only restores the objects.
     """
-    import typing
-
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):
@@ -293,6 +292,6 @@ def make_config(cls: type, data: dict[str, Any]) -> Any:
             continue
         v, tp = data[f.name], hints.get(f.name)
         if dataclasses.is_dataclass(tp) and isinstance(v, dict):
-            v = make_config(tp, v)
+            v = make_config(typing.cast(type, tp), v)
         kwargs[f.name] = v
     return cls(**kwargs)

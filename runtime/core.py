@@ -62,10 +62,10 @@ class Core:
             spec = WorkerSpec(fabric, (s, r), fabric.device_of((s, r)), [(u, self.insts[(s, r, u.node, u.piece)]) for u in st.units],
                               Outlet(fabric, fabric.routes, s, r, fabric.device_of((s, r)), log), log, Slot())
             self.workers.append(LoopWorker(spec, fabric.loops[(st.loop, r)]) if st.loop else StageWorker(spec))
-        bodies = [(w.run, f"stage{w.s}" + (f".{w.r}" if w.r else "")) for w in self.workers] + extra
-        bodies.append((Watchdog(fabric, self.workers, in_flight).run, "watchdog"))
+        targets = [(w.run, f"stage{w.s}" + (f".{w.r}" if w.r else "")) for w in self.workers] + extra
+        targets.append((Watchdog(fabric, self.workers, in_flight).run, "watchdog"))
         # Daemon threads: a node call that never returns must not keep the process alive.
-        self.threads = [threading.Thread(target=fn, name=THREAD_PREFIX + name, daemon=True) for fn, name in bodies]
+        self.threads = [threading.Thread(target=fn, name=THREAD_PREFIX + name, daemon=True) for fn, name in targets]
         for t in self.threads:
             t.start()
 

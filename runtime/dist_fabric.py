@@ -107,9 +107,9 @@ class DistFabric(Fabric):
             return super().release(addr, items)
         self._send(self.rank_of(addr), (RELEASE, addr, items))
 
-    def collect(self, items: list[ItemMeta], values: dict[str, Any]) -> None:
+    def collect(self, items: list[ItemMeta], values: dict[str, Any], wait: bool = True) -> None:
         if self.rank == 0:
-            return super().collect(items, values)
+            return super().collect(items, values, wait)
         self._send(0, (COLLECT, items, values, *self._ship(items)))
 
     def finish_lanes(self, node: str, r: int, j: int, items: list[ItemMeta], gens: list[int] | None) -> None:

@@ -59,7 +59,8 @@ def interruptible(fn: Callable[..., T], *args: Any) -> T:
         t.join(0.1)
     if "error" in box:
         raise box["error"]
-    return box["value"]
+    value: T = box["value"]
+    return value
 
 
 def init_group(plan_timeout_s: float) -> None:

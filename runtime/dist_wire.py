@@ -40,13 +40,15 @@ _LOCAL = threading.local()  # the tensors of the message being decoded (this thr
 
 
 def _tensor(i: int) -> torch.Tensor:
-    return _LOCAL.tensors[i]
+    t: torch.Tensor = _LOCAL.tensors[i]
+    return t
 
 
 def _gpu_tensor(i: int, dtype: str, shape: tuple[int, ...], device: str) -> torch.Tensor:
     if _LOCAL.gpu is None:
         raise pickle.UnpicklingError("a GPU tensor came without an NCCL receiver")
-    return _LOCAL.gpu(i, dtype, shape, device)
+    t: torch.Tensor = _LOCAL.gpu(i, dtype, shape, device)
+    return t
 
 
 class _Pickler(pickle.Pickler):

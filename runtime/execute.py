@@ -77,10 +77,10 @@ class LoopBody:
     unit: Unit
     inst: LoopKind
     device: Any
-    lanes: dict[str, dict] = field(default_factory=dict)
+    lanes: dict[str, dict[str, Any]] = field(default_factory=dict)
     gens: dict[str, int] = field(default_factory=dict)
 
-    def lanes_for(self, items: list[ItemMeta]) -> list[dict]:
+    def lanes_for(self, items: list[ItemMeta]) -> list[dict[str, Any]]:
         return [self.lanes[m.key] for m in items]
 
     def is_new(self, m: ItemMeta, gen: int | None) -> bool:

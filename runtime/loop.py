@@ -153,6 +153,7 @@ class LoopWorker(StageWorker):
                     fresh_carry = self.inst.begin(to_device(x, self.device), new)
                     carry = fresh_carry if carry is None else self.inst.concat([carry, fresh_carry])
                     items, gens = items + new, gens + new_gens
+            assert carry is not None, "a group reaches a body stage with its carry"
             carry = self.body.step(carry, items)
             done: list[bool] = []
             outs: dict[str, Any] = {}

@@ -63,14 +63,14 @@ def assemble(plan: Plan, rows: list[tuple[ItemMeta, dict[str, Any]]]) -> dict[st
     out: dict[str, dict[str, Any]] = {}
     for rid, items in by_req.items():
         items.sort(key=lambda t: t[0].sub)
-        res = {}
+        res: dict[str, Any] = {}
         for name, key in plan.outputs.items():
-            vals = [v.get(key) for _, v in items]
+            got = [v.get(key) for _, v in items]
             if items[0][0].of > 1 or len(items) > 1:
                 node, _, port = key.partition(".")
-                res[name] = kind_class(plan, node).gather(port, vals) if node in plan.nodes else vals
+                res[name] = kind_class(plan, node).gather(port, got) if node in plan.nodes else got
             else:
-                res[name] = vals[0]
+                res[name] = got[0]
         out[rid] = res
     return out
 
@@ -155,7 +155,7 @@ def summarize(plan: Plan, results: list[Result], wall_s: float, stats: dict[str,
               models: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``summary.json`` content: recipe, config, plan, throughput, busy %, latency."""
     lat = [r.timings.get("latency_s", 0.0) for r in results if r.ok]
-    return jsonable({
+    out: dict[str, Any] = jsonable({
         "recipe": plan.recipe,
         "file": plan.file,
         "config": config or {},
@@ -169,3 +169,4 @@ def summarize(plan: Plan, results: list[Result], wall_s: float, stats: dict[str,
         "latency_p95_s": round(percentile(lat, 0.95), 6) if lat else None,
         **stats,
     })
+    return out

@@ -66,13 +66,14 @@ class StageWorker:
         """Serve the inbox until the pipeline stops."""
         try:
             bind_cuda_device(self.device)  # this thread's current stream is on our GPU
-            self.loop()
+            self.serve()
         except Stopped:
             pass
         except BaseException as exc:  # a runtime bug: fail loudly but never hang the callers
             self.fabric.stall(self.s, "", f"stage {self.s} worker crashed: {type(exc).__name__}: {exc}", kind="RuntimeError")
 
-    def loop(self) -> None:
+    def serve(self) -> None:
+        """Take packets from the inbox and handle them, one at a time."""
         inbox = self.fabric.inbox(self.addr)
         while True:
             pkt = inbox.get()

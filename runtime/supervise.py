@@ -113,9 +113,9 @@ class Watchdog:
                                           f"(runtime.timeout_s): node {node} did not return")
                     return
             if self.in_flight is not None and self.in_flight() and now - fabric.last_progress > limit:
-                s = self.oldest_waiting()
-                where = f"stage {s} ({plan.stage_label(plan.stages[s])})" if s is not None else "the pipeline"
-                fabric.stall(INPUTS if s is None else s, "", f"{where} made no progress for {limit:g} s (runtime.timeout_s)")
+                w = self.oldest_waiting()
+                where = f"stage {w} ({plan.stage_label(plan.stages[w])})" if w is not None else "the pipeline"
+                fabric.stall(INPUTS if w is None else w, "", f"{where} made no progress for {limit:g} s (runtime.timeout_s)")
                 return
 
     def oldest_waiting(self) -> int | None:

@@ -68,15 +68,17 @@ class WorkerLog:
 
     def export(self, offset: float = 0.0) -> dict[str, Any]:
         """Plain data (for another process); times shifted by ``offset`` onto the driver's clock."""
-        shift = lambda spans: [(a + offset, b + offset, mb, n, name) for a, b, mb, n, name in spans]  # noqa: E731
+        def shift(spans: deque[Span]) -> list[Span]:
+            return [(a + offset, b + offset, mb, n, name) for a, b, mb, n, name in spans]
+
         return {"info": self.info.__dict__, "spans": shift(self.spans), "transfers": shift(self.transfers),
                 "wait_sum": self.wait_sum, "wait_max": self.wait_max, "waits": self.waits, "loop": dict(self.loop)}
 
     @classmethod
     def load(cls, d: dict[str, Any]) -> "WorkerLog":
         log = cls(WorkerInfo(**d["info"]))
-        log.spans.extend(tuple(s) for s in d["spans"])  # type: ignore[misc]
-        log.transfers.extend(tuple(s) for s in d["transfers"])  # type: ignore[misc]
+        log.spans.extend((a, b, mb, n, name) for a, b, mb, n, name in d["spans"])
+        log.transfers.extend((a, b, mb, n, name) for a, b, mb, n, name in d["transfers"])
         log.wait_sum, log.wait_max, log.waits, log.loop = d["wait_sum"], d["wait_max"], d["waits"], dict(d["loop"])
         return log
 
@@ -165,7 +167,9 @@ class Recorder:
     def chrome_trace(self) -> dict[str, Any]:
         """Chrome trace events: a process per rank, a track per worker and one per its
         transfers, and request latencies on their own track."""
-        us = lambda t: round((t - self.origin) * 1e6, 3)  # noqa: E731
+        def us(t: float) -> float:
+            return round((t - self.origin) * 1e6, 3)
+
         ev: list[dict[str, Any]] = []
         ranks = sorted({g.info.rank for g in self.all_logs()} or {0})
         for rank in ranks:

@@ -123,16 +123,16 @@ class RequestTable:
     # ------------------------------------------------------------ finishing
     def fail(self, rids: Iterable[str], error: dict[str, Any]) -> None:
         """Resolve these requests with ``error`` (once; later results for them are dropped)."""
-        gone = []
+        gone: list[_Live] = []
         for rid in dict.fromkeys(rids):
             with self.lock:
                 rec = self._live.pop(rid, None)
-            if rec is None:
-                continue
-            gone.append(rid)
-            self._resolve(rec, Result(rec.req.id, rec.req.input, error=dict(error, requests=error.get("requests") or [rid])))
-        if gone:
-            self.on_retired(gone, True)
+            if rec is not None:
+                gone.append(rec)
+        if gone:  # forget what is held for them before anyone sees them resolved
+            self.on_retired([rec.req.id for rec in gone], True)
+        for rec in gone:
+            self._resolve(rec, Result(rec.req.id, rec.req.input, error=dict(error, requests=error.get("requests") or [rec.req.id])))
 
     def fail_all(self, error: dict[str, Any]) -> None:
         with self.lock:
@@ -173,8 +173,8 @@ class RequestTable:
         except Exception as exc:  # a gather hook failed: this request's error only
             res = Result(rid, rec.req.input, error={"type": type(exc).__name__, "message": str(exc), "stage": self.plan.num_stages,
                                                     "node": "outputs", "requests": [rid]})
+        self.on_retired([rid], False)  # before the future resolves: a caller then finds nothing held for it
         self._resolve(rec, res)
-        self.on_retired([rid], False)
 
     def _resolve(self, rec: _Live, res: Result) -> None:
         lat = time.perf_counter() - rec.t0

@@ -1,4 +1,4 @@
-"""The contract every node kind implements (see DESIGN.md section 2).
+"""The contract every node kind implements (docs/architecture.md, "The node-kind contract").
 
 A node kind declares, as data, its typed ``Config``, its ports and whether it is
 splittable or a loop; the compiler reads only these declarations (no weights).

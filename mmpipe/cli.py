@@ -1,4 +1,4 @@
-"""The ``mmpipe`` command (DESIGN.md section 5): run, validate, plan, ls, convert.
+"""The ``mmpipe`` command: run, validate, plan, ls, cp, convert (the contract users script against).
 
 Exit codes: 0 all good; 2 a user error (recipe, overrides, arguments: one
 short message, no traceback unless --debug); 1 one or more requests failed.

@@ -76,6 +76,10 @@ class NodeKind:
     # A node that turns one item into several (``forward`` returns
     # ``"_parent"``: the input row of each output row).
     expands: ClassVar[bool] = False
+    # With ``expands``: ``forward`` may return an iterator of such output dicts, made
+    # lazily (a long recording read window by window): the runtime hands each chunk on
+    # before asking for the next, so memory stays bounded by the queues. Item ``sub``
+    # numbers continue across chunks; a request's count is known when the iterator ends.
     # Config fields a single request may override (``ItemMeta.params[field]``);
     # each is validated like the recipe value (see ``param``).
     request_params: ClassVar[tuple[str, ...]] = ()

@@ -30,6 +30,7 @@ WITH_CREDITS = "cr"  # (WITH_CREDITS, [(addr, n), ...], message): credits riding
 # message kinds
 PUT, BACK, STORE, RELEASE, COLLECT = "put", "back", "store", "release", "collect"
 FINISH, GROUP_DONE, FAIL, EMPTY, STALL, RETIRE, CREDIT = "finish", "group_done", "fail", "empty", "stall", "retire", "credit"
+EXPECT = "expect"
 CONTROL = ("hb", "log", "stats?", "stats", "stop", "bye")
 
 
@@ -140,6 +141,11 @@ class DistFabric(Fabric):
             return super().complete_empty(rids)
         self._send(0, (EMPTY, list(rids)))
 
+    def expect(self, counts: dict[str, int]) -> None:
+        if self.rank == 0:
+            return super().expect(counts)
+        self._send(0, (EXPECT, counts))
+
     def stall(self, s: int, node: str, message: str, kind: str = "StageTimeout") -> None:
         if self.rank == 0:
             return super().stall(s, node, message, kind)
@@ -211,6 +217,8 @@ class DistFabric(Fabric):
             Fabric.fail(self, msg[1], msg[2])
         elif kind == EMPTY:
             Fabric.complete_empty(self, msg[1])
+        elif kind == EXPECT:
+            Fabric.expect(self, msg[1])
         elif kind == STALL:
             _, s, node, message, k = msg
             Fabric.stall(self, s, node, message, k)

@@ -7,7 +7,7 @@ splits a finished micro-batch into per-request output rows.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 from mmpipe.dsl.plan import Plan, Unit
 from mmpipe.graphs.base import ItemMeta, LoopKind, NodeKind, select_rows
@@ -30,8 +30,9 @@ def node_inputs(plan: Plan, node: str, mb: MicroBatch) -> dict[str, Any]:
     return {port: mb.values[src] for port, src in plan.nodes[node].wires.items() if src in mb.values}
 
 
-def run_unit(plan: Plan, unit: Unit, inst: NodeKind, mb: MicroBatch, device: Any) -> MicroBatch:
-    """Run a non-loop piece: node inputs (first piece) or the carry in, outputs or carry out."""
+def run_unit(plan: Plan, unit: Unit, inst: NodeKind, mb: MicroBatch, device: Any) -> "MicroBatch | Stream":
+    """Run a non-loop piece: node inputs (first piece) or the carry in, outputs or carry out.
+    A streaming expansion returns a ``Stream`` of micro-batches instead."""
     pn = plan.nodes[unit.node]
     if unit.piece == 0:
         x = node_inputs(plan, unit.node, mb)
@@ -41,28 +42,73 @@ def run_unit(plan: Plan, unit: Unit, inst: NodeKind, mb: MicroBatch, device: Any
     if unit.piece < pn.split - 1:
         mb.values[f"{unit.node}#{unit.piece}"] = out
         return mb
+    if pn.expands and not isinstance(out, dict):
+        return Stream(plan, unit.node, mb, out)
     parents = out.pop("_parent", None) if pn.expands else None
     if parents is not None:
         mb = expand_items(mb, list(parents))
-    for p in pn.out_ports:
+    return with_outputs(plan, unit.node, mb, out)
+
+
+def with_outputs(plan: Plan, node: str, mb: MicroBatch, out: dict[str, Any]) -> MicroBatch:
+    for p in plan.nodes[node].out_ports:
         if p.name in out:
-            mb.values[f"{unit.node}.{p.name}"] = out[p.name]
+            mb.values[f"{node}.{p.name}"] = out[p.name]
     return mb
 
 
-def expand_items(mb: MicroBatch, parents: list[int]) -> MicroBatch:
-    """Fan-out: output row r belongs to input item ``parents[r]``; renumber sub-items."""
+def expand_items(mb: MicroBatch, parents: list[int], start: dict[int, int] | None = None, of: int | None = None) -> MicroBatch:
+    """Fan-out: output row r belongs to input item ``parents[r]``; renumber sub-items
+    (from ``start[parent]``; ``of``: the count when not all rows are here, 0 = not known yet)."""
     counts: dict[int, int] = {}
     for p in parents:
         counts[p] = counts.get(p, 0) + 1
-    seen: dict[int, int] = {}
+    seen: dict[int, int] = dict(start or {})
     items = []
     for p in parents:
         k = seen.get(p, 0)
         seen[p] = k + 1
         src = mb.items[p]
-        items.append(ItemMeta(src.request_id, sub=k, of=counts[p], params=src.params))
+        items.append(ItemMeta(src.request_id, sub=k, of=counts[p] if of is None else of, params=src.params))
     return MicroBatch(items, {k: select_rows(v, parents) for k, v in mb.values.items()}, id=mb.id)
+
+
+class Stream:
+    """The micro-batches a streaming expansion makes, one chunk at a time.
+
+    Items carry ``of=0`` (count not known yet); once the chunks are exhausted,
+    ``counts`` holds each request's number of items (0 for one that produced none).
+    """
+
+    def __init__(self, plan: Plan, node: str, mb: MicroBatch, chunks: Iterator[dict[str, Any]]) -> None:
+        self.plan, self.node, self.mb, self.chunks = plan, node, mb, chunks
+        self.made: dict[int, int] = {}  # input row -> items made so far
+        self.counts: dict[str, int] | None = None
+
+    def __iter__(self) -> Iterator[MicroBatch]:
+        for out in self.chunks:
+            parents = list(out.pop("_parent"))
+            if not parents:
+                continue
+            chunk = expand_items(self.mb, parents, self.made, of=0)
+            for p in parents:
+                self.made[p] = self.made.get(p, 0) + 1
+            yield with_outputs(self.plan, self.node, chunk, out)
+        counts: dict[str, int] = {}
+        for i, m in enumerate(self.mb.items):
+            counts[m.request_id] = counts.get(m.request_id, 0) + self.made.get(i, 0)
+        self.counts = counts
+
+    def collect(self) -> MicroBatch:
+        """Every chunk in one micro-batch, with the final counts (the sequential executor)."""
+        parts = list(self)
+        assert self.counts is not None
+        if not parts:
+            return MicroBatch([], {}, id=self.mb.id)
+        whole = MicroBatch.join(parts)
+        whole.items = [ItemMeta(m.request_id, sub=m.sub, of=self.counts[m.request_id], params=m.params) for m in whole.items]
+        whole.id = self.mb.id
+        return whole
 
 
 @dataclass

@@ -143,6 +143,11 @@ class Fabric:
         assert self.table is not None
         self.table.complete_empty(rids)
 
+    def expect(self, counts: dict[str, int]) -> None:
+        """A streamed expansion ended: how many items each request has."""
+        assert self.table is not None
+        self.table.expect(counts)
+
     def retired(self, rids: list[str], failed: bool) -> None:
         """The driver resolved these requests: forget what this process holds for them."""
         for store in self.stores.values():

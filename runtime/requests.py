@@ -66,6 +66,7 @@ class _Live:
     t0: float
     keep: bool  # submitted by run/stream: also kept in ``RequestTable.completed``
     rows: list[tuple[ItemMeta, dict[str, Any]]] = field(default_factory=list)
+    total: int | None = None  # items of a streamed expansion, once its stream ended
 
 
 class RequestTable:
@@ -149,10 +150,28 @@ class RequestTable:
                 if rec is None:
                     continue
                 rec.rows.append((m, {k: row(values[k], i) for k in keys}))
-                if len(rec.rows) >= m.of:
+                need = m.of if m.of else rec.total  # of=0: a streamed item, count announced later
+                if need is not None and len(rec.rows) >= need:
                     done.append(m.request_id)
         for rid in done:
             self._complete(rid)
+
+    def expect(self, counts: dict[str, int]) -> None:
+        """A streamed expansion ended: each request's item count (0: it made none)."""
+        done, empty = [], []
+        with self.lock:
+            for rid, n in counts.items():
+                rec = self._live.get(rid)
+                if rec is None:
+                    continue
+                rec.total = n
+                if n == 0:
+                    empty.append(rid)
+                elif len(rec.rows) >= n:
+                    done.append(rid)
+        for rid in done:
+            self._complete(rid)
+        self.complete_empty(empty)
 
     def complete_empty(self, rids: Iterable[str]) -> None:
         """An expanding node produced no items for these requests (e.g. empty audio)."""

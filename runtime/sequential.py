@@ -12,7 +12,7 @@ from typing import Any, Callable
 from mmpipe.dsl.plan import Plan, Stage
 from mmpipe.graphs.base import LoopKind, NodeKind, Request
 from mmpipe.runtime.batch import MicroBatch, from_requests, row, to_device
-from mmpipe.runtime.execute import LoopBody, NodeError, loop_exit, node_inputs, rows_to_batch, run_unit
+from mmpipe.runtime.execute import LoopBody, NodeError, Stream, loop_exit, node_inputs, rows_to_batch, run_unit
 from mmpipe.runtime.nodes import build_unit
 from mmpipe.runtime.results import Result, assemble
 from mmpipe.runtime.trace import Recorder, WorkerInfo
@@ -94,7 +94,8 @@ class SequentialExecutor:
             else:
                 for u in stage.units:
                     try:
-                        mb = run_unit(plan, u, self.insts[(u.node, u.piece)], mb, stage.device)
+                        res = run_unit(plan, u, self.insts[(u.node, u.piece)], mb, stage.device)
+                        mb = res.collect() if isinstance(res, Stream) else res
                     except Exception as exc:
                         raise NodeError(stage.index, u.node, [req.id], exc) from exc
             t1 = time.perf_counter()

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 from mmpipe.dsl.plan import Unit
 from mmpipe.graphs.base import NodeKind, select_rows
 from mmpipe.runtime.batch import MicroBatch
 from mmpipe.runtime.channels import Packet, Stopped
 from mmpipe.runtime.deliver import Outlet
-from mmpipe.runtime.execute import NodeError, run_unit
+from mmpipe.runtime.execute import NodeError, Stream, run_unit
 from mmpipe.runtime.fabric import Addr, Fabric
 from mmpipe.runtime.trace import WorkerLog
 from mmpipe.runtime.transfer import bind_cuda_device, wait_ready
@@ -114,6 +114,9 @@ class StageWorker:
         self.log.spans.append((t0, t1, mb.id, len(mb.items), "compute"))
         self.fabric.add_time(mb.items, self.s, t1 - t0)
         self.fabric.progress()
+        if isinstance(out, Chunks):
+            self.stream(mb, out)
+            return
         if out is None:
             return
         if self.expands:
@@ -126,6 +129,30 @@ class StageWorker:
         if out is not None:
             self.out.deliver(out.items, out.values, mb.id)
 
+    def stream(self, mb: MicroBatch, chunks: "Chunks") -> None:
+        """Hand on each chunk of a streamed expansion as it is made (back-pressure keeps the
+        rest unmade), then announce each request's item count. A failure mid-stream fails
+        the requests of the micro-batch: what they already handed on cannot be taken back."""
+        it = iter(chunks)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                chunk = next(it)
+            except StopIteration:
+                break
+            except NodeError as err:
+                self.fail_node(NodeError(err.stage, err.node, sorted({m.request_id for m in mb.items}), err.cause))
+                return
+            t1 = time.perf_counter()
+            self.log.spans.append((t0, t1, mb.id, len(chunk.items), "chunk"))
+            self.fabric.add_time(chunk.items, self.s, t1 - t0)
+            self.fabric.progress()
+            live = self.live_mb(chunk)
+            if live is not None:
+                self.out.deliver(live.items, live.values, mb.id)
+        for counts in chunks.counts:
+            self.fabric.expect(counts)
+
     def live_mb(self, mb: MicroBatch) -> MicroBatch | None:
         keep = [i for i, m in enumerate(mb.items) if self.fabric.is_live(m.request_id)]
         if len(keep) == len(mb.items):
@@ -133,28 +160,33 @@ class StageWorker:
         return mb.select(keep) if keep else None
 
     # ------------------------------------------------------------ compute
-    def run_units(self, mb: MicroBatch) -> MicroBatch:
-        """Every piece of this stage on ``mb``; a failure raises NodeError."""
-        for unit, inst in self.units:
+    def run_units(self, mb: MicroBatch, start: int = 0) -> "MicroBatch | Chunks":
+        """Every piece of this stage on ``mb`` (from unit ``start``); a failure raises
+        NodeError. A streaming expansion makes ``Chunks``: the rest runs per chunk."""
+        for idx in range(start, len(self.units)):
+            unit, inst = self.units[idx]
             self.slot.busy(unit.node)
             try:
-                mb = run_unit(self.plan, unit, inst, mb, self.device)
+                res = run_unit(self.plan, unit, inst, mb, self.device)
             except Exception as exc:
                 raise NodeError(self.s, unit.node, sorted({m.request_id for m in mb.items}), exc) from exc
             finally:
                 self.slot.idle()
+            if isinstance(res, Stream):
+                return Chunks(self, res, idx + 1)
+            mb = res
         return mb
 
     def fail_node(self, err: NodeError) -> None:
         self.fabric.fail(err.request_ids, err.to_dict())
 
-    def compute(self, mb: MicroBatch) -> MicroBatch | None:
+    def compute(self, mb: MicroBatch) -> "MicroBatch | Chunks | None":
         """``run_units``; a failing micro-batch is retried in halves (smaller micro-batches, as
         after running out of memory) down to single items, and an item that fails alone
         fails its request, so one bad item does not take its neighbours down."""
         before: dict[str, Any] = dict(mb.values)  # run_unit pops/adds keys, never edits values
         try:
-            return self.run_units(mb)
+            return self.run_units(mb)  # Chunks: made lazily, no retry in halves (see stream)
         except NodeError as err:
             if len(mb.items) == 1:
                 self.fail_node(err)
@@ -176,7 +208,41 @@ class StageWorker:
             return None
         part = MicroBatch([mb.items[i] for i in live], {k: select_rows(v, live) for k, v in before.items()}, id=mb.id)
         out = self.compute(part)
+        if isinstance(out, Chunks):
+            self.stream(part, out)  # a retried part that streams hands its chunks on itself
+            return None
         return self.live_mb(out) if out is not None else None
+
+
+class Chunks:
+    """A stage's output made one chunk at a time: each chunk of a streaming expansion,
+    through the stage's remaining pieces. ``counts`` gets each stream's per-request item
+    counts once it is exhausted."""
+
+    def __init__(self, worker: StageWorker, stream: Stream, rest: int) -> None:
+        self.worker, self.stream, self.rest = worker, stream, rest
+        self.counts: list[dict[str, int]] = []
+
+    def __iter__(self) -> Iterator[MicroBatch]:
+        w, node = self.worker, self.stream.node
+        rids = sorted({m.request_id for m in self.stream.mb.items})
+        it = iter(self.stream)
+        while True:
+            w.slot.busy(node)
+            try:
+                chunk = next(it)
+            except StopIteration:
+                break
+            except Exception as exc:
+                raise NodeError(w.s, node, rids, exc) from exc
+            finally:
+                w.slot.idle()
+            out = w.run_units(chunk, self.rest)
+            if isinstance(out, Chunks):
+                raise NodeError(w.s, out.stream.node, rids, ValueError("a streamed item cannot be expanded again"))
+            yield out
+        assert self.stream.counts is not None
+        self.counts.append(self.stream.counts)
 
 
 def free_memory(cause: BaseException) -> None:

@@ -151,3 +151,46 @@ class LightAdd(NodeKind):
 
     def forward(self, x: Batch, meta: list[ItemMeta]) -> Batch:
         return {"y": x["x"] + self.cfg.add}
+
+
+class StreamFanout(Fanout):
+    """``Fanout``, made lazily: one output row per chunk (counts how many it made)."""
+
+    kind = "testing.stream_fanout"
+    made: list[str] = []
+
+    def forward(self, x: Batch, meta: list[ItemMeta]) -> Any:
+        out = super().forward(x, meta)
+        ys, parents = out["y"], out["_parent"]
+
+        def chunks() -> Any:
+            for r, p in enumerate(parents):
+                StreamFanout.made.append(meta[p].request_id)
+                yield {"y": ys[r:r + 1], "_parent": [p]}
+
+        return chunks()
+
+
+@dataclass(kw_only=True)
+class LongConfig:
+    rows: int = 50
+
+
+class LongStream(NodeKind):
+    """One request -> ``rows`` items, made one at a time (a long recording, window by window)."""
+
+    kind = "testing.long_stream"
+    Config = LongConfig
+    inputs = (Port("x", "float32", ("B", "D")),)
+    outputs = (Port("y", "float32", ("B", "D")),)
+    expands = True
+    made = 0
+
+    def forward(self, x: Batch, meta: list[ItemMeta]) -> Any:
+        def chunks() -> Any:
+            for i in range(len(meta)):
+                for k in range(self.cfg.rows):
+                    LongStream.made += 1
+                    yield {"y": x["x"][i:i + 1] + k, "_parent": [i]}
+
+        return chunks()

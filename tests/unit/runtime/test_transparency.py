@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,9 @@ def graphs(draw: st.DrawFn) -> dict[str, Any]:
     sources = ["inputs.x"]
     has_loop = False
     used = 0
-    if draw(st.booleans()) and draw(st.booleans()):  # a quarter of the graphs fan out first
-        nodes["fan"] = {"_target_": f"{KINDS}.Fanout", "in": {"x": "inputs.x"}, "max_copies": 3}
+    if draw(st.booleans()) and draw(st.booleans()):  # a quarter of the graphs fan out first (some lazily)
+        fan = draw(st.sampled_from(["Fanout", "StreamFanout"]))
+        nodes["fan"] = {"_target_": f"{KINDS}.{fan}", "in": {"x": "inputs.x"}, "max_copies": 3}
         sources.append("fan.y")
         used = 1
     n_nodes = draw(st.integers(1, 4))
@@ -118,3 +120,29 @@ def test_replicas_share_the_work_and_keep_loops_on_their_copy(tmp_path: Path) ->
     # a loop group never leaves its copy: each copy's body stages made the same number of steps
     for r in (0, 1):
         assert calls[(2, r)] == calls[(3, r)] == calls[(4, r)]
+
+
+def test_a_streamed_expansion_is_made_as_the_pipeline_takes_it(tmp_path: Path) -> None:
+    """One request becomes 50 items made one at a time: while the stage after is held shut,
+    only a queue's worth is made (bounded memory); then all 50 arrive, in order."""
+    from tests.unit.runtime import kinds
+    from mmpipe.runtime.pipeline import Pipeline
+
+    kinds.Gate.open.clear()
+    kinds.Gate.entered.clear()
+    kinds.LongStream.made = 0
+    nodes = {"long": {"_target_": f"{KINDS}.LongStream", "in": {"x": "inputs.x"}, "rows": 50},
+             "gate": {"_target_": f"{KINDS}.Gate", "in": {"x": "long.y"}}}
+    plan = compile_data(tmp_path, recipe(nodes, {"y": "gate.y"}, count=1, runtime={"microbatch_size": 1, "queue_depth": 1}))
+    with Pipeline(plan) as pipe:
+        fut = pipe.submit(requests_of(plan)[0])
+        try:
+            assert kinds.Gate.entered.wait(10)
+            time.sleep(0.2)  # a stream that ran ahead would be far along by now
+            assert kinds.LongStream.made <= 4, kinds.LongStream.made  # gate 1 + inbox 1 + the one waiting to go
+        finally:
+            kinds.Gate.open.set()
+        res = fut.result(timeout=30)
+    assert res.ok and kinds.LongStream.made == 50
+    ys = res.outputs["y"]
+    assert len(ys) == 50 and [float(y[0] - ys[0][0]) for y in ys] == [float(k) for k in range(50)]

@@ -145,13 +145,20 @@ def _logging(quiet: bool, verbose: int) -> None:
             msg = super().format(record)
             return msg if msg.startswith("mmpipe") else f"mmpipe: {msg}"
 
+    from mmpipe.launch import in_rank_process
+
     logger = logging.getLogger("mmpipe")
-    if not any(getattr(h, "_mmpipe_cli", False) for h in logger.handlers):
-        h = logging.StreamHandler(sys.stderr)
-        h.setFormatter(Prefixed("%(message)s"))
-        h._mmpipe_cli = True  # type: ignore[attr-defined]
-        logger.addHandler(h)
-    logger.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+    console = next((h for h in logger.handlers if getattr(h, "_mmpipe_cli", False)), None)
+    if console is None:
+        console = logging.StreamHandler(sys.stderr)
+        console.setFormatter(Prefixed("%(message)s"))
+        console._mmpipe_cli = True  # type: ignore[attr-defined]
+        logger.addHandler(console)
+    # the logger passes everything to the rank log files; the console shows what was asked for
+    # (ranks say little there: their notes are in <output_dir>/logs/rankK.log)
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    quiet_console = quiet or (in_rank_process() and not verbose)
+    console.setLevel(logging.WARNING if quiet_console else logging.DEBUG if verbose else logging.INFO)
     if verbose >= 2:
         logging.getLogger().setLevel(logging.DEBUG)  # the libraries' own logs too
 

@@ -49,7 +49,7 @@ def launch_local(plan: Any, argv: list[str]) -> int:
             logging.getLogger(name).setLevel(logging.CRITICAL)
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=f"mmpipe-{uuid.uuid4().hex[:8]}",
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2,
-                          shutdown_timeout=5)
+                          shutdown_timeout=15)  # room for rank 0 to save what finished after a signal
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "mmpipe", *argv)
         return 0
@@ -65,6 +65,10 @@ def launch_local(plan: Any, argv: list[str]) -> int:
         code = codes.get(0, 0)
         if dead:  # the agent stopped rank 0 (SIGTERM) because another rank died: that is the failure
             return 2 if code == 2 else 1
+        if code == 0:  # the driver finished: a rank's own exit code after that changes no result
+            late = ", ".join(f"rank {k} exited with {c}" for k, c in sorted(codes.items()) if k and c)
+            print(f"warning: {late} after the run ({plan.output_dir}/logs has their logs)", file=sys.stderr)
+            return 0
         return code if code in (1, 2, 130, 143) else 1
     except SignalException as exc:  # Ctrl-C or SIGTERM: the agent passed it on to every rank
         return 143 if exc.sigval == signal.SIGTERM else 130

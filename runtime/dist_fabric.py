@@ -31,7 +31,7 @@ WITH_CREDITS = "cr"  # (WITH_CREDITS, [(addr, n), ...], message): credits riding
 PUT, BACK, STORE, RELEASE, COLLECT = "put", "back", "store", "release", "collect"
 FINISH, GROUP_DONE, FAIL, EMPTY, STALL, RETIRE, CREDIT = "finish", "group_done", "fail", "empty", "stall", "retire", "credit"
 EXPECT = "expect"
-CONTROL = ("hb", "log", "stats?", "stats", "stop", "bye")
+CONTROL = ("hb", "log", "stats?", "stats", "stop", "bye", "reset")
 
 
 def _wire(pkt: Packet) -> tuple[Any, ...]:

@@ -220,7 +220,11 @@ class _Ranks:
                 if msg[1] == self.stats_token:
                     self.stats_got[src] = (msg[2], msg[3])
                     self.stats_cond.notify_all()
+        elif kind == "reset":
+            self.core.recorder.reset()
         elif kind == "stop":
+            if self.fabric.link is not None:
+                self.fabric.link.close()  # from now on a peer that goes away is no failure
             self.stop_asked.set()
             self.fabric.stop_event.set()
             self.fabric.wake_all()
@@ -230,15 +234,15 @@ class _Ranks:
             with path.open("a") as f:
                 f.write(msg[1] + "\n")
 
-    def remote_stats(self) -> dict[int, Any]:
-        """Every other rank's worker logs and memory (rank 0 asks, they answer)."""
+    def remote_stats(self, wait_s: float = STATS_WAIT_S) -> dict[int, Any]:
+        """Every other rank's worker logs and memory (rank 0 asks, they answer within ``wait_s``)."""
         with self.stats_cond:
             self.stats_token += 1
             self.stats_got = {}
             token = self.stats_token
         assert self.fabric.link is not None
         self.fabric.link.broadcast(("stats?", token))
-        deadline = time.monotonic() + STATS_WAIT_S
+        deadline = time.monotonic() + wait_s
         alive = [k for k in range(1, self.world) if k not in self.fabric.link.lost]
         with self.stats_cond:
             while len(self.stats_got) < len(alive) and time.monotonic() < deadline:
@@ -303,10 +307,13 @@ class DistributedPipeline(Pipeline):
         self._fetch_remote()
         return super().write_trace(path)
 
-    def _fetch_remote(self) -> None:
-        """The other ranks' worker logs (once per run: they are cleared when a run starts)."""
+    def _fetch_remote(self, wait_s: float = STATS_WAIT_S) -> None:
+        """The other ranks' worker logs and memory. After ``close`` the ranks are gone: what
+        ``close`` fetched on its way out is used."""
+        if not self._connected:
+            return
         rec = self.recorder
-        got = self.ranks.remote_stats()
+        got = self.ranks.remote_stats(wait_s)
         rec.remote = [WorkerLog.load(d) for k in sorted(got) for d in got[k][0]]
         rec.ranks = {0: rank_info(self.ranks.threads), **{k: got[k][1] for k in got}}
 
@@ -316,7 +323,10 @@ class DistributedPipeline(Pipeline):
         return super().stream(requests)
 
     def ranks_reset(self) -> None:
-        """A new measurement: the other ranks clear their logs too (their stats? reply is per run)."""
+        """A new measurement: the other ranks clear their logs too."""
+        link = self.fabric.link  # type: ignore[attr-defined]
+        if link is not None and self._connected:
+            link.broadcast(("reset",))
 
     @property
     def lost(self) -> str | None:
@@ -326,7 +336,9 @@ class DistributedPipeline(Pipeline):
     def close(self, grace_s: float = CLOSE_GRACE_S) -> None:
         link = self.fabric.link  # type: ignore[attr-defined]
         if link is not None and self._connected:
+            self._fetch_remote(wait_s=3.0)  # their logs, for stats and the trace, before they go
             link.broadcast(("stop",))
+            self._connected = False
         super().close(grace_s)
         if link is not None:
             link.close()

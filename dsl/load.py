@@ -6,9 +6,7 @@ that every later problem can point at the recipe line that caused it.
 """
 from __future__ import annotations
 
-import itertools
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,7 @@ from typing import Any
 import yaml
 
 from mmpipe.dsl.errors import Problem, RecipeError, Where, did_you_mean
+from mmpipe.dsl.overrides import _display, _hydra_problem, _references, _schema_override, quote_free_text, text_keys
 
 RECIPES_PKG = "mmpipe.recipes"
 
@@ -130,60 +129,6 @@ class Loaded:
     hydra_dirs: dict[str, str] = field(default_factory=dict)
 
 
-def _display(path: Path) -> str:
-    try:
-        return os.path.relpath(path)
-    except ValueError:
-        return str(path)
-
-
-def _hydra_problem(exc: Exception, overrides: list[str], path: Path) -> Problem:
-    """One of Hydra's errors as a problem: the override it is about, and a fix."""
-    msg = str(exc).strip()
-    first = msg.splitlines()[0] if msg else type(exc).__name__
-    bare = next((o for o in overrides if "=" not in o and not o.startswith("~")), None)
-    if bare is not None:  # e.g. a path with a space the shell cut in two
-        return Problem("", f"'{bare}' is not an override (key=value)",
-                       "if it belongs to the value before it, quote the whole override as one shell word, "
-                       "e.g. 'input=/path/with space.wav'; otherwise write key=value", Where(override=bare))
-    where = Where(file=_display(path))
-    bad = None
-    for o in overrides:
-        k = o.lstrip("+~").split("=", 1)[0]
-        if any(s in msg for s in (f"'{k}'", f"'{o}'", f"{k}=", f"'{k.split('.')[-1]}'")):
-            where, bad = Where(override=o), o
-            break
-    known = list(yaml_lines(path.read_text()))
-    fix = ""
-    if any(s in msg for s in ("LexerNoViableAlt", "no viable alternative", "mismatched input", "token recognition error", "extraneous input")):
-        o = bad or next((x for x in overrides if x in msg), overrides[-1] if overrides else "")
-        where = Where(override=o)
-        key, _, value = o.partition("=")
-        if not key.lstrip("+~").isascii():
-            fix = f"keys are plain ASCII names: check '{key}' (did a non-ASCII character slip in?)"
-        else:
-            quoted = "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-            fix = f"Hydra's grammar cannot read that value unquoted: write {key}={quoted} (in a shell: \"{key}={quoted}\")"
-    elif "Ambiguous value" in msg:
-        o = bad or next((x for x in overrides if "," in x), "")
-        where = Where(override=o)
-        key, _, value = o.partition("=")
-        fix = f"a comma makes a list of values to sweep: run with -m to try each, or quote it as one value: \"{key.lstrip('+')}='{value}'\""
-    elif bad and ("Could not override" in msg or "No match in config" in msg or "not in struct" in msg):
-        key = bad.split("=", 1)[0]
-        hint = did_you_mean(key, known)
-        add = f"add a new key with +{bad.lstrip('+')}"
-        fix = f"{hint} (or {add})" if hint else f"'{key}' is not in the recipe: {add}, or check the spelling"
-    elif "Could not find" in msg:
-        fix = "check the option name against the files in that config group (`mmpipe ls` lists recipes)"
-    elif "Could not delete" in msg:
-        hint = did_you_mean(bad.lstrip("~").split("=")[0], known) if bad else ""
-        fix = hint or "only keys that exist can be deleted with ~key"
-    elif "Could not append" in msg or "already" in msg:
-        fix = "the key exists: set it without '+' (key=value), or force with ++key=value"
-    return Problem("", first, fix, where)
-
-
 class _DupLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML ships no type hints
     """Safe loading that notes keys given twice in one mapping (YAML would keep the last silently)."""
 
@@ -228,67 +173,6 @@ def _check_yaml(path: Path) -> None:
         what = " ".join(str(getattr(exc, a, None) or "") for a in ("context", "problem")).strip() or str(exc).splitlines()[0]
         raise RecipeError([Problem("", f"YAML syntax error: {what}", "fix the YAML syntax (quote values that start with ?, :, {, [, * or &)",
                                    Where(file=_display(path), line=mark.line + 1 if mark else None))]) from exc
-
-
-# Top-level schema keys every recipe has (with defaults) even when its file
-# does not spell them out: ``output_dir=x`` must work without a '+'.
-_SCHEMA_SCALARS = ("output_dir", "trace", "seed", "description", "allow_targets", "resume", "overwrite")
-_SCHEMA_MAPS = ("placement", "batching", "runtime")
-# Keys every node has (defaults 1) even when the recipe does not spell them out.
-_NODE_KEYS = ("split", "replicas")
-
-
-_PLAIN = re.compile(r"^[A-Za-z0-9_\-./:@+*%?|$ ]*$")
-_INTERP = re.compile(r"^\$\{[^}]*\}$")
-
-
-def text_keys(path: Path) -> set[str]:
-    """Key paths the recipe file gives a string (or null) value: free text such as
-    prompts, paths and names, which overrides may give as a shell user types them."""
-    out = {"output_dir", "trace", "description", "name"}
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError:
-        return out
-
-    def walk(d: Any, prefix: str) -> None:
-        if isinstance(d, dict):
-            for k, v in d.items():
-                key = f"{prefix}.{k}" if prefix else str(k)
-                if isinstance(v, dict):
-                    walk(v, key)
-                elif v is None or isinstance(v, str):
-                    out.add(key)
-
-    walk(data, "")
-    return out
-
-
-def quote_free_text(o: str, keys: set[str]) -> str:
-    """``prompt=it's a cat, oil painting`` -> ``prompt='it\\'s a cat, oil painting'``: Hydra's
-    grammar reads commas, quotes and brackets; a free-text value is quoted for it."""
-    if o.startswith("~") or "=" not in o:
-        return o
-    key, value = o.split("=", 1)
-    if key.lstrip("+") not in keys or value in ("", "null") or _PLAIN.match(value) or _INTERP.match(value):
-        return o
-    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-        return o  # already quoted for Hydra
-    return f"{key}='" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def _schema_override(o: str) -> str:
-    """Rewrite ``key=value`` on a schema key to Hydra's add-or-set ``++key=value``."""
-    if o.startswith(("+", "~")) or "=" not in o:
-        return o
-    key = o.split("=", 1)[0]
-    root = key.split(".", 1)[0]
-    if key in _SCHEMA_SCALARS or (root in _SCHEMA_MAPS and "." in key):
-        return "++" + o
-    parts = key.split(".")
-    if len(parts) == 3 and parts[0] == "nodes" and parts[2] in _NODE_KEYS:
-        return "++" + o
-    return o
 
 
 def register_resolvers() -> None:
@@ -404,50 +288,3 @@ def _provenance(path: Path, choices: dict[str, str], overrides: list[str]) -> Pr
             prov.entries[k] = src
     return prov
 
-
-def _references(text: str) -> dict[str, str]:
-    """Key path -> variable, for every value that is exactly ``${variable}``."""
-    out: dict[str, str] = {}
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return out
-
-    def walk(d: Any, prefix: str) -> None:
-        if isinstance(d, dict):
-            for k, v in d.items():
-                key = f"{prefix}.{k}" if prefix else str(k)
-                if isinstance(v, str) and _INTERP.match(v) and ":" not in v:
-                    out[key] = v[2:-1].strip()
-                walk(v, key)
-
-    walk(data, "")
-    return out
-
-
-def expand_sweep(overrides: list[str]) -> list[list[str]]:
-    """Hydra ``-m`` semantics: the cartesian product of every swept override."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except Exception as exc:
-        raise RecipeError([Problem("", str(exc).splitlines()[0], "check the override syntax (key=value, +key=value, ~key, key=a,b)", Where(override=" ".join(overrides)))]) from exc
-    axes: list[list[str]] = []
-    for o in parsed:
-        if o.is_sweep_override():
-            prefix = o.get_key_element()
-            if type(o.value()).__name__ == "Glob":  # glob(*) over a config group's options
-                group = o.key_or_group
-                opts = sorted(q.stem for q in (recipes_dir() / group).glob("*.yaml"))
-                if not opts:
-                    raise RecipeError([Problem(group, f"glob() sweeps the options of a config group, and '{group}' is none",
-                                               f"config groups: {', '.join(sorted(p.name for p in recipes_dir().iterdir() if p.is_dir()))}",
-                                               Where(override=o.input_line))])
-                glob: Any = o.value()
-                axes.append([f"{prefix}={v}" for v in glob.filter(opts)])
-            else:
-                axes.append([f"{prefix}={v}" for v in o.sweep_string_iterator()])
-        else:
-            axes.append([str(o.input_line)])
-    return [list(combo) for combo in itertools.product(*axes)]

@@ -326,7 +326,7 @@ def cmd_multirun(a: Args) -> int:
     """Every job of the sweep is composed and checked first: all problems of all jobs are
     reported before any job runs."""
     from mmpipe.dsl.errors import RecipeError
-    from mmpipe.dsl.load import expand_sweep
+    from mmpipe.dsl.overrides import expand_sweep
 
     jobs = expand_sweep(a.overrides)
     prepared, bad = [], []

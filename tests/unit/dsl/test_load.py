@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from mmpipe.dsl.errors import RecipeError
-from mmpipe.dsl.load import expand_sweep, load_recipe, resolve_recipe, shipped_recipes, yaml_lines
+from mmpipe.dsl.load import load_recipe, resolve_recipe, shipped_recipes, yaml_lines
+from mmpipe.dsl.overrides import expand_sweep
 
 
 def test_shipped_recipes_are_found():

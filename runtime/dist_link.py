@@ -14,6 +14,7 @@ back when that packet leaves the inbox.
 """
 from __future__ import annotations
 
+import queue
 import re
 import threading
 import time
@@ -46,7 +47,8 @@ class Link:
         self.peer_timeout_s = peer_timeout_s
         self.nccl, self.nccl_peers = nccl, nccl_peers or set()
         self.peers = [k for k in range(world) if k != rank]
-        self.locks = {k: threading.Lock() for k in self.peers}
+        self.locks = {k: threading.Lock() for k in self.peers}  # held while a message is on the wire
+        self.outbox: dict[int, queue.SimpleQueue[Any]] = {k: queue.SimpleQueue() for k in self.peers}
         self.last_seen = {k: time.monotonic() for k in self.peers}
         self.lost: set[int] = set()
         self.closing = threading.Event()
@@ -55,13 +57,23 @@ class Link:
 
     def start(self) -> None:
         bodies = [(lambda k=k: self._receive(k), f"recv{k}") for k in self.peers] + [(self._heartbeat, "heartbeat")]
+        bodies += [(lambda k=k: self._send_loop(k), f"send{k}") for k in self.peers]
         self.threads = [threading.Thread(target=fn, name=THREAD_PREFIX + n, daemon=True) for fn, n in bodies]
         for t in self.threads:
             t.start()
 
     def close(self) -> None:
-        """Stop caring about peers (their disconnects are no longer failures)."""
+        """Stop caring about peers (their disconnects are no longer failures); what is
+        queued still goes out."""
         self.closing.set()
+        for box in self.outbox.values():
+            box.put(None)
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait (bounded) until every queued message is on the wire."""
+        deadline = time.monotonic() + timeout
+        while any(self.busy(k) for k in self.peers if k not in self.lost) and time.monotonic() < deadline:
+            time.sleep(0.005)
 
     # ------------------------------------------------------------ sending
     def _group(self, src: int, dst: int) -> Any:
@@ -69,29 +81,40 @@ class Link:
         return self.nccl[0] if src < dst else self.nccl[1]
 
     def send(self, peer: int, msg: Any, device: str = "cpu") -> None:
-        """``device``: where the receiver will use the message's tensors (GPU tensors go
-        over NCCL when that is a GPU the peer reaches that way)."""
+        """Queue ``msg`` for ``peer`` (encoded here, sent by the peer's sender thread in
+        order, so the caller never waits for the network). ``device``: where the receiver
+        will use the message's tensors (GPU tensors go over NCCL when that is a GPU the
+        peer reaches that way)."""
         if peer in self.lost:
             raise PeerLost(f"rank {peer} is gone")
         nccl_to = device if self.nccl is not None and peer in self.nccl_peers and device.startswith("cuda") else None
-        buf, gpu = encode(msg, nccl_to)
-        total = buf.numel()
-        lock = self.locks[peer]
-        while not lock.acquire(timeout=SLICE_S):  # a send to a hung peer may never return
-            if peer in self.lost:
-                raise PeerLost(f"rank {peer} is gone")
-        try:
-            dist.send(buf[: min(total, FRAME)], peer)
-            if total > FRAME:
-                dist.send(buf[FRAME:], peer)
-            for t in gpu:
-                dist.send(t, peer, group=self._group(self.rank, peer))
-            self.sent += 1
-        except Exception as exc:
-            self._lost(peer, f"sending failed: {_short(exc)}")
-            raise PeerLost(f"rank {peer}: {exc}") from exc
-        finally:
-            lock.release()
+        self.outbox[peer].put(encode(msg, nccl_to))
+
+    def _send_loop(self, peer: int) -> None:
+        """Thread body: one peer's messages, in order. A send to a hung peer may never
+        return: the heartbeat watch declares it lost meanwhile."""
+        box = self.outbox[peer]
+        while True:
+            got = box.get()
+            if got is None or peer in self.lost:
+                return
+            buf, gpu = got
+            total = buf.numel()
+            try:
+                with self.locks[peer]:
+                    dist.send(buf[: min(total, FRAME)], peer)
+                    if total > FRAME:
+                        dist.send(buf[FRAME:], peer)
+                    for t in gpu:
+                        dist.send(t, peer, group=self._group(self.rank, peer))
+                    self.sent += 1
+            except Exception as exc:
+                self._lost(peer, f"sending failed: {_short(exc)}")
+                return
+
+    def busy(self, peer: int) -> bool:
+        """Messages wait for this peer (a heartbeat adds nothing then)."""
+        return self.locks[peer].locked() or not self.outbox[peer].empty()
 
     def broadcast(self, msg: Any) -> None:
         """To every live peer; peers that are gone are skipped."""
@@ -146,8 +169,8 @@ class Link:
                 if time.monotonic() - self.last_seen[k] > self.peer_timeout_s:
                     self._lost(k, f"it sent nothing for {self.peer_timeout_s:g} s (runtime.peer_timeout_s)", hung=True)
                     continue
-                if self.locks[k].locked():
-                    continue  # a message is going out anyway; never queue behind a stuck send
+                if self.busy(k):
+                    continue  # messages are going out anyway
                 try:
                     self.send(k, ("hb",))
                 except PeerLost:

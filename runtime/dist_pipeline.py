@@ -338,6 +338,7 @@ class DistributedPipeline(Pipeline):
         if link is not None and self._connected:
             self._fetch_remote(wait_s=3.0)  # their logs, for stats and the trace, before they go
             link.broadcast(("stop",))
+            link.flush()
             self._connected = False
         super().close(grace_s)
         if link is not None:
@@ -375,5 +376,6 @@ def serve_rank(plan: Plan, output_dir: str | None) -> int:
     if left:
         log.warning("rank %d: threads still running at exit: %s", rank, ", ".join(left))
     assert fabric.link is not None
+    fabric.link.flush()  # log lines and replies still queued go out before the process ends
     fabric.link.close()
     return code or (1 if ranks.lost else 0)

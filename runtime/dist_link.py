@@ -56,9 +56,10 @@ class Link:
         self.sent = 0  # messages sent (diagnostics)
 
     def start(self) -> None:
-        bodies = [(lambda k=k: self._receive(k), f"recv{k}") for k in self.peers] + [(self._heartbeat, "heartbeat")]
-        bodies += [(lambda k=k: self._send_loop(k), f"send{k}") for k in self.peers]
-        self.threads = [threading.Thread(target=fn, name=THREAD_PREFIX + n, daemon=True) for fn, n in bodies]
+        self.threads = [threading.Thread(target=self._heartbeat, name=THREAD_PREFIX + "heartbeat", daemon=True)]
+        for k in self.peers:
+            self.threads.append(threading.Thread(target=self._receive, args=(k,), name=f"{THREAD_PREFIX}recv{k}", daemon=True))
+            self.threads.append(threading.Thread(target=self._send_loop, args=(k,), name=f"{THREAD_PREFIX}send{k}", daemon=True))
         for t in self.threads:
             t.start()
 

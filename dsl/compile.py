@@ -339,7 +339,9 @@ def compile_loaded(loaded: Loaded, available: Callable[[str], bool] | None = Non
         recipe=top.name, file=str(loaded.path), description=top.description,
         inputs={k: dataclasses.asdict(v) for k, v in top.inputs.items()}, outputs=dict(top.outputs), source=source,
         nodes=nodes, order=order, stages=stages, edges=edges, transfers=insert_transfers(stages, edges, distributed),
-        loops=loops_of(stages), consumers=consumers, batching=dataclasses.asdict(top.batching),
+        loops=loops_of(stages), consumers=consumers,
+        # request parameters micro-batches must not mix (the kinds' batch_keys)
+        batching={**dataclasses.asdict(top.batching), "group_by": sorted({k for r in resolved.values() for k in r.kind.batch_keys})},
         runtime=dataclasses.asdict(top.runtime), schedule=choose_schedule(stages),
         trace=os.path.expanduser(top.trace) if top.trace else None,
         output_dir=os.path.expanduser(top.output_dir), seed=top.seed, allow_targets=list(top.allow_targets),

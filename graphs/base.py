@@ -83,6 +83,9 @@ class NodeKind:
     # Config fields a single request may override (``ItemMeta.params[field]``);
     # each is validated like the recipe value (see ``param``).
     request_params: ClassVar[tuple[str, ...]] = ()
+    # Those of them that items of one micro-batch (and one loop group) must share, because
+    # the math cannot mix them (an image size, a step count); others may differ per item.
+    batch_keys: ClassVar[tuple[str, ...]] = ()
 
     # ---- declarations (class level, no weights) --------------------------
     @classmethod
@@ -180,7 +183,9 @@ class LoopKind(NodeKind):
         """Last piece: (carry for the next iteration, done flags, outputs).
 
         ``outputs`` are batched over all items of ``carry``; the runtime takes
-        the rows of done items.
+        the rows of done items. An optional ``"_progress"`` list (one entry per item)
+        reports how far unfinished items got (tokens so far, a step count): it reaches
+        whoever submitted their request (a server streaming partial results).
         """
         raise NotImplementedError
 

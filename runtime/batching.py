@@ -22,6 +22,11 @@ from mmpipe.graphs.base import Request
 LengthFn = Callable[[Request], float]
 
 
+def group_key(params: dict[str, Any], names: list[str]) -> tuple[str, ...]:
+    """What must be equal for two requests (or items) to share a micro-batch."""
+    return tuple(repr(params.get(n)) for n in names)
+
+
 def default_length(req: Request) -> float:
     """``params["length"]`` if present, else the element count of the largest tensor value."""
     if "length" in req.params:
@@ -49,19 +54,23 @@ class BatchPolicy:
     """
 
     def __init__(self, max_batch_size: int, max_delay_ms: float, microbatch_size: int,
-                 length_buckets: list[float] | None = None, length_of: LengthFn | None = None) -> None:
+                 length_buckets: list[float] | None = None, length_of: LengthFn | None = None,
+                 group_by: list[str] | None = None) -> None:
+        """``group_by``: request parameters that must be equal within a micro-batch
+        (requests with other values wait in buckets of their own)."""
         self.max_batch_size = max(1, int(max_batch_size))
         self.microbatch_size = max(1, min(int(microbatch_size), self.max_batch_size))
         self.max_delay_s = max(0.0, float(max_delay_ms)) / 1000.0
         self.bounds = sorted(float(b) for b in (length_buckets or []))
         self.length_of = length_of or default_length
-        self.buckets: dict[int, _Bucket] = {}
+        self.group_by = list(group_by or [])
+        self.buckets: dict[Any, _Bucket] = {}
 
     @classmethod
     def from_plan(cls, plan: Any, length_of: LengthFn | None = None) -> "BatchPolicy":
         b, r = plan.batching, plan.runtime
         return cls(b.get("max_batch_size", 8), b.get("max_delay_ms", 5.0), r.get("microbatch_size", 1),
-                   b.get("length_buckets") or [], length_of)
+                   b.get("length_buckets") or [], length_of, b.get("group_by") or [])
 
     def bucket_of(self, length: float) -> int:
         """Index of the length range: bucket i holds bounds[i-1] < length <= bounds[i]."""
@@ -69,7 +78,7 @@ class BatchPolicy:
 
     def add(self, req: Request, now: float) -> list[list[Request]]:
         length = self.length_of(req) if self.bounds else 0.0
-        key = self.bucket_of(length)
+        key = (self.bucket_of(length), group_key(req.params, self.group_by))
         b = self.buckets.get(key)
         if b is None:
             b = self.buckets[key] = _Bucket(since=now)
@@ -101,7 +110,7 @@ class BatchPolicy:
     def pending(self) -> int:
         return sum(len(b.requests) for b in self.buckets.values())
 
-    def _take(self, key: int) -> list[list[Request]]:
+    def _take(self, key: Any) -> list[list[Request]]:
         b = self.buckets.pop(key)
         reqs = b.requests
         if self.bounds:

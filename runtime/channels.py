@@ -163,11 +163,15 @@ class LoopInbox(Inbox):
     in-flight count is owned here, under this inbox's lock.
     """
 
-    def __init__(self, depth: int, stopped: Callable[[], bool], max_inflight: int, max_batch: int) -> None:
+    def __init__(self, depth: int, stopped: Callable[[], bool], max_inflight: int, max_batch: int,
+                 key: Callable[[ItemMeta], Any] = lambda m: None) -> None:
+        """``key``: what items must share to join one group (request parameters the math
+        cannot mix, e.g. an image size)."""
         super().__init__(depth, stopped)
         self.back: deque[Packet] = deque()
         self.retry: deque[Packet] = deque()
         self.max_inflight, self.max_batch = max_inflight, max_batch
+        self.key = key
         self.inflight = 0
 
     def put_back(self, pkt: Packet, retry: bool = False) -> None:
@@ -207,8 +211,8 @@ class LoopInbox(Inbox):
                     if self.back:
                         pkt = self.back.popleft()
                         new: list[ItemMeta] = []
-                        if not pkt.isolated:
-                            new = self._top_up(self.max_batch - len(pkt.items), taken)
+                        if not pkt.isolated and pkt.items:
+                            new = self._top_up(self.max_batch - len(pkt.items), taken, self.key(pkt.items[0]))
                         return Admission(pkt, new, False, time.perf_counter() - pkt.t_put)
                     woke = self.cond.wait(SLICE_S)
                 if not woke:
@@ -217,9 +221,9 @@ class LoopInbox(Inbox):
             for p in taken:
                 p.taken()
 
-    def _top_up(self, space: int, taken: list[Packet]) -> list[ItemMeta]:
+    def _top_up(self, space: int, taken: list[Packet], key: Any) -> list[ItemMeta]:
         new: list[ItemMeta] = []
-        while space > 0 and self.main:
+        while space > 0 and self.main and self.main[0].items and self.key(self.main[0].items[0]) == key:
             head = self.main[0]
             take, rest = head.items[:space], head.items[space:]
             new += take

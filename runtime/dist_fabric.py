@@ -30,7 +30,7 @@ WITH_CREDITS = "cr"  # (WITH_CREDITS, [(addr, n), ...], message): credits riding
 # message kinds
 PUT, BACK, STORE, RELEASE, COLLECT = "put", "back", "store", "release", "collect"
 FINISH, GROUP_DONE, FAIL, EMPTY, STALL, RETIRE, CREDIT = "finish", "group_done", "fail", "empty", "stall", "retire", "credit"
-EXPECT = "expect"
+EXPECT, PROGRESS = "expect", "progress"
 CONTROL = ("hb", "log", "stats?", "stats", "stop", "bye", "reset")
 
 
@@ -146,6 +146,11 @@ class DistFabric(Fabric):
             return super().expect(counts)
         self._send(0, (EXPECT, counts))
 
+    def report(self, items: list[ItemMeta], progress: list[Any]) -> None:
+        if self.rank == 0:
+            return super().report(items, progress)
+        self._send(0, (PROGRESS, items, progress))
+
     def stall(self, s: int, node: str, message: str, kind: str = "StageTimeout") -> None:
         if self.rank == 0:
             return super().stall(s, node, message, kind)
@@ -219,6 +224,8 @@ class DistFabric(Fabric):
             Fabric.complete_empty(self, msg[1])
         elif kind == EXPECT:
             Fabric.expect(self, msg[1])
+        elif kind == PROGRESS:
+            Fabric.report(self, msg[1], msg[2])
         elif kind == STALL:
             _, s, node, message, k = msg
             Fabric.stall(self, s, node, message, k)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from mmpipe.dsl.plan import Plan
 from mmpipe.graphs.base import ItemMeta
+from mmpipe.runtime.batching import group_key
 from mmpipe.runtime.channels import Inbox, LoopInbox, Packet, SideStore
 from mmpipe.runtime.deliver import Assigner
 from mmpipe.runtime.requests import RequestTable, TimeBook
@@ -54,7 +55,8 @@ class Fabric:
                 addr = (st.index, r)
                 if first:
                     body = len(next(lp.stages for lp in plan.loops if lp.node == st.loop))
-                    self.inboxes[addr] = LoopInbox(self.depth, self.stopping, mi if mi > 0 else max(2, body), self.max_batch)
+                    self.inboxes[addr] = LoopInbox(self.depth, self.stopping, mi if mi > 0 else max(2, body), self.max_batch,
+                                                   self.item_group)
                 else:
                     # Inside a loop body (not its first stage) admission bounds the queue instead.
                     self.inboxes[addr] = Inbox(1 << 30 if st.loop else self.depth, self.stopping)
@@ -66,6 +68,10 @@ class Fabric:
         # In one process a producer stores values before it hands the items on, so they are
         # always there; from another process they may still be on their way (DistFabric).
         self.wait_stored_s = 0.0
+
+    def item_group(self, m: ItemMeta) -> tuple[str, ...]:
+        """What an item must share with a loop group to join it (the plan's ``group_by``)."""
+        return group_key(m.params, list(self.plan.batching.get("group_by") or []))
 
     # ------------------------------------------------------------ places
     def is_local(self, addr: Addr) -> bool:
@@ -142,6 +148,11 @@ class Fabric:
     def complete_empty(self, rids: Iterable[str]) -> None:
         assert self.table is not None
         self.table.complete_empty(rids)
+
+    def report(self, items: list[ItemMeta], progress: list[Any]) -> None:
+        """How far unfinished items got, for whoever submitted their requests."""
+        assert self.table is not None
+        self.table.report(items, progress)
 
     def expect(self, counts: dict[str, int]) -> None:
         """A streamed expansion ended: how many items each request has."""

@@ -181,6 +181,9 @@ class LoopWorker(StageWorker):
         self.counts["trips"] += 1
         done_rows = [i for i, d in enumerate(done) if d]
         keep = [i for i, d in enumerate(done) if not d]
+        progress = outs.get("_progress")
+        if progress is not None and keep:
+            self.fabric.report([items[i] for i in keep], [progress[i] for i in keep])
         if keep:
             back = Packet([items[i] for i in keep], carry=self.inst.select(carry, keep), mb=pkt.group, group=pkt.group,
                           isolated=pkt.isolated, gens=[gens[i] for i in keep])

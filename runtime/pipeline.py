@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from mmpipe.dsl.plan import Plan
-from mmpipe.graphs.base import Request
+from mmpipe.graphs.base import ItemMeta, Request
 from mmpipe.runtime.batching import LengthFn
 from mmpipe.runtime.channels import SLICE_S
 from mmpipe.runtime.core import THREAD_PREFIX, Core  # noqa: F401  (THREAD_PREFIX re-exported)
@@ -103,9 +103,15 @@ class Pipeline:
         self.close()
 
     # ------------------------------------------------------------ public API
-    def submit(self, request: Request) -> "Future[Result]":
-        """Queue one request; the future resolves to its ``Result`` (errors included)."""
-        return self._submit([request], flush=False)[0]
+    def submit(self, request: Request, on_progress: Callable[[ItemMeta, Any], None] | None = None) -> "Future[Result]":
+        """Queue one request; the future resolves to its ``Result`` (errors included).
+        ``on_progress(item, progress)``: loops that report partial progress call it."""
+        return self._submit([request], flush=False, on_progress=on_progress)[0]
+
+    def cancel(self, request_id: str, why: str = "cancelled by the client") -> None:
+        """Give up on a request: its future resolves with a ``Cancelled`` error and its items
+        are dropped wherever they are (a loop frees their lanes on their next pass)."""
+        self.table.fail([request_id], {"type": "Cancelled", "message": why, "stage": None, "node": None})
 
     def stream(self, requests: Iterable[Request]) -> Iterator[Result]:
         """Results in completion order. Ctrl-C closes the pipeline (finished results stay in ``completed``)."""
@@ -163,11 +169,12 @@ class Pipeline:
         return self.fabric.store_size()
 
     # ------------------------------------------------------------ requests
-    def _submit(self, reqs: list[Request], flush: bool, on_done: Callable[[Any], None] | None = None) -> "list[Future[Result]]":
+    def _submit(self, reqs: list[Request], flush: bool, on_done: Callable[[Any], None] | None = None,
+                on_progress: Callable[[ItemMeta, Any], None] | None = None) -> "list[Future[Result]]":
         """Register the requests (futures) and hand them to the batcher."""
         if not self._started:
             self.start()
-        futures = self.table.add(reqs, on_done)
+        futures = self.table.add(reqs, on_done, on_progress)
         if self.fabric.broken or self.fabric.stopping():
             self.table.fail_all({"type": "Stopped", "message": self.fabric.broken or "the pipeline is closed", "stage": None, "node": None})
             return futures

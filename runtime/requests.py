@@ -67,6 +67,7 @@ class _Live:
     keep: bool  # submitted by run/stream: also kept in ``RequestTable.completed``
     rows: list[tuple[ItemMeta, dict[str, Any]]] = field(default_factory=list)
     total: int | None = None  # items of a streamed expansion, once its stream ended
+    on_progress: Callable[[ItemMeta, Any], None] | None = None
 
 
 class RequestTable:
@@ -86,7 +87,8 @@ class RequestTable:
         self.last_progress = time.monotonic()
 
     # ------------------------------------------------------------ registering
-    def add(self, reqs: list[Request], on_done: Callable[[Any], None] | None) -> "list[Future[Result]]":
+    def add(self, reqs: list[Request], on_done: Callable[[Any], None] | None,
+            on_progress: Callable[[ItemMeta, Any], None] | None = None) -> "list[Future[Result]]":
         ids = [r.id for r in reqs]
         if len(set(ids)) != len(ids):
             raise ValueError("request ids must be unique within a run")
@@ -101,7 +103,7 @@ class RequestTable:
                 if on_done is not None:
                     fut.add_done_callback(on_done)
                 futures.append(fut)
-                self._live[r.id] = _Live(r, fut, now, keep=on_done is not None)
+                self._live[r.id] = _Live(r, fut, now, keep=on_done is not None, on_progress=on_progress)
         return futures
 
     def is_live(self, rid: str) -> bool:
@@ -172,6 +174,17 @@ class RequestTable:
         for rid in done:
             self._complete(rid)
         self.complete_empty(empty)
+
+    def report(self, items: list[ItemMeta], progress: list[Any]) -> None:
+        """Partial progress of unfinished items, to their requests' ``on_progress`` (a
+        failing callback is the caller's problem, never the pipeline's)."""
+        for m, p in zip(items, progress):
+            rec = self._live.get(m.request_id)
+            if rec is not None and rec.on_progress is not None:
+                try:
+                    rec.on_progress(m, p)
+                except Exception:
+                    pass
 
     def complete_empty(self, rids: Iterable[str]) -> None:
         """An expanding node produced no items for these requests (e.g. empty audio)."""

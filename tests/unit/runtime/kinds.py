@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mmpipe.graphs.base import Batch, ItemMeta, NodeKind, Port
+from mmpipe.graphs.synthetic import Loop
 
 
 @dataclass(kw_only=True)
@@ -194,3 +195,23 @@ class LongStream(NodeKind):
                     yield {"y": x["x"][i:i + 1] + k, "_parent": [i]}
 
         return chunks()
+
+
+class KeyedLoop(Loop):
+    """``synthetic.loop`` whose items carry a ``size`` that one step cannot mix (as image
+    sizes in a denoising step), and that reports each unfinished item's trips so far."""
+
+    kind = "testing.keyed_loop"
+    request_params = ("size",)
+    batch_keys = ("size",)
+    mixed: list[list[Any]] = []  # steps that saw several sizes (must stay empty)
+
+    def step(self, carry: Batch, meta: list[ItemMeta], lanes: list[dict]) -> Batch:
+        sizes = {m.params.get("size") for m in meta}
+        if len(sizes) > 1:
+            KeyedLoop.mixed.append(sorted(map(str, sizes)))
+        return super().step(carry, meta, lanes)
+
+    def end(self, carry: Batch, meta: list[ItemMeta], lanes: list[dict]) -> Any:
+        nxt, done, outs = super().end(carry, meta, lanes)
+        return nxt, done, {**outs, "_progress": [int(n) for n in nxt["n"].tolist()]}

@@ -85,7 +85,12 @@ def test_bounded_queues_hold_back_the_producer(tmp_path: Path, monkeypatch: pyte
         try:
             futures = [pipe.submit(r) for r in requests_of(plan)]
             assert kinds.Gate.entered.wait(10) and blocked.wait(10)
-            # gate holds 1, its inbox 1, stage 0 holds the 1 it cannot hand on
+            # gate holds 1, its inbox 1, stage 0 holds the 1 it cannot hand on ("blocked" may
+            # fire while the gate has yet to take its first item, so wait for the third call)
+            deadline = time.monotonic() + 10
+            while len(kinds.Counted.calls) < 3 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.3)  # room for a fourth call, were stage 0 not held back
             assert len(kinds.Counted.calls) == 3
         finally:
             kinds.Gate.open.set()
@@ -194,7 +199,7 @@ def test_stats_table_and_chrome_trace(tmp_path: Path):
 
 def keyed_plan(tmp_path: Path):
     nodes = {"b": {"_target_": f"{KINDS}.KeyedLoop", "in": {"x": "inputs.x", "trips": "inputs.trips"}, "parts": 2, "split": 2,
-                   "work": "noop"}}
+                   "work": "sleep", "stage_ms": 2}}  # steps slower than arrivals, so groups run while items wait
     return compile_data(tmp_path, recipe(nodes, {"y": "b.y", "n": "b.n"}, count=24, max_trips=6,
                                          batching={"max_batch_size": 6, "max_delay_ms": 20}, runtime={"microbatch_size": 3}))
 

@@ -9,8 +9,10 @@ Methods (all on the same weights and seeds, every one writes its PNGs):
 diffusers one prompt at a time, diffusers batched (one call, a generator per
 prompt), and mmpipe with several runtime settings. Every measurement runs in a
 fresh process of its own (this script re-invokes itself with ``--method``): a
-reference timed in a process that also hosts mmpipe's worker threads (and their
-OpenMP thread pools) runs measurably slower, so sharing a process is not a fair
+reference timed in a process that also hosts mmpipe's worker threads runs
+measurably slower (each thread that ran a parallel op keeps an OpenMP pool, and
+once a process holds more OpenMP threads than cores libgomp all but stops
+spin-waiting between parallel regions), so sharing a process is not a fair
 comparison. Each process loads its model, warms up on the first two prompts,
 times one run of all prompts and writes its wall time, its own CPU time, the CPU
 time other processes used meanwhile, and its images (uint8, ``.npy``) for the
@@ -45,12 +47,17 @@ PROMPTS = [
 REFERENCE = "diffusers batched"
 DIFFUSERS = ("diffusers one at a time", REFERENCE)
 # mmpipe settings measured: label -> overrides ({n}: the number of prompts, {h}: half of it).
+# An upper-case NAME=VALUE is an environment variable of that run's process instead:
+# OMP_NUM_THREADS=1 gives every stage thread one intra-op thread (no OpenMP team per
+# stage; the cores are shared by pipelining instead).
 MMPIPE_RUNS: dict[str, list[str]] = {
     "mmpipe sequential": ["runtime=sequential", "nodes.denoise.split=1"],
     "mmpipe threads split=1 mb=all": ["runtime=threads", "nodes.denoise.split=1", "runtime.microbatch_size={n}"],
     "mmpipe threads split=2 mb=half": ["runtime=threads", "nodes.denoise.split=2", "runtime.microbatch_size={h}"],
     "mmpipe split=2 mb=half chan_last": ["runtime=threads", "nodes.denoise.split=2", "runtime.microbatch_size={h}",
                                          "nodes.denoise.channels_last=true"],
+    "mmpipe split=2 mb=half 1 thread/stage": ["OMP_NUM_THREADS=1", "runtime=threads", "nodes.denoise.split=2",
+                                              "runtime.microbatch_size={h}"],
 }
 VARIANT = "mmpipe + "  # label prefix of --variant runs (extra overrides on the recipe's defaults)
 
@@ -89,10 +96,7 @@ def build(method: str, model: str, prompts: list[str], steps: int, size: int, de
 
     from mmpipe.api import compile, open_pipeline, requests_of
 
-    if method.startswith(VARIANT):
-        ovs = method[len(VARIANT):].split()
-    else:
-        ovs = [o.format(n=len(prompts), h=max(1, len(prompts) // 2)) for o in MMPIPE_RUNS[method]]
+    ovs = [o for o in settings(method, len(prompts)) if not is_env(o)]
     pfile = out_dir / "prompts.txt"
     pfile.write_text("\n".join(prompts))
     plan = compile("sd_txt2img", [f"model={model}", f"prompts={pfile}", f"num_inference_steps={steps}", f"height={size}",
@@ -124,6 +128,18 @@ def cpu_now() -> tuple[float, float]:
     except (OSError, ValueError):
         busy = float("nan")
     return ru.ru_utime + ru.ru_stime, busy
+
+
+def settings(method: str, n: int) -> list[str]:
+    """The overrides and NAME=VALUE environment settings of an mmpipe method."""
+    if method.startswith(VARIANT):
+        return method[len(VARIANT):].split()
+    return [o.format(n=n, h=max(1, n // 2)) for o in MMPIPE_RUNS.get(method, [])]
+
+
+def is_env(token: str) -> bool:
+    name = token.split("=", 1)[0]
+    return "=" in token and name.isupper() and name.replace("_", "").isalnum()
 
 
 def measure(a: argparse.Namespace, prompts: list[str]) -> int:
@@ -177,7 +193,8 @@ def child(a: argparse.Namespace, method: str, model: str, out: Path) -> dict[str
         wait_quiet(a.wait_quiet)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--method", method, "--model", model, "--out", str(out),
            "--prompts", str(a.prompts), "--steps", str(a.steps), "--size", str(a.size), "--device", a.device, "--dtype", a.dtype]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ, **dict(o.split("=", 1) for o in settings(method, a.prompts) if is_env(o)))
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         raise RuntimeError(f"{method} on {model} failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
     return json.loads(out.read_text())
@@ -242,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--quick", action="store_true", help="4 prompts x 4 steps on tiny_random, 1 round")
     ap.add_argument("--methods", help="comma-separated subset of the method labels (default: all)")
-    ap.add_argument("--variant", action="append", default=[], help="another mmpipe run with these overrides (repeatable)")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="another mmpipe run with these overrides and NAME=VALUE environment settings (repeatable)")
     ap.add_argument("--wait-quiet", type=float, default=30.0,
                     help="before each run, wait up to this many seconds until no other process is runnable (0: never)")
     ap.add_argument("--json", help="also write the rows as JSON here")

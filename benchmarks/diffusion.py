@@ -17,9 +17,10 @@ comparison. Each process loads its model, warms up on the first two prompts,
 times one run of all prompts and writes its wall time, its own CPU time, the CPU
 time other processes used meanwhile, and its images (uint8, ``.npy``) for the
 parent. Rounds are interleaved (every method once per round, the order rotated
-each round) because other processes may share the cores: before each run the
-parent waits (up to ``--wait-quiet`` seconds) until no other process is
-runnable, and the fastest round per method is kept. With 2 OpenMP threads per
+each round) because other processes may share the cores: after its warm-up,
+each process waits (up to ``--wait-quiet`` seconds) until no other process has
+been runnable for two seconds before it starts the clock, and the fastest round
+per method is kept. With 2 OpenMP threads per
 process, a run that shares its cores slows down far more than the load suggests
 (barriers wait for descheduled threads): look at the "others" column before
 trusting a row. The table gives each time against
@@ -142,32 +143,6 @@ def is_env(token: str) -> bool:
     return "=" in token and name.isupper() and name.replace("_", "").isalnum()
 
 
-def measure(a: argparse.Namespace, prompts: list[str]) -> int:
-    """``--method``: warm up, time one run of all prompts, write the times (JSON) and images (.npy)."""
-    import numpy as np
-    import torch
-
-    out = Path(a.out)
-    with tempfile.TemporaryDirectory(prefix="mmpipe-bench-") as tmp:
-        run, close = build(a.method, a.model, prompts, a.steps, a.size, a.device, a.dtype, Path(tmp))
-        try:
-            run(prompts[:2])  # warm-up: first-call allocations, oneDNN primitives, thread pools
-            own0, busy0 = cpu_now()
-            t0 = time.perf_counter()
-            imgs = run(prompts)
-            wall = time.perf_counter() - t0
-            own1, busy1 = cpu_now()
-        finally:
-            close()
-    np.save(out.with_suffix(".npy"), np.stack(imgs))
-    others = max(0.0, (busy1 - busy0) - (own1 - own0))  # CPU time other processes took meanwhile
-    out.write_text(json.dumps({"method": a.method, "model": a.model, "s": wall, "cpu_s": own1 - own0,
-                               "others_pct": 100 * others / (wall * (os.cpu_count() or 1)), "load": os.getloadavg()[0],
-                               "torch_threads": torch.get_num_threads()}))
-    return 0
-
-
-# ---------------------------------------------------------------------- the comparison (parent process)
 def wait_quiet(max_s: float, calm_s: float = 2.0) -> float:
     """Wait until no other process has been runnable for ``calm_s`` (at most ``max_s``); seconds waited."""
     t0 = time.monotonic()
@@ -187,12 +162,39 @@ def wait_quiet(max_s: float, calm_s: float = 2.0) -> float:
     return time.monotonic() - t0
 
 
+def measure(a: argparse.Namespace, prompts: list[str]) -> int:
+    """``--method``: warm up, time one run of all prompts, write the times (JSON) and images (.npy)."""
+    import numpy as np
+    import torch
+
+    out = Path(a.out)
+    with tempfile.TemporaryDirectory(prefix="mmpipe-bench-") as tmp:
+        run, close = build(a.method, a.model, prompts, a.steps, a.size, a.device, a.dtype, Path(tmp))
+        try:
+            run(prompts[:2])  # warm-up: first-call allocations, oneDNN primitives, thread pools
+            waited = wait_quiet(a.wait_quiet) if a.wait_quiet > 0 else 0.0
+            own0, busy0 = cpu_now()
+            t0 = time.perf_counter()
+            imgs = run(prompts)
+            wall = time.perf_counter() - t0
+            own1, busy1 = cpu_now()
+        finally:
+            close()
+    np.save(out.with_suffix(".npy"), np.stack(imgs))
+    others = max(0.0, (busy1 - busy0) - (own1 - own0))  # CPU time other processes took meanwhile
+    out.write_text(json.dumps({"method": a.method, "model": a.model, "s": wall, "cpu_s": own1 - own0,
+                               "others_pct": 100 * others / (wall * (os.cpu_count() or 1)), "load": os.getloadavg()[0],
+                               "waited_s": waited,
+                               "torch_threads": torch.get_num_threads()}))
+    return 0
+
+
+# ---------------------------------------------------------------------- the comparison (parent process)
 def child(a: argparse.Namespace, method: str, model: str, out: Path) -> dict[str, Any]:
     """Run one measurement in a fresh interpreter; its JSON record."""
-    if a.wait_quiet > 0:
-        wait_quiet(a.wait_quiet)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--method", method, "--model", model, "--out", str(out),
-           "--prompts", str(a.prompts), "--steps", str(a.steps), "--size", str(a.size), "--device", a.device, "--dtype", a.dtype]
+           "--prompts", str(a.prompts), "--steps", str(a.steps), "--size", str(a.size), "--device", a.device, "--dtype", a.dtype,
+           "--wait-quiet", str(a.wait_quiet)]
     env = dict(os.environ, **dict(o.split("=", 1) for o in settings(method, a.prompts) if is_env(o)))
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
@@ -262,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variant", action="append", default=[],
                     help="another mmpipe run with these overrides and NAME=VALUE environment settings (repeatable)")
     ap.add_argument("--wait-quiet", type=float, default=30.0,
-                    help="before each run, wait up to this many seconds until no other process is runnable (0: never)")
+                    help="before starting its clock, each run waits up to this many seconds until no other process "
+                         "has been runnable for 2 s (0: never)")
     ap.add_argument("--json", help="also write the rows as JSON here")
     # one measurement, in this process (what the comparison runs for each method and round)
     ap.add_argument("--method", help=argparse.SUPPRESS)

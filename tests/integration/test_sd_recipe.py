@@ -107,19 +107,24 @@ def test_sd_parity_with_diffusers(sd_pipe: Any, prompts_file: Path, tmp_path: Pa
     assert max(diffs.values()) < ATOL, diffs
 
 
-def test_batch_of_n_equals_n_singles(sd_pipe: Any, prompts_file: Path, tmp_path: Path) -> None:
-    """A micro-batch of 4 equals 4 single runs (mmpipe), and diffusers' batched call agrees."""
-    singles = run_sd(prompts_file, tmp_path, "runtime=sequential", "scheduler=dpm++")
+@pytest.mark.parametrize("sched", ["dpm++", "euler_a"])
+def test_batch_of_n_equals_n_singles(sd_pipe: Any, prompts_file: Path, tmp_path: Path, sched: str) -> None:
+    """A micro-batch of 4 equals 4 single runs (mmpipe), and diffusers' batched call agrees:
+    multistep state (DPM-Solver++) and step noise drawn from each request's own generator
+    (Euler ancestral) survive sharing one batched scheduler step."""
+    singles = run_sd(prompts_file, tmp_path, "runtime=sequential", f"scheduler={sched}")
     batched = run_sd(prompts_file, tmp_path, "runtime=threads", "runtime.microbatch_size=4", "batching.max_batch_size=4",
-                     "batching.max_delay_ms=200", "scheduler=dpm++")
+                     "batching.max_delay_ms=200", f"scheduler={sched}")
     assert max_diff(batched, singles) < 1e-5
-    import diffusers
+    from mmpipe.graphs.diffusion_load import SDModel, make_scheduler
 
-    base = sd_pipe.scheduler.config
-    sd_pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(base, algorithm_type="dpmsolver++")
+    base = sd_pipe.scheduler
+    sd_pipe.scheduler = make_scheduler(SDModel(path="builtin:tiny_random"), sched)
     gens = [torch.Generator().manual_seed(i) for i in range(len(PROMPTS))]
-    theirs = sd_pipe(PROMPTS, num_inference_steps=STEPS, height=SIZE, width=SIZE, generator=gens, output_type="pt").images
-    sd_pipe.scheduler = diffusers.DDIMScheduler.from_config(base)
+    try:
+        theirs = sd_pipe(PROMPTS, num_inference_steps=STEPS, height=SIZE, width=SIZE, generator=gens, output_type="pt").images
+    finally:
+        sd_pipe.scheduler = base
     assert max_diff(list(theirs), singles) < ATOL
 
 

@@ -132,37 +132,112 @@ def drive(pieces: list[Any], joins: dict[int, list[ItemMeta]], x_of: Any) -> dic
     return out
 
 
-@pytest.mark.parametrize("sched", ["dpm++", "euler"])
-def test_items_at_different_timesteps_match_diffusers(pipe: Any, sched: str) -> None:
-    """Items joining a running batch (different timesteps in one UNet call, per-item
-    multistep scheduler state) each equal diffusers' latents for their seed."""
+PROMPTS = {3: "a cat", 5: "a dog", 7: "a photo of a lighthouse"}
+
+
+def x_of(pipe: Any, new: list[ItemMeta]) -> dict[str, Any]:
+    """The loop's inputs for these items (prompt chosen by seed), as diffusers encodes them."""
+    cond, uncond = pipe.encode_prompt([PROMPTS[m.params["seed"]] for m in new], "cpu", 1, True, None)
+    return {"embeds": cond, "uncond_embeds": uncond}
+
+
+def assert_like_diffusers(pipe: Any, sched: str, got: dict[str, Any], steps: dict[int, int] | None = None) -> None:
+    """Each item's latents equal diffusers' for its seed alone (``steps``: per seed, default 4)."""
     import diffusers
 
-    prompts = {3: "a cat", 5: "a dog", 7: "a photo of a lighthouse"}
-    cfg = DenoiseConfig(model=TINY, scheduler=sched, num_inference_steps=4, height=32, width=32)
-    pieces = [piece(Denoise, cfg, 0, 2, 5), piece(Denoise, cfg, 2, 4, 5), piece(Denoise, cfg, 4, 5, 5)]
-
-    def x_of(new: list[ItemMeta]) -> dict[str, Any]:
-        cond, uncond = pipe.encode_prompt([prompts[m.params["seed"]] for m in new], "cpu", 1, True, None)
-        return {"embeds": cond, "uncond_embeds": uncond}
-
-    calls: list[tuple[str, int, int]] = []
-    set_step_callback(lambda rid, done, total: calls.append((rid, done, total)))
-    try:
-        got = drive(pieces, {0: metas([3]), 1: metas([5, 7])}, x_of)
-    finally:
-        set_step_callback(None)
-    assert sorted(calls) == sorted((f"r{s}", i, 4) for s in prompts for i in range(1, 5))  # per-step progress hook
     base = pipe.scheduler.config
     pipe.scheduler = make_scheduler(TINY, sched)
     try:
-        for seed, prompt in prompts.items():
-            ref = pipe(prompt, num_inference_steps=4, height=32, width=32, generator=torch.Generator().manual_seed(seed),
-                       output_type="latent").images[0]
-            d = float((got[f"r{seed}"] - ref).abs().max())
-            assert d < 1e-4, (seed, d)
+        for key, lat in got.items():
+            seed = int(key[1:])
+            ref = pipe(PROMPTS[seed], num_inference_steps=(steps or {}).get(seed, 4), height=32, width=32,
+                       generator=torch.Generator().manual_seed(seed), output_type="latent").images[0]
+            d = float((lat - ref).abs().max())
+            assert d < 1e-4, (key, d)
     finally:
         pipe.scheduler = diffusers.DDIMScheduler.from_config(base)
+
+
+@pytest.mark.parametrize("sched", ["dpm++", "euler", "ddpm", "euler_a", "unipc", "pndm"])
+def test_items_at_different_timesteps_match_diffusers(pipe: Any, sched: str) -> None:
+    """Items joining a running batch (different timesteps in one UNet call, multistep
+    scheduler state, step noise from each item's generator) each equal diffusers'
+    latents for their seed; items that entered together step their scheduler once."""
+    from mmpipe.graphs import diffusion_loop
+
+    cfg = DenoiseConfig(model=TINY, scheduler=sched, num_inference_steps=4, height=32, width=32)
+    pieces = [piece(Denoise, cfg, 0, 2, 5), piece(Denoise, cfg, 2, 4, 5), piece(Denoise, cfg, 4, 5, 5)]
+    calls: list[tuple[str, int, int]] = []
+    steps: list[int] = []
+    real = diffusion_loop.Cohort.step
+
+    def counted(self: Any, noise: Any, *a: Any) -> Any:
+        steps.append(noise.shape[0])
+        return real(self, noise, *a)
+
+    set_step_callback(lambda rid, done, total: calls.append((rid, done, total)))
+    diffusion_loop.Cohort.step = counted  # type: ignore[method-assign]
+    try:
+        got = drive(pieces, {0: metas([3]), 1: metas([5, 7])}, lambda new: x_of(pipe, new))
+    finally:
+        diffusion_loop.Cohort.step = real  # type: ignore[method-assign]
+        set_step_callback(None)
+    sch = make_scheduler(TINY, sched)
+    sch.set_timesteps(4)
+    n = len(sch.timesteps)  # scheduler steps (PNDM's Runge-Kutta warm-up makes more than 4)
+    assert sorted(calls) == sorted((f"r{s}", i, n) for s in PROMPTS for i in range(1, n + 1))  # per-step progress hook
+    assert steps == [1] + [1, 2] * (n - 1) + [2]  # r3 alone; r5 and r7 (entered together) in one batched step
+    assert_like_diffusers(pipe, sched, got)
+
+
+@pytest.mark.parametrize("sched", ["dpm++", "ddpm"])
+def test_cohort_survives_members_leaving_reordering_and_splitting(pipe: Any, sched: str) -> None:
+    """Three items enter together (one cohort); one leaves after a step (its request
+    failed elsewhere), the other two come back in reversed order, then in separate
+    groups: each still equals diffusers (multistep state and generators follow the rows)."""
+    cfg = DenoiseConfig(model=TINY, scheduler=sched, num_inference_steps=4, height=32, width=32)
+    pieces = [piece(Denoise, cfg, 0, 3, 5), piece(Denoise, cfg, 3, 5, 5)]
+    r3, r5, r7 = ms = metas([3, 5, 7])
+    lanes: list[dict[str, dict]] = [{m.key: {} for m in ms} for _ in pieces]
+    x = x_of(pipe, ms)
+    for p, ls in zip(pieces, lanes):
+        p.enter(x, ms, [ls[m.key] for m in ms])
+
+    def once(carry: Any, group: list[ItemMeta]) -> tuple[Any, list[bool], Any]:
+        for p, ls in zip(pieces, lanes):
+            carry = p.step(carry, group, [ls[m.key] for m in group])
+        return pieces[-1].end(carry, group, [lanes[-1][m.key] for m in group])
+
+    carry, done, _ = once(pieces[0].begin(x, ms), ms)
+    for p, ls in zip(pieces, lanes):
+        p.finish([ls.pop(r5.key)])
+    carry, done, _ = once(pieces[0].select(carry, [2, 0]), [r7, r3])
+    assert done == [False, False]
+    apart = {r7.key: pieces[0].select(carry, [0]), r3.key: pieces[0].select(carry, [1])}
+    got: dict[str, Any] = {}
+    for _ in range(2):
+        for m in (r7, r3):
+            apart[m.key], done, outs = once(apart[m.key], [m])
+            if done[0]:
+                got[m.key] = outs["latents"][0]
+    assert lanes[-1][r3.key]["cohort"] is not lanes[-1][r7.key]["cohort"]
+    assert sorted(got) == ["r3", "r7"]
+    assert_like_diffusers(pipe, sched, got)
+
+
+def test_items_with_different_schedules_never_share_a_cohort(pipe: Any) -> None:
+    """Items entering together with different step counts (a per-request parameter) get
+    cohorts of their own, and each follows its own schedule."""
+
+    class PerRequestSteps(Denoise):
+        request_params = ("num_inference_steps",)
+
+    cfg = DenoiseConfig(model=TINY, scheduler="dpm++", num_inference_steps=4, height=32, width=32)
+    pieces = [piece(PerRequestSteps, cfg, 0, 2, 5), piece(PerRequestSteps, cfg, 2, 5, 5)]
+    ms = [ItemMeta("r3", params={"seed": 3, "num_inference_steps": 2}), ItemMeta("r5", params={"seed": 5}),
+          ItemMeta("r7", params={"seed": 7, "num_inference_steps": 2})]
+    got = drive(pieces, {0: ms}, lambda new: x_of(pipe, new))
+    assert_like_diffusers(pipe, "dpm++", got, steps={3: 2, 7: 2})
 
 
 def test_scheduler_names() -> None:

@@ -48,15 +48,16 @@ def resolve_model_dir(path: str) -> Path:
 
 
 def _resolve(path: str) -> Path:
+    from mmpipe.graphs import model_store as store
     from mmpipe.graphs import whisper_ct2 as ct2
 
     key = "model.path"
     if path.startswith("package:"):
         name = path.split(":", 1)[1]
         try:
-            return ct2.ensure_converted(ct2.packaged_model_dir(name))
-        except ct2.ModelNotFoundError as e:
-            raise UserError(key, str(e), f"install the package, or set model.path to a local Whisper directory (known packages: {', '.join(ct2.PACKAGED_MODELS)})") from None
+            return ct2.ensure_converted(store.packaged_model_dir(name))
+        except store.ModelNotFoundError as e:
+            raise UserError(key, str(e), f"install the package, or set model.path to a local Whisper directory (known packages: {', '.join(store.PACKAGED_MODELS)})") from None
     p = Path(path).expanduser()
     if p.exists():
         if ct2.is_ct2_dir(p):

@@ -1,11 +1,16 @@
-"""Word timestamps from cross-attention: openai-whisper's ``find_alignment``.
+"""Word timestamps from cross-attention, as openai-whisper's ``find_alignment`` and
+``transformers``' token timestamps compute them.
 
-One decoder forward over ``<|sot|>[<|lang|><|task|>] <|notimestamps|> text <|eot|>``; the
-pre-softmax cross-attention scores of the model's *alignment heads* (from its generation
-config, else the published table in ``whisper_hfconfig``) are cut to the window's audio,
-softmaxed, standardised over tokens, median-filtered (width 7) and averaged over heads;
-dynamic time warping of the negated matrix maps tokens to 20 ms frames. A word starts where
-its first token's row is entered and ends where the next word's is. Imported lazily.
+One decoder forward over the window's decoded sequence (``<|sot|>[<|lang|><|task|>]``, the
+generated tokens with their timestamp tokens, ``<|eot|>``); the cross-attention of the
+model's *alignment heads* (from its generation config, else the published table in
+``whisper_hfconfig``), cut to the window's audio, standardised over tokens, median-filtered
+(width 7) and averaged over heads, is aligned to 20 ms frames by dynamic time warping. A
+generated token ends where DTW enters its row and starts where the previous token ends; a
+word (punctuation attached) spans its tokens. The attention is taken over all 1500 frames
+before the cut, as ``transformers`` takes it from ``generate`` (openai-whisper re-softmaxes
+after the cut); timestamp tokens keep their rows, so trailing silence lands on them rather
+than on the last word. Imported lazily.
 """
 from __future__ import annotations
 
@@ -102,22 +107,24 @@ def split_words(tokenizer: Any, tokens: list[int], eot: int, language: str | Non
 
 def merge_punctuation(words: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Attach leading punctuation to the following word and trailing punctuation to the
-    previous one (each keeps its own times), then drop the emptied entries."""
+    previous one (tokens and their positions ``idx`` move along), then drop emptied entries."""
+    def move(src: dict[str, Any], dst: dict[str, Any], before: bool) -> None:
+        for key in ("word", "tokens", "idx"):
+            if key in src:
+                dst[key] = src[key] + dst[key] if before else dst[key] + src[key]
+                src[key] = "" if key == "word" else []
+
     i, j = len(words) - 2, len(words) - 1
     while i >= 0:
-        prev, foll = words[i], words[j]
-        if prev["word"].startswith(" ") and prev["word"].strip() in PREPEND:
-            foll["word"], foll["tokens"] = prev["word"] + foll["word"], prev["tokens"] + foll["tokens"]
-            prev["word"], prev["tokens"] = "", []
+        if words[i]["word"].startswith(" ") and words[i]["word"].strip() in PREPEND:
+            move(words[i], words[j], before=True)
         else:
             j = i
         i -= 1
     i, j = 0, 1
     while j < len(words):
-        prev, foll = words[i], words[j]
-        if not prev["word"].endswith(" ") and foll["word"] in APPEND:
-            prev["word"], prev["tokens"] = prev["word"] + foll["word"], prev["tokens"] + foll["tokens"]
-            foll["word"], foll["tokens"] = "", []
+        if not words[i]["word"].endswith(" ") and words[j]["word"] in APPEND:
+            move(words[j], words[i], before=False)
         else:
             i = j
         j += 1
@@ -180,41 +187,42 @@ class Aligner:
         out: list[list[dict[str, Any]]] = [[] for _ in tokens]
         work = []
         for b, ids in enumerate(tokens):
-            text = [t for t in ids if t < eot]
-            if text:
-                sot_seq = []
-                for t in ids:  # the leading specials, <|notimestamps|> aside
-                    if t < eot or t > no_timestamps:
-                        break
-                    if t != no_timestamps:
-                        sot_seq.append(t)
-                work.append((b, sot_seq, text))
+            head = 0
+            while head < len(ids) and eot < ids[head] <= no_timestamps:  # <|sot|> [<|lang|> <|task|>] [<|notimestamps|>]
+                head += 1
+            body = [t for t in ids[head:] if t != eot]
+            if any(t < eot for t in body):
+                work.append((b, ids[:head], body))
         if not work:
             return out
-        seqs = [sot + [no_timestamps] + text + [eot] for _, sot, text in work]
+        seqs = [prompt + body + [eot] for _, prompt, body in work]
         with torch.inference_mode():
             logits, qks = self.forward(hidden[[b for b, _, _ in work]].to(self.dtype), seqs)
-        for w, (b, sot, text) in enumerate(work):
+        for w, (b, prompt, body) in enumerate(work):
             win = windows[b]
             frames = int(round((float(win.get("end") or 30.0) - float(win.get("start", 0.0))) * 100))
-            n = len(seqs[w])
-            weights = torch.stack([qk[w, :n, : max(1, frames // 2)] for qk in qks])
-            weights = weights.softmax(dim=-1)
+            n, p = len(seqs[w]), len(prompt)
+            weights = torch.stack([qk[w, :n].softmax(dim=-1)[:, : max(1, frames // 2)] for qk in qks])
             std, mean = torch.std_mean(weights, dim=-2, keepdim=True, unbiased=False)
             weights = median_filter((weights - mean) / std, MEDIAN_WIDTH)
-            matrix = weights.mean(0)[len(sot):-1]
+            matrix = weights.mean(0)[p:-1]  # one row per generated token, fed after the prompt
             rows, cols = dtw(-matrix.double().cpu().numpy())
-            words, wtoks = split_words(self.tokenizer, text + [eot], eot, languages[b])
-            if len(wtoks) <= 1:
-                continue
-            bounds = np.pad(np.cumsum([len(t) for t in wtoks[:-1]]), (1, 0))
             jumps = np.pad(np.diff(rows), (1, 0), constant_values=1).astype(bool)
-            times = cols[jumps] / TOKENS_PER_SECOND
-            probs = logits[w, len(sot):len(sot) + len(text), :eot].softmax(-1)
+            ends = (cols[jumps] / TOKENS_PER_SECOND).tolist()
+            starts = [0.0] + ends[:-1]
+            where = [k for k, t in enumerate(body) if t < eot]
+            text = [body[k] for k in where]
+            probs = logits[w, [p + k - 1 for k in where]][:, :eot].softmax(-1)
             tp = probs[torch.arange(len(text)), torch.tensor(text)].tolist()
+            words, wtoks = split_words(self.tokenizer, text + [eot], eot, languages[b])
+            entries, i = [], 0
+            for word, toks in zip(words[:-1], wtoks[:-1]):
+                entries.append({"word": word, "tokens": toks, "idx": list(range(i, i + len(toks)))})
+                i += len(toks)
             t0 = float(win.get("start", 0.0))
-            timed = [{"word": word, "tokens": toks, "start": round(t0 + float(times[a]), 3), "end": round(t0 + float(times[z]), 3),
-                      "probability": round(float(np.mean(tp[a:z])), 4)}
-                     for word, toks, a, z in zip(words[:-1], wtoks[:-1], bounds[:-1], bounds[1:])]
-            out[b] = merge_punctuation(timed)
+            for e in merge_punctuation(entries):
+                idx = e.pop("idx")
+                e.update(start=round(t0 + starts[where[idx[0]]], 3), end=round(t0 + ends[where[idx[-1]]], 3),
+                         probability=round(float(np.mean([tp[k] for k in idx])), 4))
+                out[b].append(e)
         return out

@@ -34,6 +34,8 @@ class DecodeConfig:
     model: WhisperModel = field(default_factory=WhisperModel)
     max_new_tokens: int = 128
     timestamps: bool = False
+    # word alignment (whisper.align) needs the timestamp tokens: on, they are decoded too
+    word_timestamps: bool = False
     language: str | None = None  # None: detected per window (multilingual models)
     task: str = "transcribe"
     beam_size: int = 5  # 1: greedy
@@ -45,7 +47,9 @@ class DecodeConfig:
     no_speech_threshold: float | None = 0.6
     length_penalty: float = 1.0  # score = sum logprob / length ** length_penalty
     initial_prompt: str | None = None
-    condition_on_previous_text: bool = True
+    # Prompt each window with its request's earlier text (openai-whisper's default; off here:
+    # our windows overlap at cuts inside speech, and tiny models then tend to repeat the prompt).
+    condition_on_previous_text: bool = False
     seed: int = 0  # sampling seed of the request (window k draws from seed mixed with k)
 
 
@@ -127,7 +131,7 @@ def options_of(cfg: DecodeConfig) -> Any:
     return Options(beam_size=cfg.beam_size, best_of=cfg.best_of, temperatures=tuple(float(t) for t in temps),
                    length_penalty=cfg.length_penalty, top_k=cfg.top_k, compression_ratio_threshold=cfg.compression_ratio_threshold,
                    logprob_threshold=cfg.logprob_threshold, no_speech_threshold=cfg.no_speech_threshold,
-                   max_new_tokens=cfg.max_new_tokens, timestamps=cfg.timestamps, seed=cfg.seed)
+                   max_new_tokens=cfg.max_new_tokens, timestamps=cfg.timestamps or cfg.word_timestamps, seed=cfg.seed)
 
 
 @register
@@ -236,7 +240,7 @@ class Decode(Weights, LoopKind):
                 feed = Feed([], 0, 0, [])
             else:
                 prefix = self.initial_prompt(cfg.initial_prompt) if m.sub == 0 else []
-                _, feed = opening(self.rules, self._lang(cfg), cfg.task, cfg.timestamps, prefix)
+                _, feed = opening(self.rules, self._lang(cfg), cfg.task, opts.timestamps, prefix)
             for k in ROW_KEYS:
                 carry[k].append(getattr(feed, k))
         return carry

@@ -150,7 +150,7 @@ class Aligner:
         self.embed = ld.t("model.decoder.embed_tokens.weight")
         self.positions = ld.t("model.decoder.embed_positions.weight")
         self.norm = ld.norm("model.decoder.layer_norm")
-        self.proj = ld.t("model.decoder.embed_tokens.weight" if files.tied else "proj_out.weight")
+        self.proj = ld.projection("model.decoder.embed_tokens.weight" if files.tied else "proj_out.weight")
         self.tokenizer = files.tokenizer()
         self.dtype, self.device = dtype, device
 
@@ -177,8 +177,8 @@ class Aligner:
                     qks[(lj, hh)] = (xq[:, hh] @ xk[:, hh].transpose(-1, -2)).float()
             a = F.scaled_dot_product_attention(xq, xk, xv, scale=1.0)
             h = h + layer.xout(a.transpose(1, 2).reshape(B, L, D))
-            h = h + layer.fc2(F.gelu(layer.fc1(layer.ln3(h))))
-        logits = F.linear(self.norm(h), self.proj).float()
+            h = h + layer.fc2(layer.fc1.gelu(layer.ln3(h)))
+        logits = self.proj(self.norm(h)).float()
         return logits, [qks[k] for k in self.heads]
 
     def words(self, hidden: torch.Tensor, tokens: list[list[int]], windows: list[dict[str, Any]], eot: int, no_timestamps: int,

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mmpipe.graphs.whisper_model import DecoderLayer, Loader, Norm, WhisperFiles
+from mmpipe.graphs.whisper_model import DecoderLayer, Linear, Loader, Norm, WhisperFiles
 
 # Carry keys that hold one entry per window (see whisper_search.Feed); "h" is the packed state.
 ROW_KEYS = ("feed", "n", "pos", "rows", "src", "sot")
@@ -189,7 +189,7 @@ class DecoderPiece:
         self.embed = ld.t("model.decoder.embed_tokens.weight") if first else None
         self.positions = ld.t("model.decoder.embed_positions.weight") if first else None
         self.norm: Norm | None = ld.norm("model.decoder.layer_norm") if last else None
-        self.proj = (ld.t("model.decoder.embed_tokens.weight" if files.tied else "proj_out.weight")) if last else None
+        self.proj: Linear | None = ld.projection("model.decoder.embed_tokens.weight" if files.tied else "proj_out.weight") if last else None
 
     # ---- lanes ---------------------------------------------------------------
     def enter(self, hidden: torch.Tensor, lanes: list[dict], rows: list[int], cache_len: int) -> None:
@@ -277,7 +277,7 @@ class DecoderPiece:
             q, k, v = L.qkv(L.ln1(h)).split(D, dim=-1)
             h = h + L.out(attend(q * scale, j, False, k, v))
             h = h + L.xout(attend(L.xq(L.ln2(h)) * scale, j, True))
-            h = h + L.fc2(F.gelu(L.fc1(L.ln3(h))))
+            h = h + L.fc2(L.fc1.gelu(L.ln3(h)))
         for g in {id(p.grp): p.grp for p in parts}.values():
             g.steps += 1
         return h
@@ -328,7 +328,7 @@ class DecoderPiece:
                 off += n
                 last.append(off - 1)
         picks = torch.tensor(last + sot_rows, dtype=torch.long, device=h.device)
-        out = F.linear(self.norm(h[picks]), self.proj).float()
+        out = self.proj(self.norm(h[picks])).float()
         k = len(last)
         return out[:k], {i: out[k + j] for j, i in enumerate(sot_of)}
 

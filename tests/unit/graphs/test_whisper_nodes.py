@@ -242,7 +242,7 @@ def test_continuous_batching_and_splits_give_the_same_tokens(hidden, mode):
     assert _decode(split, hidden, [2, 0, 1]) == alone
     # only their own layers; the first and last piece share the tied embedding tensor
     assert [len(p.piece.layers) for p in split] == [1, 2, 1]
-    assert split[0].piece.embed is split[2].piece.proj and split[1].piece.embed is None and split[1].piece.proj is None
+    assert split[0].piece.embed is split[2].piece.proj.w and split[1].piece.embed is None and split[1].piece.proj is None
 
 
 @slow
@@ -269,7 +269,8 @@ def test_per_request_settings_and_waiting_windows(hidden):
     """Requests in one step decode with their own settings; with condition_on_previous_text
     a request's second window waits for its first, then is prompted with its text."""
     pieces = _pieces([(0, 2), (2, 4)], max_new_tokens=48)
-    metas = [ItemMeta("a", params={"beam_size": 1, "temperature": 0.0}), ItemMeta("b", sub=0, of=2), ItemMeta("b", sub=1, of=2)]
+    cond = {"condition_on_previous_text": True}
+    metas = [ItemMeta("a", params={"beam_size": 1, "temperature": 0.0}), ItemMeta("b", sub=0, of=2, params=cond), ItemMeta("b", sub=1, of=2, params=cond)]
     got = _decode_info(pieces, hidden[[0, 1, 2]], [0, 0, 0], metas)
     assert got["a"][0][2:-1] == [4222, 869, 502, 618, 345, 651, 1363, 13]
     assert "b" not in pieces[-1].history  # forgotten once the request's last window is done

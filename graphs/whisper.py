@@ -116,7 +116,8 @@ class Align(Weights, NodeKind):
 
     def setup(self, device: Any, dtype: Any = None) -> None:
         super().setup(device, dtype)
-        self.aligner: Any = None  # loaded when a window first asks for words
+        self._files()  # resolve (and convert) now: a bad model.path fails before any request
+        self.aligner: Any = None  # the weights load when a window first asks for words
 
     def forward(self, x: Batch, meta: list[ItemMeta]) -> Batch:
         want = []

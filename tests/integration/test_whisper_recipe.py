@@ -199,6 +199,27 @@ def test_base_detects_language_and_matches_generate():
     assert o["tokens"][:4] == [50258, 50261, 50358, 50363] and o["language"] == "de"  # <|sot|><|de|><|translate|><|notimestamps|>
 
 
+def test_base_mixes_languages_and_tasks_per_request(tmp_path):
+    """One run, requests with their own language/task (a .jsonl manifest): each gets its prompt."""
+    m = tmp_path / "list.jsonl"
+    m.write_text("".join(json.dumps(x) + "\n" for x in [
+        {"audio": str(SPEECH / "clip1.wav"), "id": "de", "language": "de", "task": "translate"},
+        {"audio": str(SPEECH / "clip4.wav"), "id": "en", "language": "en"},
+        {"audio": str(SPEECH / "clip6.wav"), "id": "auto"}]))
+    plan = compile("whisper_stt", [f"input={m}", "model=base", f"max_new_tokens={MAX_NEW}", "+outputs.tokens=decoder.tokens",
+                                   "runtime.microbatch_size=4", *GREEDY])
+    with open_pipeline(plan) as ex:
+        out = {r.id: r.outputs for r in ex.run(requests_of(plan))}
+    assert out["de"]["tokens"][:4] == [50258, 50261, 50358, 50363] and out["de"]["language"] == "de"
+    assert out["en"]["tokens"][:4] == [50258, 50259, 50359, 50363] and out["en"]["text"] == EXPECTED["clip4"]
+    assert out["auto"]["language"] == "en" and out["auto"]["text"] == EXPECTED["clip6"]  # detected
+    m.write_text(json.dumps({"audio": str(SPEECH / "clip1.wav"), "language": "klingon"}) + "\n")
+    plan = compile("whisper_stt", [f"input={m}", "model=base", "runtime=sequential"])
+    with open_pipeline(plan) as ex:
+        (bad,) = ex.run(requests_of(plan))
+    assert not bad.ok and "klingon" in bad.error["message"]
+
+
 # ---------------------------------------------------------------- the CLI
 def mmpipe(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mmpipe", *args], capture_output=True, text=True, timeout=300, cwd=ROOT)

@@ -17,7 +17,8 @@ The unit is seconds of audio per wall second; WER is against the clips' spoken t
 beam 5 (quality settings)
   mmpipe beam 5     the recipe's defaults: beam 5, temperature fallback, no-speech (threads runtime,
                     from the files: reading, log-mel, encoder, decode loop, detokenize)
-  (b5)              ``generate(num_beams=5)`` on batches of 8 (feature extraction included)
+  (b5) / (a5)       ``generate(num_beams=5)`` on batches of 8 / one clip at a time (feature extraction
+                    included; on CPU transformers' batched beam search is the slower of the two)
   (f5)              faster-whisper ``transcribe(beam_size=5)``, its default settings (fallback,
                     timestamps, condition_on_previous_text), language given, compute_type float32
 greedy
@@ -52,7 +53,8 @@ SPOKEN = {  # tests/assets/speech/README.md
 }
 GREEDY = ["beam_size=1", "temperature=0"]
 GROUPS = {
-    "beam": {"mmpipe beam 5": "mmpipe", "(b5) generate(num_beams=5) batch 8": "generate_beam5", "(f5) faster-whisper beam 5": "faster_whisper_beam5"},
+    "beam": {"mmpipe beam 5": "mmpipe", "(b5) generate(num_beams=5) batch 8": "generate_beam5",
+             "(a5) generate(num_beams=5) 1 at a time": "generate_beam5_one", "(f5) faster-whisper beam 5": "faster_whisper_beam5"},
     "greedy": {"mmpipe greedy": "mmpipe_greedy", "(a) generate 1 at a time": "generate_one", "(b) generate batch 8": "generate_batch8",
                "(c) pipeline batch 8": "hf_pipeline", "(d) faster-whisper beam 1": "faster_whisper_greedy"},
 }
@@ -136,6 +138,8 @@ def make_method(name: str, files: list[Path], max_new: int, overrides: list[str]
     batches = lambda beams: [t for i in range(0, len(waves), 8) for t in gen(waves[i:i + 8], beams)]  # noqa: E731
     if name == "generate_beam5":
         return (lambda: batches(5)), lambda: None
+    if name == "generate_beam5_one":
+        return (lambda: [t for w in waves for t in gen([w], 5)]), lambda: None
     if name == "generate_batch8":
         return (lambda: batches(1)), lambda: None
     if name == "generate_one":

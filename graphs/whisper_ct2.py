@@ -16,7 +16,6 @@ import hashlib
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 

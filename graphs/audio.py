@@ -1,6 +1,7 @@
 """Audio node kinds: ``audio.load`` (files -> 16 kHz mono) and ``audio.log_mel``
 (Whisper's log-mel features, one item per <= 30 s window), and the ``audio.files``
-request source, which also writes the ``<stem>.txt/.srt/.json`` files of a run.
+request source (audio files, or a ``.jsonl`` manifest whose lines carry per-request
+settings), which also writes each transcript's txt/vtt/srt/tsv/json files.
 
 torch, torchaudio and soundfile are imported inside the functions that need them,
 so ``mmpipe validate``/``plan`` stay fast.
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mmpipe.graphs import register
-from mmpipe.graphs.base import Batch, ItemMeta, NodeKind, Port, Request, SourceKind
+from mmpipe.graphs.base import Batch, ItemMeta, NodeKind, Port, Request, SourceError, SourceKind
 
 WHISPER_FRAMES = 3000  # Whisper's encoder always sees 30 s of features
 N_FFT, HOP = 400, 160
@@ -81,6 +82,9 @@ class LogMelConfig:
     search_s: float = 8.0  # a long recording is cut at its quietest 0.2 s in the last search_s of a window
     silence_db: float = -40.0  # ... which counts as a pause when this far below the loudest 20 ms
     overlap_s: float = 4.0  # windows cut inside speech overlap by this much (merged on words)
+    # A window whose peak stays below this (dBFS) holds no signal (digital silence, below
+    # 16-bit dither): it is not decoded, since Whisper reliably invents "you" there.
+    floor_db: float = -80.0
 
 
 def plan_windows(wave: Any, cfg: Any) -> list[dict[str, int]]:
@@ -189,6 +193,8 @@ class LogMel(NodeKind):
             out.append(("chunk_s", f"windows must be 1 to 30 s long, got {cfg.chunk_s}", "use chunk_s: 30 (Whisper sees 30 s at a time)"))
         if not 0.0 <= cfg.overlap_s < cfg.search_s < cfg.chunk_s:
             out.append(("search_s", f"need 0 <= overlap_s < search_s < chunk_s, got {cfg.overlap_s}, {cfg.search_s}, {cfg.chunk_s}", "e.g. overlap_s: 4, search_s: 8"))
+        if cfg.floor_db > -20.0:
+            out.append(("floor_db", f"{cfg.floor_db} dBFS would drop audible speech as silence", "keep it low, e.g. floor_db: -80"))
         return out
 
     def forward(self, x: Batch, meta: list[ItemMeta]) -> Batch:
@@ -197,28 +203,79 @@ class LogMel(NodeKind):
         for i, w in enumerate(x["audio"]):
             if w.shape[0] == 0:
                 raise AudioError(f"request {meta[i].request_id}: the audio has no samples")
+            floor = 10 ** (self.cfg.floor_db / 20)
             for win in plan_windows(w, self.cfg):
-                waves.append(w[win["start"]:win["end"]])
+                piece = w[win["start"]:win["end"]]
+                waves.append(piece)
                 parents.append(i)
                 windows.append({"start": win["start"] / sr, "end": win["end"] / sr, "keep": (win["keep0"] / sr, win["keep1"] / sr),
-                                "overlap": win["overlap"] / sr})
+                                "overlap": win["overlap"] / sr, "silent": bool(piece.abs().max() < floor)})
         return {"features": log_mel(waves, self.cfg.n_mels, sr), "window": windows, "_parent": parents}
 
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".oga", ".aiff", ".aif")
+OUTPUT_FORMATS = ("txt", "vtt", "srt", "tsv", "json")
+MANIFEST_SUFFIX = ".jsonl"
+# Manifest keys besides "audio" and "id": the per-request settings of the Whisper kinds.
+WORD_PARAMS = ("word_timestamps",)
 
 
 @dataclass(kw_only=True)
 class FilesConfig:
     path: str | None = None
+    output_format: str = "all"  # txt | vtt | srt | tsv | json | all
+
+
+def _request_keys() -> set[str]:
+    from mmpipe.graphs.whisper_loop import REQUEST_PARAMS
+
+    return set(REQUEST_PARAMS) | set(WORD_PARAMS)
+
+
+def read_manifest(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """The entries of a ``.jsonl`` manifest (audio paths made absolute) and its problems."""
+    entries: list[dict[str, Any]] = []
+    problems: list[str] = []
+    known = _request_keys()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        return [], [f"cannot read {path}: {e}"]
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError as e:
+            problems.append(f"{path.name} line {n}: not JSON ({e})")
+            continue
+        if not isinstance(entry, dict) or not isinstance(entry.get("audio"), str):
+            problems.append(f"{path.name} line {n}: needs an object with an \"audio\" path")
+            continue
+        unknown = sorted(set(entry) - known - {"audio", "id"})
+        if unknown:
+            problems.append(f"{path.name} line {n}: unknown key(s) {', '.join(unknown)} (known: audio, id, {', '.join(sorted(known))})")
+            continue
+        audio = Path(entry["audio"]).expanduser()
+        audio = audio if audio.is_absolute() else path.parent / audio
+        if not audio.is_file():
+            problems.append(f"{path.name} line {n}: audio file '{entry['audio']}' does not exist (relative paths are from the manifest's directory)")
+            continue
+        entries.append({**entry, "audio": str(audio)})
+    if not entries and not problems:
+        problems.append(f"{path.name} has no entries")
+    return entries, problems
 
 
 @register
 class Files(SourceKind):
-    """``input=`` as a file, a directory (its audio files, sorted) or a glob."""
+    """``input=`` as a file, a directory (its audio files, sorted), a glob, or a ``.jsonl``
+    manifest: one ``{"audio": PATH, ...}`` per line, where any other key is a per-request
+    setting of the Whisper kinds (``language``, ``task``, ``initial_prompt``, ``beam_size``,
+    ``temperature``, ``word_timestamps``, ...) and ``id`` names the request."""
 
     kind = "audio.files"
-    description = "Audio requests from a file, a directory or a glob."
+    description = "Audio requests from a file, a directory, a glob or a .jsonl manifest."
     Config = FilesConfig
     fields = ("audio",)
 
@@ -235,44 +292,53 @@ class Files(SourceKind):
 
     @classmethod
     def check(cls, cfg: Any) -> list[tuple[str, str, str]]:
+        out = []
+        if cfg.output_format not in OUTPUT_FORMATS + ("all",):
+            out.append(("output_format", f"unknown output format {cfg.output_format!r}", f"use one of {', '.join(OUTPUT_FORMATS)} or all"))
         if not cfg.path:
-            return [("path", "no input given", "pass input=FILE, input=DIR or input='GLOB'")]
+            return out + [("path", "no input given", "pass input=FILE, input=DIR, input='GLOB' or input=MANIFEST.jsonl")]
+        if cfg.path.endswith(MANIFEST_SUFFIX) and Path(cfg.path).expanduser().is_file():
+            _, problems = read_manifest(Path(cfg.path).expanduser())
+            return out + [("path", p, "one JSON object per line: {\"audio\": \"a.wav\", \"language\": \"de\", \"task\": \"translate\"}") for p in problems[:5]]
         files = cls.expand(cfg.path)
         if not files:
-            return [("path", f"'{cfg.path}' matches no audio files", f"give a file, or a directory/glob with {', '.join(AUDIO_SUFFIXES)} files")]
+            return out + [("path", f"'{cfg.path}' matches no audio files", f"give a file, or a directory/glob with {', '.join(AUDIO_SUFFIXES)} files")]
         if len(files) == 1 and not files[0].exists():
-            return [("path", f"input file '{cfg.path}' does not exist", "check the path (relative paths are from the current directory)")]
-        return []
+            return out + [("path", f"input file '{cfg.path}' does not exist", "check the path (relative paths are from the current directory)")]
+        return out
 
     @classmethod
     def requests(cls, cfg: Any) -> list[Request]:
         out, seen = [], set()
-        for f in cls.expand(cfg.path or ""):
-            rid = f.stem
+        path = cfg.path or ""
+        if path.endswith(MANIFEST_SUFFIX) and Path(path).expanduser().is_file():
+            entries, problems = read_manifest(Path(path).expanduser())
+            if problems:
+                raise SourceError("path", problems[0], "fix the manifest line")
+        else:
+            entries = [{"audio": str(f)} for f in cls.expand(path)]
+        for e in entries:
+            rid = str(e.get("id") or Path(e["audio"]).stem)
             while rid in seen:  # same stem in two folders: keep ids unique
                 rid += "_"
             seen.add(rid)
-            out.append(Request(id=rid, values={"audio": str(f)}, input={"audio": str(f)}))
+            params = {k: v for k, v in e.items() if k not in ("audio", "id")}
+            out.append(Request(id=rid, values={"audio": e["audio"]}, input={"audio": e["audio"], **params}, params=params))
         return out
 
     @classmethod
     def write_outputs(cls, cfg: Any, results: list[Any], out_dir: Any) -> list[Any]:
-        """``<id>.txt`` (text), ``<id>.srt`` (segments) and ``<id>.json`` per transcribed file."""
-        from mmpipe.graphs.whisper_text import to_srt
+        """``<id>.txt/.vtt/.srt/.tsv/.json`` (``output_format``) per transcribed file."""
+        from mmpipe.graphs.whisper_writers import write_transcript
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
+        formats = OUTPUT_FORMATS if cfg.output_format == "all" else (cfg.output_format,)
         paths: list[Path] = []
         for r in results:
             if not r.ok or not r.outputs:
                 continue
-            text = str(r.outputs.get("text") or "")
-            segments = [dict(s) for s in (r.outputs.get("segments") or [])]
-            files = {".txt": text + "\n", ".srt": to_srt(segments),
-                     ".json": json.dumps({"id": r.id, "input": r.input, "text": text, "segments": segments,
-                                          "language": r.outputs.get("language")}, indent=2) + "\n"}
-            for suffix, content in files.items():
-                p = out_dir / f"{r.id}{suffix}"
-                p.write_text(content)
-                paths.append(p)
+            transcript = {"text": str(r.outputs.get("text") or ""), "segments": [dict(s) for s in (r.outputs.get("segments") or [])],
+                          "language": r.outputs.get("language")}
+            paths += write_transcript(transcript, out_dir / r.id, formats, extra={"id": r.id, "input": r.input})
         return paths

@@ -5,7 +5,8 @@ BPE vocabulary that ships inside the ``open-clip-torch`` wheel (installed with
 ``pip install --no-deps open-clip-torch``; ``open_clip`` itself is never imported,
 since it needs torchvision). The models are random-weight Stable Diffusion 1.x /
 DDPM pipelines in the layout diffusers' own fast tests use, saved with
-``save_pretrained`` so that they load back through the real diffusers code.
+``save_pretrained`` so that they load back through the real diffusers code, into the
+shared model store (``model_store``: cache directory, atomic directory writes).
 
 Public API::
 
@@ -28,12 +29,12 @@ import errno
 import gzip
 import importlib.util
 import json
-import os
 import shutil
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Callable
+
+from mmpipe.graphs.model_store import build_dir, default_cache_dir, quiet_hf
 
 __all__ = [
     "CLIP_VOCAB_SIZE",
@@ -151,38 +152,21 @@ _BUILD_LOCK = threading.Lock()
 
 
 def _atomic_build(dst: Path, fill: Callable[[Path], None], info: dict[str, Any]) -> Path:
-    """Run ``fill(tmp)`` in a temporary sibling of ``dst``, then rename it to ``dst``.
+    """Build ``dst`` atomically in the model store (``fill`` runs in a temporary sibling).
 
     Raises FileExistsError (after removing the temporary directory) when ``dst``
     already exists and is not empty, e.g. when a concurrent builder won the race.
     """
     dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dst.name}-", dir=dst.parent))
-    try:
-        with _BUILD_LOCK:
+
+    def build(tmp: Path) -> None:
+        with _BUILD_LOCK, quiet_hf():
             fill(tmp)
         (tmp / _BUILD_INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-        _make_readable(tmp)  # mkdtemp and the safetensors writer create owner-only modes
-        try:
-            os.rename(tmp, dst)  # atomic; replaces dst only if it is an empty directory
-        except OSError as e:
-            if e.errno in (errno.EEXIST, errno.ENOTEMPTY) or dst.exists():
-                raise FileExistsError(errno.EEXIST, "destination already exists", str(dst)) from e
-            raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    if not build_dir(dst, build):
+        raise FileExistsError(errno.EEXIST, "destination already exists", str(dst))
     return dst
-
-
-def _make_readable(root: Path) -> None:
-    os.chmod(root, 0o755)
-    for dirpath, dirnames, filenames in os.walk(root):
-        for d in dirnames:
-            os.chmod(os.path.join(dirpath, d), 0o755)
-        for f in filenames:
-            os.chmod(os.path.join(dirpath, f), 0o644)
 
 
 def _versions() -> dict[str, str]:
@@ -333,12 +317,6 @@ MODEL_NAMES: dict[str, Callable[[Path], Path]] = {
     "tiny_random_large": lambda d: build_tiny_random_sd(d, seed=0, size="large"),
     "tiny_ddpm": lambda d: build_tiny_ddpm(d, seed=0),
 }
-
-
-def default_cache_dir() -> Path:
-    """``$MMPIPE_CACHE`` if set, else ``~/.cache/mmpipe``."""
-    env = os.environ.get("MMPIPE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "mmpipe"
 
 
 def _is_complete(path: Path) -> bool:

@@ -48,15 +48,16 @@ def resolve_model_dir(path: str) -> Path:
 
 
 def _resolve(path: str) -> Path:
+    from mmpipe.graphs import model_store as store
     from mmpipe.graphs import whisper_ct2 as ct2
 
     key = "model.path"
     if path.startswith("package:"):
         name = path.split(":", 1)[1]
         try:
-            return ct2.ensure_converted(ct2.packaged_model_dir(name))
-        except ct2.ModelNotFoundError as e:
-            raise UserError(key, str(e), f"install the package, or set model.path to a local Whisper directory (known packages: {', '.join(ct2.PACKAGED_MODELS)})") from None
+            return ct2.ensure_converted(store.packaged_model_dir(name))
+        except store.ModelNotFoundError as e:
+            raise UserError(key, str(e), f"install the package, or set model.path to a local Whisper directory (known packages: {', '.join(store.PACKAGED_MODELS)})") from None
     p = Path(path).expanduser()
     if p.exists():
         if ct2.is_ct2_dir(p):
@@ -139,6 +140,16 @@ class WhisperFiles:
                 _TENSORS[ck] = t
             return t
 
+    def derived(self, key: str, what: str, device: torch.device, dtype: torch.dtype, make: Any) -> torch.Tensor:
+        """A tensor made from weight ``key`` (e.g. prepacked), shared while any piece holds it."""
+        ck = (str(self.root), f"{key}#{what}", str(device), str(dtype))
+        with _LOCK:
+            t = _TENSORS.get(ck)
+            if t is None:
+                t = make()
+                _TENSORS[ck] = t
+            return t
+
     def tokenizer(self) -> Any:
         with _LOCK:
             if self._tokenizer is None:
@@ -171,13 +182,36 @@ def check_dims(files: WhisperFiles, m: Any) -> None:
 
 
 # ---------------------------------------------------------------- layer weights
+def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether weights on ``device`` can be prepacked for oneDNN (float32 CPU with mkldnn)."""
+    return torch.device(device).type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
+
+
+def pack(w: torch.Tensor) -> torch.Tensor:
+    """``w`` [out, in] prepacked in oneDNN's blocked layout (what torch.compile's CPU backend
+    does): a linear then runs 2-3x faster than with the plain sgemm, for any number of rows."""
+    return torch.ops.mkldnn._reorder_linear_weight(w, None)
+
+
 @dataclass
 class Linear:
     w: torch.Tensor
     b: torch.Tensor | None
+    packed: torch.Tensor | None = None  # ``w`` prepacked (float32 CPU), used when present
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.w, self.b)
+        return self._run(x, "none")
+
+    def gelu(self, x: torch.Tensor) -> torch.Tensor:
+        """GELU(linear(x)) (erf GELU, as ``F.gelu``), fused into the matmul when prepacked."""
+        return self._run(x, "gelu") if self.packed is not None else F.gelu(F.linear(x, self.w, self.b))
+
+    def _run(self, x: torch.Tensor, act: str) -> torch.Tensor:
+        if self.packed is None:
+            return F.linear(x, self.w, self.b)
+        shape = x.shape
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]).contiguous(), self.packed, self.b, act, [], "none" if act == "gelu" else "")
+        return y.view(*shape[:-1], y.shape[-1])
 
 
 @dataclass
@@ -199,7 +233,19 @@ class Loader:
         return self.files.tensor(key, self.device, self.dtype)
 
     def linear(self, p: str, bias: bool = True) -> Linear:
-        return Linear(self.t(f"{p}.weight"), self.t(f"{p}.bias") if bias else None)
+        w = self.t(f"{p}.weight")
+        return Linear(w, self.t(f"{p}.bias") if bias else None, self.packed(f"{p}.weight", w))
+
+    def projection(self, key: str) -> Linear:
+        """A bias-free linear from weight ``key`` (the vocabulary projection)."""
+        w = self.t(key)
+        return Linear(w, None, self.packed(key, w))
+
+    def packed(self, key: str, w: torch.Tensor) -> torch.Tensor | None:
+        """``w`` prepacked (shared like the weights themselves), or None where packing does not apply."""
+        if w.ndim != 2 or not can_pack(self.device, self.dtype):  # convolutions stay as they are
+            return None
+        return self.files.derived(key, "packed", self.device, self.dtype, lambda: pack(w))
 
     def norm(self, p: str) -> Norm:
         return Norm(self.t(f"{p}.weight"), self.t(f"{p}.bias"))
@@ -211,7 +257,8 @@ class Loader:
             w = self.t(f"{p}.{n}.weight")
             ws.append(w)
             bs.append(self.t(f"{p}.{n}.bias") if self.files.has(f"{p}.{n}.bias") else torch.zeros(w.shape[0], device=w.device, dtype=w.dtype))
-        return Linear(torch.cat(ws).contiguous(), torch.cat(bs).contiguous())
+        w = torch.cat(ws).contiguous()
+        return Linear(w, torch.cat(bs).contiguous(), pack(w) if can_pack(self.device, self.dtype) else None)
 
 
 @dataclass
@@ -239,7 +286,7 @@ class EncoderLayer:
         v = v.view(B, T, heads, dh).transpose(1, 2)
         a = F.scaled_dot_product_attention(q, k, v, scale=1.0)
         h = h + self.out(a.transpose(1, 2).reshape(B, T, D))
-        return h + self.fc2(F.gelu(self.fc1(self.ln2(h))))
+        return h + self.fc2(self.fc1.gelu(self.ln2(h)))
 
 
 @dataclass

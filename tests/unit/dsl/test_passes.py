@@ -64,9 +64,11 @@ def test_transfers_only_between_devices():
 
 def test_wire_stages_delivers_non_adjacent_values_and_loop_inputs():
     plan = compile_recipe("whisper_stt", ["nodes.encoder.split=2", "nodes.decoder.split=3"])
-    # the encoder output is read by every decoder stage (cross-attention): non-adjacent edges
+    # the encoder output is read by every decoder stage (cross-attention) and by the word
+    # alignment after the loop: non-adjacent edges
     dec_stages = [s.index for s in plan.stages if s.loop == "decoder"]
-    assert plan.consumers["encoder.hidden"] == dec_stages
+    align = next(s.index for s in plan.stages if any(u.node == "align" for u in s.units))
+    assert plan.consumers["encoder.hidden"] == dec_stages + [align]
     assert plan.consumers["encoder#0"] == [1]
     assert plan.consumers["text.text"] == [plan.num_stages]  # final output
     assert plan.schedule == "loop-reentry" and plan.loops[0].stages == dec_stages

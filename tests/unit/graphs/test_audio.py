@@ -101,7 +101,7 @@ def test_log_mel_node_expands_long_audio():
     assert out["_parent"] == [0, 1, 1]
     assert out["features"].shape == (3, 80, 3000)
     w = out["window"]
-    assert w[0] == {"start": 0.0, "end": short.shape[0] / SR, "keep": (0.0, short.shape[0] / SR), "overlap": 0.0}
+    assert w[0] == {"start": 0.0, "end": short.shape[0] / SR, "keep": (0.0, short.shape[0] / SR), "overlap": 0.0, "silent": False}
     assert w[1]["start"] == 0.0 and w[2]["start"] == w[1]["end"] == w[1]["keep"][1] == w[2]["keep"][0]
     assert w[2]["end"] == 42.0 and w[1]["overlap"] == w[2]["overlap"] == 0.0
 
@@ -134,24 +134,73 @@ def test_windows_drop_silent_tails():
     assert len(wins) == 1 and 25 * SR < wins[0]["end"] < 30 * SR
 
 
+def test_windows_without_signal_are_marked_silent():
+    """Digital silence (and dither far below it) is not decoded; faint sound is."""
+    quiet = 1e-5 * torch.randn(SR * 5, generator=torch.Generator().manual_seed(0))
+    faint = _tone_bursts([(0.0, 1.0)], 2.0) * 0.002  # -60 dBFS: still decoded
+    out = LogMel(LogMelConfig()).forward({"audio": [torch.zeros(SR * 30), quiet, faint]}, [ItemMeta(k) for k in "abc"])
+    assert [w["silent"] for w in out["window"]] == [True, True, False]
+    assert [w["silent"] for w in LogMel(LogMelConfig(floor_db=-120)).forward({"audio": [quiet]}, [ItemMeta("a")])["window"]] == [False]
+
+
 def test_log_mel_checks():
     assert LogMel.check(LogMelConfig(chunk_s=40.0))
     assert LogMel.check(LogMelConfig(overlap_s=10.0))
+    assert LogMel.check(LogMelConfig(floor_db=-10.0))
     assert not LogMel.check(LogMelConfig())
 
 
 # ---------------------------------------------------------------- audio.files
 def test_files_write_outputs(tmp_path):
-    segs = [{"start": 0.0, "end": 1.5, "text": "Hello there."}, {"start": 61.25, "end": 3725.0, "text": "Bye."}]
+    segs = [{"id": 0, "start": 0.0, "end": 1.5, "text": " Hello there."}, {"id": 1, "start": 61.25, "end": 3725.0, "text": "Bye."}]
     results = [Result("a", {"audio": "x/a.wav"}, outputs={"text": "Hello there. Bye.", "segments": segs, "language": "en"}),
                Result("b", {"audio": "x/b.wav"}, error={"message": "boom"})]
     paths = Files.write_outputs(FilesConfig(path="x"), results, tmp_path)
-    assert sorted(p.name for p in paths) == ["a.json", "a.srt", "a.txt"]
-    assert (tmp_path / "a.txt").read_text() == "Hello there. Bye.\n"
+    assert sorted(p.name for p in paths) == ["a.json", "a.srt", "a.tsv", "a.txt", "a.vtt"]
+    # openai-whisper's conventions: a line per segment; srt hours always, vtt only when needed
+    assert (tmp_path / "a.txt").read_text() == "Hello there.\nBye.\n"
     assert (tmp_path / "a.srt").read_text() == ("1\n00:00:00,000 --> 00:00:01,500\nHello there.\n\n"
-                                               "2\n00:01:01,250 --> 01:02:05,000\nBye.\n")
+                                               "2\n00:01:01,250 --> 01:02:05,000\nBye.\n\n")
+    assert (tmp_path / "a.vtt").read_text() == ("WEBVTT\n\n00:00.000 --> 00:01.500\nHello there.\n\n"
+                                               "01:01.250 --> 01:02:05.000\nBye.\n\n")
+    assert (tmp_path / "a.tsv").read_text() == "start\tend\ttext\n0\t1500\tHello there.\n61250\t3725000\tBye.\n"
     j = json.loads((tmp_path / "a.json").read_text())
-    assert j["text"] == "Hello there. Bye." and j["segments"] == segs and j["language"] == "en"
+    assert j["text"] == "Hello there. Bye." and j["segments"] == segs and j["language"] == "en" and j["id"] == "a"
+    only = Files.write_outputs(FilesConfig(path="x", output_format="srt"), results, tmp_path / "srt")
+    assert [p.name for p in only] == ["a.srt"]
+
+
+def test_subtitles_follow_word_timings(tmp_path):
+    from mmpipe.graphs.whisper_writers import to_srt, to_vtt
+
+    t = {"segments": [{"start": 0.0, "end": 30.0, "text": " Hi there.",
+                       "words": [{"word": " Hi", "start": 1.2, "end": 1.5}, {"word": " there.", "start": 1.5, "end": 2.04}]}]}
+    assert to_srt(t) == "1\n00:00:01,200 --> 00:00:02,040\nHi there.\n\n"
+    assert to_vtt({"segments": [{"start": 0.0, "end": 1.0, "text": "a --> b"}]}) == "WEBVTT\n\n00:00.000 --> 00:01.000\na -> b\n\n"
+
+
+def test_manifest_carries_per_request_settings(tmp_path):
+    (tmp_path / "a.wav").write_bytes(b"x")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.wav").write_bytes(b"x")
+    m = tmp_path / "list.jsonl"
+    m.write_text('{"audio": "a.wav", "language": "de", "task": "translate"}\n\n'
+                 '{"audio": "sub/b.wav", "id": "bee", "beam_size": 1, "word_timestamps": true}\n')
+    assert not Files.check(FilesConfig(path=str(m)))
+    reqs = Files.requests(FilesConfig(path=str(m)))
+    assert [r.id for r in reqs] == ["a", "bee"]
+    assert reqs[0].params == {"language": "de", "task": "translate"} and reqs[0].values == {"audio": str(tmp_path / "a.wav")}
+    assert reqs[1].params == {"beam_size": 1, "word_timestamps": True}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"audio": "a.wav", "langauge": "de"}\nnot json\n{"audio": "missing.wav"}\n')
+    problems = Files.check(FilesConfig(path=str(bad)))
+    assert [p[0] for p in problems] == ["path"] * 3 and all(p[2] for p in problems)
+    assert "line 1" in problems[0][1] and "langauge" in problems[0][1] and "line 2" in problems[1][1] and "missing.wav" in problems[2][1]
+    from mmpipe.graphs.base import SourceError
+
+    with pytest.raises(SourceError):
+        Files.requests(FilesConfig(path=str(bad)))
+    assert Files.check(FilesConfig(path=str(m), output_format="docx"))[0][0] == "output_format"
 
 
 def test_files_source_expands_dirs_and_globs(tmp_path):

@@ -356,17 +356,15 @@ def test_ensure_converted_reuses_cache(tiny_ct2: Path, cache_dir: Path, converte
     assert not [p for p in converted.parent.iterdir() if p.name.startswith(".")]  # no temp leftovers
 
 
-def test_replace_dir_loses_race_gracefully(tmp_path: Path) -> None:
-    dst = tmp_path / "dst"
-    dst.mkdir()
-    (dst / "config.json").write_text("{}")
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    (tmp / "x").write_text("new")
-    assert w._replace_dir(tmp, dst, overwrite=False) is False
-    assert (dst / "config.json").exists()
-    assert w._replace_dir(tmp, dst, overwrite=True) is True
-    assert (dst / "x").read_text() == "new" and not (dst / "config.json").exists()
+def test_alignment_heads_from_the_files_and_the_published_table(tiny_ct2: Path, converted: Path) -> None:
+    from mmpipe.graphs.whisper_hfconfig import published_alignment_heads
+
+    gen = json.loads((converted / "generation_config.json").read_text())
+    ct2_heads = json.loads((tiny_ct2 / "config.json").read_text())["alignment_heads"]
+    assert gen["alignment_heads"] == ct2_heads  # carried over from the CTranslate2 files
+    cfg = json.loads((converted / "config.json").read_text())
+    assert published_alignment_heads(cfg) == ct2_heads  # and the table agrees for tiny.en
+    assert published_alignment_heads({**cfg, "d_model": 100}) is None  # unknown shapes: none
 
 
 def test_packaged_model_errors(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -25,12 +25,24 @@ def test_segments_from_timestamp_tokens():
     tb, eot = 100, 50
     toks = [60, 61, tb + 0, 1, 2, tb + 120, tb + 120, 3, tb + 200, eot]  # prompt, <|0.00|> a b <|2.40|><|2.40|> c <|4.00|>
     segs = wt.segments_of(toks, lambda ids: " " + " ".join(f"w{i}" for i in ids), eot, tb, {"start": 10.0, "end": 14.5}, timed=True)
-    assert segs == [{"start": 10.0, "end": 12.4, "text": "w1 w2"}, {"start": 12.4, "end": 14.0, "text": "w3"}]
+    # each segment's tokens include its timestamps, as openai-whisper's
+    assert segs == [{"start": 10.0, "end": 12.4, "text": "w1 w2", "tokens": [tb, 1, 2, tb + 120]},
+                    {"start": 12.4, "end": 14.0, "text": "w3", "tokens": [tb + 120, 3, tb + 200]}]
     # text after the last timestamp runs to the window's end
     segs = wt.segments_of([tb + 50, 1, eot], lambda ids: "x", eot, tb, {"start": 0.0, "end": 3.0}, timed=True)
-    assert segs == [{"start": 1.0, "end": 3.0, "text": "x"}]
+    assert segs == [{"start": 1.0, "end": 3.0, "text": "x", "tokens": [tb + 50, 1]}]
     segs = wt.segments_of([60, 1, 2, eot], lambda ids: " hi ", eot, tb, {"start": 0.0, "end": 3.0, "keep": (0.0, 2.5)}, timed=False)
-    assert segs == [{"start": 0.0, "end": 2.5, "text": "hi"}]
+    assert segs == [{"start": 0.0, "end": 2.5, "text": "hi", "tokens": [1, 2]}]
+
+
+def test_words_attach_to_segments_by_tokens():
+    segs = [{"start": 0.0, "end": 5.0, "text": "a bc", "tokens": [100, 1, 2, 3, 105]}, {"start": 5.0, "end": 9.0, "text": "d", "tokens": [105, 4, 108]}]
+    words = [{"word": " a", "tokens": [1], "start": 0.5, "end": 0.9, "probability": 0.9},
+             {"word": " bc", "tokens": [2, 3], "start": 0.9, "end": 1.4, "probability": 0.8},
+             {"word": " d", "tokens": [4], "start": 5.2, "end": 5.6, "probability": 0.7}]
+    wt.attach_words(segs, words, eot=50)
+    assert [w["word"] for w in segs[0]["words"]] == [" a", " bc"] and [w["word"] for w in segs[1]["words"]] == [" d"]
+    assert "tokens" not in segs[0]["words"][0] and (segs[0]["start"], segs[0]["end"]) == (0.5, 1.4) and segs[1]["start"] == 5.2
 
 
 def test_overlap_merge_on_words():
@@ -58,18 +70,25 @@ def test_gather_segments_resolves_overlap():
     segs = wt.gather_segments([a, b])
     assert " ".join(s["text"] for s in segs) == "Please call me when you get home. Bye."
     assert all(s["end"] >= s["start"] for s in segs) and all(x["end"] <= y["start"] for x, y in zip(segs, segs[1:]))
+    assert [s["id"] for s in segs] == list(range(len(segs)))
+    # word timings follow the words the overlap kept
+    words = lambda text, t: [{"word": " " + w, "start": t + i, "end": t + i + 0.5} for i, w in enumerate(text.split())]  # noqa: E731
+    a = wt.WindowSegments([{"id": 0, "start": 0.0, "end": 30.0, "text": "one two three four", "words": words("one two three four", 0)}], (0.0, 27.0), 0.0, False)
+    b = wt.WindowSegments([{"id": 0, "start": 23.0, "end": 40.0, "text": "three four five", "words": words("three four five", 24)}], (27.0, 40.0), 4.0, False)
+    segs = wt.gather_segments([a, b])
+    assert [w["word"] for s in segs for w in s["words"]] == [" one", " two", " three", " four", " five"]
 
 
 def test_timestamp_rules_match_transformers():
     from transformers.generation.logits_process import WhisperTimeStampLogitsProcessor
 
-    from mmpipe.graphs.whisper_decode import Rules
+    from mmpipe.graphs.whisper_rules import Rules
 
     V, eot, nots = 51864, 50256, 50362
     tb = nots + 1
     gen = SimpleNamespace(no_timestamps_token_id=nots, eos_token_id=eot, bos_token_id=50257, max_initial_timestamp_index=50, _detect_timestamp_from_logprob=True)
     none = torch.zeros(0, dtype=torch.long)
-    rules = Rules(eot=eot, sot=50257, no_timestamps=nots, timestamp_begin=tb, suppress=none, begin_suppress=none, lang_ids=None,
+    rules = Rules(eot=eot, sot=50257, sot_prev=50360, no_timestamps=nots, timestamp_begin=tb, suppress=none, begin_suppress=none, lang_ids=None,
                   lang_to_id={}, task_to_id={}, multilingual=False, max_initial_timestamp=50)
     prompt = [50257]
     seqs = [prompt, prompt + [tb], prompt + [tb, 7], prompt + [tb, 7, tb + 30], prompt + [tb, 7, tb + 30, tb + 30], prompt + [tb + 3, 5, 6, tb + 40, tb + 40, 9]]
@@ -80,7 +99,7 @@ def test_timestamp_rules_match_transformers():
             scores[0, tb:] += boost
             ref = WhisperTimeStampLogitsProcessor(gen, begin_index=len(prompt))(torch.tensor([seq]), scores.clone())
             ours = scores.clone()
-            rules._timestamp_rules(ours, [seq], [len(prompt)])
+            rules.timestamp_rules(ours, [seq[len(prompt):]])
             assert torch.equal(torch.isinf(ours), torch.isinf(ref)), seq
             assert ours.argmax().item() == ref.argmax().item()
 
@@ -95,6 +114,28 @@ def test_decode_checks_without_weights():
     assert not Decode.check(DecodeConfig(model=multi, language="german"))
     costs = Decode.part_costs(DecodeConfig(model=en))
     assert costs[:3] == [1.0, 1.0, 1.0] and 2.5 < costs[3] < 3.0  # + the vocabulary projection
+    bad = {"beam_size": 0, "best_of": 40, "temperature": [0.0, -1.0], "top_k": -1, "compression_ratio_threshold": 0.0,
+           "no_speech_threshold": 1.5, "length_penalty": float("nan"), "seed": -2}
+    for key, value in bad.items():
+        problems = Decode.check(DecodeConfig(model=en, **{key: value}))
+        assert [p[0] for p in problems] == [key] and problems[0][2], key
+    assert not Decode.check(DecodeConfig(model=en, temperature=0.4, compression_ratio_threshold=None, logprob_threshold=None))
+
+
+def test_request_parameters_are_checked_like_recipe_values():
+    from mmpipe.graphs.whisper_loop import REQUEST_PARAMS, request_config
+
+    cfg = DecodeConfig()
+    assert "model" not in REQUEST_PARAMS and {"language", "task", "beam_size", "temperature", "initial_prompt"} <= set(REQUEST_PARAMS)
+    assert Decode.request_params == REQUEST_PARAMS
+    got = request_config(cfg, {"beam_size": 2.0, "temperature": [0, 0.5], "initial_prompt": "Hi", "length": 3.0})
+    assert (got.beam_size, got.temperature, got.initial_prompt) == (2, [0.0, 0.5], "Hi") and cfg.beam_size == 5
+    assert request_config(cfg, {"length": 1}) is cfg  # not a decode setting: the recipe's config as is
+    for params, key in (({"beam_size": "five"}, "params.beam_size"), ({"beam_size": 0}, "params.beam_size"),
+                        ({"language": "de"}, "params.language"), ({"task": "sing"}, "params.task"), ({"temperature": "hot"}, "params.temperature")):
+        with pytest.raises(UserError) as e:
+            request_config(cfg, params)
+        assert e.value.key == key and e.value.fix, params
 
 
 # ---------------------------------------------------------------- with the tiny.en model
@@ -125,11 +166,15 @@ def _pieces(cuts: list[tuple[int, int]], **cfg) -> list[Decode]:
     return out
 
 
-def _decode(pieces: list[Decode], hidden: torch.Tensor, entry: list[int]) -> dict[str, list[int]]:
+def _decode(pieces: list[Decode], hidden: torch.Tensor, entry: list[int], metas: list[ItemMeta] | None = None) -> dict[str, list[int]]:
     """Drive the loop like the pipelined runtime: item i enters at iteration entry[i] and
-    joins the running rows (concat); finished rows leave (select)."""
+    joins the running rows (concat); finished rows leave (select). Returns tokens by item."""
+    return {k: v[0] for k, v in _decode_info(pieces, hidden, entry, metas).items()}
+
+
+def _decode_info(pieces: list[Decode], hidden: torch.Tensor, entry: list[int], metas: list[ItemMeta] | None = None) -> dict[str, tuple[list[int], dict]]:
     lanes: list[dict[str, dict]] = [{} for _ in pieces]
-    metas = [ItemMeta(f"r{i}") for i in range(len(entry))]
+    metas = metas or [ItemMeta(f"r{i}") for i in range(len(entry))]
     carry, active, out, it = None, [], {}, 0
     while len(out) < len(entry):
         joining = [i for i, e in enumerate(entry) if e == it]
@@ -144,6 +189,7 @@ def _decode(pieces: list[Decode], hidden: torch.Tensor, entry: list[int]) -> dic
             carry = new if carry is None else Decode.concat([carry, new])
             active += joining
         it += 1
+        assert it < 2000, "the loop does not end"
         if not active:
             continue
         m = [metas[i] for i in active]
@@ -152,13 +198,16 @@ def _decode(pieces: list[Decode], hidden: torch.Tensor, entry: list[int]) -> dic
         carry, done, outs = pieces[-1].end(carry, m, [lanes[-1][mm.key] for mm in m])
         for r, d in enumerate(done):
             if d:
-                out[m[r].request_id] = outs["tokens"][r]
+                out[m[r].key] = (outs["tokens"][r], outs["info"][r])
         keep = [r for r, d in enumerate(done) if not d]
         for p, ln in zip(pieces, lanes):
             p.finish([ln.pop(m[r].key) for r, d in enumerate(done) if d])
         carry = Decode.select(carry, keep) if keep else None
         active = [active[r] for r in keep]
     return out
+
+
+GREEDY = {"beam_size": 1, "temperature": 0.0}
 
 
 @slow
@@ -180,18 +229,20 @@ def test_encoder_matches_transformers_and_splits(encoder, feats, hidden):
 
 
 @slow
-def test_continuous_batching_and_splits_give_the_same_tokens(hidden):
-    whole = _pieces([(0, 4)], max_new_tokens=48)
+@pytest.mark.parametrize("mode", ["greedy", "beam"])
+def test_continuous_batching_and_splits_give_the_same_tokens(hidden, mode):
+    opts = GREEDY if mode == "greedy" else {"beam_size": 3}
+    whole = _pieces([(0, 4)], max_new_tokens=48, **opts)
     alone = {f"r{i}": _decode(whole, hidden[i:i + 1], [0])["r0"] for i in range(3)}
     assert alone["r0"][2:-1] == [4222, 869, 502, 618, 345, 651, 1363, 13]  # ' Please call me when you get home.'
     assert _decode(whole, hidden, [0, 0, 0]) == alone
     # items join a running group at different positions (ragged steps), leave when done
     assert _decode(whole, hidden, [0, 3, 5]) == alone
-    split = _pieces([(0, 1), (1, 3), (3, 4)], max_new_tokens=48)
+    split = _pieces([(0, 1), (1, 3), (3, 4)], max_new_tokens=48, **opts)
     assert _decode(split, hidden, [2, 0, 1]) == alone
     # only their own layers; the first and last piece share the tied embedding tensor
     assert [len(p.piece.layers) for p in split] == [1, 2, 1]
-    assert split[0].piece.embed is split[2].piece.proj and split[1].piece.embed is None and split[1].piece.proj is None
+    assert split[0].piece.embed is split[2].piece.proj.w and split[1].piece.embed is None and split[1].piece.proj is None
 
 
 @slow
@@ -199,7 +250,7 @@ def test_lazy_and_cached_cross_attention_agree(hidden):
     """Cross-attention from the encoder states (lazy), from K/V made at entry, or switching mid-way."""
     want = None
     for buy_after in (10**6, 0, 3):
-        pieces = _pieces([(0, 2), (2, 4)], max_new_tokens=48)
+        pieces = _pieces([(0, 2), (2, 4)], max_new_tokens=48, beam_size=2)
         for p in pieces:
             p.piece.buy_after = buy_after
         got = _decode(pieces, hidden, [0, 1, 4])
@@ -209,17 +260,39 @@ def test_lazy_and_cached_cross_attention_agree(hidden):
 
 @slow
 def test_max_new_tokens_stops_decoding(hidden):
-    toks = _decode(_pieces([(0, 4)], max_new_tokens=3), hidden[:1], [0])["r0"]
+    toks = _decode(_pieces([(0, 4)], max_new_tokens=3, **GREEDY), hidden[:1], [0])["r0"]
     assert toks == [50257, 50362, 4222, 869, 502]
 
 
+@slow
+def test_per_request_settings_and_waiting_windows(hidden):
+    """Requests in one step decode with their own settings; with condition_on_previous_text
+    a request's second window waits for its first, then is prompted with its text."""
+    pieces = _pieces([(0, 2), (2, 4)], max_new_tokens=48)
+    cond = {"condition_on_previous_text": True}
+    metas = [ItemMeta("a", params={"beam_size": 1, "temperature": 0.0}), ItemMeta("b", sub=0, of=2, params=cond), ItemMeta("b", sub=1, of=2, params=cond)]
+    got = _decode_info(pieces, hidden[[0, 1, 2]], [0, 0, 0], metas)
+    assert got["a"][0][2:-1] == [4222, 869, 502, 618, 345, 651, 1363, 13]
+    assert "b" not in pieces[-1].history  # forgotten once the request's last window is done
+    # window b#1 decoded as if prompted by hand with b#0's text (here as an initial prompt)
+    text0 = pieces[-1].files.tokenizer().decode([t for t in got["b#0"][0][2:] if t != 50256])
+    prompted = _decode_info(_pieces([(0, 4)], max_new_tokens=48, initial_prompt=text0), hidden[2:3], [0])["r0"]
+    plain = _decode_info(_pieces([(0, 4)], max_new_tokens=48), hidden[2:3], [0])["r0"]
+    assert got["b#1"][0] == prompted[0] and prompted[0][:2] == [50257, 50362]  # output: sot sequence + text, no prompt
+    assert got["b#1"][1] == pytest.approx(prompted[1], abs=1e-5)
+    assert plain[1]["avg_logprob"] != prompted[1]["avg_logprob"]  # the prompt did change the context
+
+
 def test_select_and_concat_keep_packed_rows():
-    h = torch.arange(6.0)[:, None].repeat(1, 2)
-    carry = {"tokens": [[1], [2, 3], [4]], "new": [1, 3, 2], "begin": [1, 1, 1], "limit": [9] * 3, "detect": [False] * 3, "stamps": [False] * 3, "h": h}
+    h = torch.arange(9.0)[:, None].repeat(1, 2)
+    carry = {"feed": [[1], [2, 3, 4], [5, 6], []], "n": [1, 3, 1, 0], "pos": [4, 0, 7, 0], "rows": [[0], [0], [0, 1], []],
+             "src": [None, None, [1, 1], None], "sot": [-1, 0, -1, -1], "h": h[:6]}
     sel = Decode.select(carry, [1])
-    assert sel["new"] == [3] and sel["h"][:, 0].tolist() == [1.0, 2.0, 3.0]
+    assert sel["n"] == [3] and sel["h"][:, 0].tolist() == [1.0, 2.0, 3.0]
+    sel = Decode.select(carry, [2, 3])
+    assert sel["rows"] == [[0, 1], []] and sel["h"][:, 0].tolist() == [4.0, 5.0]
     both = Decode.concat([Decode.select(carry, [2]), Decode.select(carry, [0])])
-    assert both["tokens"] == [[4], [1]] and both["h"][:, 0].tolist() == [4.0, 5.0, 0.0]
+    assert both["feed"] == [[5, 6], [1]] and both["h"][:, 0].tolist() == [4.0, 5.0, 0.0] and both["src"] == [[1, 1], None]
 
 
 @slow
@@ -229,7 +302,12 @@ def test_detokenize_text_segments_language(hidden):
     toks = [[50257, 50362, 4222, 869, 502, 618, 345, 651, 1363, 13, 50256]]
     out = d.forward({"tokens": toks, "window": [{"start": 0.0, "end": 2.5, "keep": (0.0, 2.5), "overlap": 0.0}]}, [ItemMeta("a")])
     assert out["text"] == ["Please call me when you get home."] and out["language"] == ["en"]
-    assert out["segments"] == [[{"start": 0.0, "end": 2.5, "text": "Please call me when you get home."}]]
+    assert out["segments"] == [[{"id": 0, "seek": 0, "start": 0.0, "end": 2.5, "text": "Please call me when you get home.",
+                                 "tokens": [4222, 869, 502, 618, 345, 651, 1363, 13]}]]
+    info = {"temperature": 0.2, "avg_logprob": -0.31234, "compression_ratio": 0.9, "no_speech_prob": 0.01, "skipped": False}
+    out = d.forward({"tokens": toks, "info": [info]}, [ItemMeta("a")])
+    seg = out["segments"][0][0]
+    assert (seg["temperature"], seg["avg_logprob"], seg["no_speech_prob"]) == (0.2, -0.3123, 0.01) and "skipped" not in seg
 
 
 @slow

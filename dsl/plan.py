@@ -138,6 +138,9 @@ class Plan:
     seed: int
     allow_targets: list[str] = field(default_factory=list)
     version: int = PLAN_VERSION
+    # Predicted per-stage time and memory, balance, throughput, bubble (``dsl/predict.py``);
+    # None when the recipe neither gives a profile nor asks for the balancer.
+    predicted: dict[str, Any] | None = None
 
     # ------------------------------------------------------------ JSON
     def to_dict(self) -> dict[str, Any]:

@@ -21,7 +21,9 @@ USAGE = """usage: mmpipe COMMAND [RECIPE] [overrides...] [options]
 commands:
   run RECIPE [overrides]        run the recipe's requests, write results into output_dir
   validate RECIPE [overrides]   report every problem at once (exit 2 if any); loads no weights
-  plan RECIPE [overrides]       print the compiled plan [--format text|json|mermaid] [--schedule M]
+  plan RECIPE [overrides]       print the compiled plan [--format text|json|mermaid|dot] [--schedule M]
+                                [--simulate]: predicted throughput, latency, busy %, bubble (needs profile=)
+  profile RECIPE [overrides]    measure every part of every node; writes profile.json [--microbatches K] [--chart]
   ls [--kinds]                  shipped recipes with one-line descriptions (and node kinds)
   convert ctranslate2 SRC DST   convert a CTranslate2 Whisper directory to transformers
 
@@ -50,6 +52,9 @@ class Args:
     help: bool = False
     format: str = "text"
     schedule: int | None = None
+    simulate: bool = False
+    chart: bool = False
+    microbatches: int | None = None
     kinds: bool = False
     extra: list[str] = field(default_factory=list)
     raw: list[str] = field(default_factory=list)  # the command line itself (re-run by each rank)
@@ -82,20 +87,29 @@ def parse_args(argv: list[str]) -> Args:
                 raise UsageError("--cfg takes 'job' (or 'all')")
         elif tok == "--format" or tok.startswith("--format="):
             a.format = tok.split("=", 1)[1] if "=" in tok else next(it, "")
-            if a.format not in ("text", "json", "mermaid"):
-                raise UsageError(f"--format must be text, json or mermaid, got '{a.format}'")
+            if a.format not in ("text", "json", "mermaid", "dot"):
+                raise UsageError(f"--format must be text, json, mermaid or dot, got '{a.format}'")
         elif tok == "--schedule" or tok.startswith("--schedule="):
             v = tok.split("=", 1)[1] if "=" in tok else next(it, "")
             if not v.isdigit() or int(v) <= 0:
                 raise UsageError(f"--schedule takes a positive number of micro-batches, got '{v}'")
             a.schedule = int(v)
+        elif tok == "--simulate":
+            a.simulate = True
+        elif tok == "--chart":
+            a.chart = True
+        elif tok == "--microbatches" or tok.startswith("--microbatches="):
+            v = tok.split("=", 1)[1] if "=" in tok else next(it, "")
+            if not v.isdigit() or int(v) <= 0:
+                raise UsageError(f"--microbatches takes a positive number, got '{v}'")
+            a.microbatches = int(v)
         elif tok.startswith("--"):
             raise UsageError(f"unknown option {tok}")
         else:
             positional.append(tok)
     if positional:
         a.command = positional.pop(0)
-    if a.command in ("run", "validate", "plan") and positional:
+    if a.command in ("run", "validate", "plan", "profile") and positional:
         a.recipe = positional.pop(0)
         a.overrides = positional
     else:
@@ -157,7 +171,7 @@ def dispatch(a: Args) -> int:
         return cmd_ls(a)
     if a.command == "convert":
         return cmd_convert(a)
-    if a.command not in ("run", "validate", "plan"):
+    if a.command not in ("run", "validate", "plan", "profile"):
         raise UsageError(f"unknown command '{a.command}'")
     if not a.recipe:
         raise UsageError(f"'{a.command}' needs a RECIPE (see mmpipe ls)")
@@ -180,7 +194,12 @@ def run_one(a: Args, overrides: list[str], job: int | None = None) -> int:
 
         print(OmegaConf.to_yaml(loaded.cfg, resolve=a.resolve), end="")
         return 0
-    plan = compile_loaded(loaded)
+    if a.command == "profile":
+        from mmpipe.profile_cmd import cmd_profile
+
+        return cmd_profile(loaded, a)
+    mode = "simulate" if a.command == "plan" and a.simulate else "run"
+    plan = compile_loaded(loaded, mode=mode, microbatches=a.schedule if a.command == "plan" else None)
     if job is not None:
         plan.output_dir = str(Path(plan.output_dir) / "multirun" / str(job))
         print(f"[job {job}] {' '.join(overrides) or '(no overrides)'} -> {plan.output_dir}")
@@ -211,14 +230,24 @@ def run_one(a: Args, overrides: list[str], job: int | None = None) -> int:
 
 
 def print_plan(plan: Any, a: Args) -> int:
+    if a.simulate:
+        from mmpipe.profile_cmd import print_simulation
+
+        return print_simulation(plan, a)
     if a.format == "json":
         print(plan.to_json())
     elif a.format == "mermaid":
         print(plan.to_mermaid())
+    elif a.format == "dot":
+        print(plan.to_dot())
     else:
         from mmpipe.dsl import schedule as sch
 
         print(plan.to_text())
+        if plan.predicted:
+            from mmpipe.dsl.predict import format_prediction
+
+            print(format_prediction(plan.predicted, plan))
         p = plan.num_stages
         m = a.schedule or max(2 * p, 4)
         if plan.loops:

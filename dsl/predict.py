@@ -1,0 +1,122 @@
+"""Predicted numbers of a plan from its costs: per stage time and memory, balance, throughput, bubble.
+
+A stage copy takes ``stage_time`` seconds per micro-batch (its pieces; loop pieces
+for all iterations of a micro-batch; plus handing its output on when the next
+stage is elsewhere). In steady state the pipeline's period is its slowest copy,
+``time / copies``, or, for stages sharing a CPU host's cores, the CPU seconds of a
+micro-batch divided by the cores if that is longer. A run of ``m`` micro-batches
+then takes about ``latency + (m - 1) * period``; the predicted bubble is the idle
+share of every worker over that time (as the runtime measures it).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from mmpipe.dsl.costs import Profile
+from mmpipe.dsl.plan import Plan, Stage
+
+if TYPE_CHECKING:
+    from mmpipe.dsl.auto import Auto
+
+
+def stage_time(costs: Profile, st: Stage) -> float:
+    """Compute seconds per micro-batch of one copy of ``st`` (no transfers)."""
+    return sum(costs.nodes[u.node].time(u.parts[0], u.parts[1]) for u in st.units)
+
+
+def stage_cpu(costs: Profile, st: Stage) -> float:
+    return sum(costs.nodes[u.node].cpu(u.parts[0], u.parts[1]) for u in st.units)
+
+
+def stage_memory(costs: Profile, st: Stage) -> int:
+    """Bytes one copy holds: its weights plus its largest activations."""
+    return sum(costs.nodes[u.node].memory(u.parts[0], u.parts[1]) for u in st.units)
+
+
+def out_bytes(costs: Profile, st: Stage) -> tuple[float, float]:
+    """(bytes handed on per hand-over, hand-overs per micro-batch) of the stage's last piece."""
+    u = st.units[-1]
+    nc = costs.nodes[u.node]
+    part = nc.parts[u.parts[1] - 1]
+    inner = nc.loop and u.parts[1] < nc.num_parts
+    return float(part.out_bytes), (nc.iterations_per_mb if inner else 1.0)
+
+
+def transfer_time(auto: "Auto", plan: Plan, st: Stage) -> float:
+    """Seconds per micro-batch to hand the stage's output to another place (0 on one device)."""
+    if not auto.bandwidth or not any(t.src_stage == st.index for t in plan.transfers):
+        return 0.0
+    b, hops = out_bytes(auto.costs, st)
+    return hops * (b / auto.bandwidth + auto.latency)
+
+
+def predict(plan: Plan, auto: "Auto", microbatches: int | None = None) -> dict[str, Any]:
+    """The plan's predicted numbers (see the module docstring); ``microbatches``: of a run."""
+    costs = auto.costs
+    rows = []
+    for st in plan.stages:
+        heavy = any(not costs.nodes[u.node].light for u in st.units)
+        t = stage_time(costs, st) + transfer_time(auto, plan, st)
+        copies = len(st.places)
+        loop = costs.nodes[st.units[0].node] if st.loop else None
+        row: dict[str, Any] = {"stage": st.index, "copies": copies, "time_s": t, "per_copy_s": t / copies,
+                               "cpu_s": stage_cpu(costs, st), "memory_bytes": stage_memory(costs, st), "heavy": heavy}
+        if loop is not None and loop.iterations_per_mb:
+            row["iterations"] = loop.iterations_per_mb
+            row["per_iteration_s"] = t / loop.iterations_per_mb
+        rows.append(row)
+    heavy = [r["per_copy_s"] for r in rows if r["heavy"]] or [0.0]
+    slowest = max(r["per_copy_s"] for r in rows) if rows else 0.0
+    res = auto.resources
+    floor = sum(r["cpu_s"] for r in rows) / res.cores if res is not None and res.cores else 0.0
+    period = max(slowest, floor)
+    latency = sum(r["time_s"] for r in rows)
+    size = int(plan.runtime.get("microbatch_size", 1))
+    out: dict[str, Any] = {
+        "source": auto.source, "profile": auto.profile_path or None, "measured": costs.measured, "stages": rows,
+        "balance_efficiency": (sum(heavy) / len(heavy)) / max(heavy) if max(heavy) > 0 else 1.0,
+        "slowest_s": slowest, "floor_s": floor, "period_s": period, "latency_s": latency,
+        "throughput_rps": size / period if costs.measured and period > 0 else None, "notes": list(auto.notes),
+        "balance": dict(auto.machine),
+    }
+    if auto.choice is not None:
+        out["choice"] = {"pieces": auto.choice.pieces, "replicas": auto.choice.replicas, "copies": auto.choice.copies}
+    if microbatches:
+        out.update(bubble_for(rows, period, latency, microbatches))
+    return out
+
+
+def bubble_for(rows: list[dict[str, Any]], period: float, latency: float, m: int) -> dict[str, Any]:
+    """Predicted wall time and bubble of a run of ``m`` micro-batches."""
+    workers = sum(r["copies"] for r in rows)
+    busy = m * sum(r["time_s"] for r in rows)
+    window = latency + (m - 1) * period
+    return {"microbatches": m, "run_s": window,
+            "bubble": max(0.0, 1 - busy / (workers * window)) if workers and window > 0 else None}
+
+
+def format_prediction(pred: dict[str, Any], plan: Plan) -> str:
+    """Lines for ``mmpipe plan``: per stage, then efficiency, throughput and bubble."""
+    unit = "s" if pred.get("measured") else ""
+    ms = (lambda v: f"{1000 * v:.1f} ms") if unit else (lambda v: f"{v:.3f}")  # noqa: E731
+    lines = [f"predicted ({pred['source']}):"]
+    rows = [("stage", "copies", "per micro-batch", "per copy", "memory/copy", "note")]
+    for r in pred["stages"]:
+        note = f"{r['iterations']:.1f} iterations x {ms(r['per_iteration_s'])}" if "iterations" in r and unit else ("light" if not r["heavy"] else "")
+        mem = f"{r['memory_bytes'] / 2**20:.0f} MB" if unit else "-"
+        rows.append((str(r["stage"]), str(r["copies"]), ms(r["time_s"]), ms(r["per_copy_s"]), mem, note))
+    widths = [max(len(x[i]) for x in rows) for i in range(len(rows[0]))]
+    for i, row in enumerate(rows):
+        lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        if i == 0:
+            lines.append("  " + "  ".join("-" * w for w in widths))
+    eff = f"balance efficiency {pred['balance_efficiency']:.2f} (mean / slowest stage copy)"
+    lines.append(f"  {eff}; period {ms(pred['period_s'])} per micro-batch"
+                 + (f" (slowest copy {ms(pred['slowest_s'])}, shared cores {ms(pred['floor_s'])})" if pred.get("floor_s") else ""))
+    if pred.get("throughput_rps"):
+        lines.append(f"  throughput {pred['throughput_rps']:.2f} req/s steady state; latency of a micro-batch {ms(pred['latency_s'])}")
+    if pred.get("microbatches"):
+        b = pred.get("bubble")
+        lines.append(f"  {pred['microbatches']} micro-batches: run {ms(pred['run_s'])}, bubble {100 * b:.0f}%" if b is not None else "")
+    lines += [f"  note: {n}" for n in pred.get("notes", [])]
+    return "\n".join(lines)

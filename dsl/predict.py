@@ -120,3 +120,59 @@ def format_prediction(pred: dict[str, Any], plan: Plan) -> str:
         lines.append(f"  {pred['microbatches']} micro-batches: run {ms(pred['run_s'])}, bubble {100 * b:.0f}%" if b is not None else "")
     lines += [f"  note: {n}" for n in pred.get("notes", [])]
     return "\n".join(lines)
+
+
+def versus_measured(pred: dict[str, Any], stats: dict[str, Any]) -> dict[str, Any]:
+    """Predicted next to measured, per stage (seconds of work per micro-batch, all copies
+    together; loops also per iteration) and for the run (balance efficiency, throughput,
+    bubble). ``stats``: the runtime's (``Recorder.stats``)."""
+    m = max(1, int(stats.get("microbatches") or 0))
+    busy: dict[int, dict[str, float]] = {}
+    for w in stats.get("stages", []):
+        b = busy.setdefault(int(w["stage"]), {"busy_s": 0.0, "calls": 0})
+        b["busy_s"] += float(w.get("busy_s", 0.0))
+        b["calls"] += int(w.get("calls", 0))
+    rows = []
+    for r in pred.get("stages", []):
+        got = busy.get(r["stage"], {"busy_s": 0.0, "calls": 0})
+        row = {"stage": r["stage"], "copies": r["copies"], "heavy": r["heavy"], "predicted_s": r["time_s"], "measured_s": got["busy_s"] / m}
+        if "iterations" in r:
+            row["predicted_iteration_s"] = r["per_iteration_s"]
+            row["measured_iteration_s"] = got["busy_s"] / got["calls"] if got["calls"] else None
+            row["predicted_iterations"], row["measured_iterations"] = r["iterations"], got["calls"] / m
+        row["ratio"] = row["measured_s"] / row["predicted_s"] if row["predicted_s"] else None
+        rows.append(row)
+    heavy = [x["measured_s"] / x["copies"] for x in rows if x["heavy"]]
+    out: dict[str, Any] = {"microbatches": m, "stages": rows,
+                           "balance_efficiency": {"predicted": pred.get("balance_efficiency"),
+                                                  "measured": (sum(heavy) / len(heavy)) / max(heavy) if heavy and max(heavy) > 0 else None}}
+    if pred.get("measured"):
+        m_pred = bubble_for(pred["stages"], pred["period_s"], pred["latency_s"], m)
+        items = sum(int(w.get("items", 0)) for w in stats.get("stages", []) if int(w.get("stage", -1)) == 0)
+        out["throughput_rps"] = {"predicted": items / m_pred["run_s"] if m_pred["run_s"] and items else pred.get("throughput_rps"),
+                                 "steady_state": pred.get("throughput_rps"), "measured": stats.get("throughput_rps")}
+        out["bubble"] = {"predicted": m_pred["bubble"], "measured": (stats["bubble_pct"] / 100 if stats.get("bubble_pct") is not None else None)}
+    return out
+
+
+def format_versus(cmp: dict[str, Any]) -> str:
+    """Lines for the run's printed table: predicted vs measured per stage."""
+    unit_s = (lambda v: f"{1000 * v:.1f} ms" if v is not None else "-")  # noqa: E731
+    lines = ["predicted vs measured (work per micro-batch, all copies):"]
+    for r in cmp["stages"]:
+        ratio = f"{r['ratio']:.2f}x" if r.get("ratio") is not None else "-"
+        extra = ""
+        if "predicted_iteration_s" in r:
+            extra = (f"; per iteration {unit_s(r['predicted_iteration_s'])} vs {unit_s(r['measured_iteration_s'])}, "
+                     f"iterations/mb {r['predicted_iterations']:.1f} vs {r['measured_iterations']:.1f}")
+        lines.append(f"  stage {r['stage']}: predicted {unit_s(r['predicted_s'])}, measured {unit_s(r['measured_s'])} ({ratio}){extra}")
+    be = cmp["balance_efficiency"]
+    if be.get("measured") is not None:
+        lines.append(f"  balance efficiency: predicted {be['predicted']:.2f}, measured {be['measured']:.2f}")
+    if cmp.get("throughput_rps", {}).get("predicted"):
+        t = cmp["throughput_rps"]
+        lines.append(f"  throughput: predicted {t['predicted']:.2f} req/s for this run ({t['steady_state']:.2f} steady state), measured {t['measured']:.2f} req/s")
+    b = cmp.get("bubble") or {}
+    if b.get("predicted") is not None and b.get("measured") is not None:
+        lines.append(f"  bubble: predicted {100 * b['predicted']:.0f}%, measured {100 * b['measured']:.0f}% (use mmpipe plan --simulate for queues, loops and copies)")
+    return "\n".join(lines)

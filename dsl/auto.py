@@ -247,8 +247,8 @@ def assign_places(auto: Auto, stages: list[Stage], distributed: bool, nproc: int
                 ranks = [prev] * n
             else:
                 ranks = []
-                for _ in range(n):
-                    r = min((r for r in range(nproc) if r not in ranks), key=lambda r: (rank_load[r], r), default=0)
+                for _ in range(n):  # least-loaded rank, one without a copy of this stage first
+                    r = min(range(nproc), key=lambda r: (r in ranks, rank_load[r], r))
                     ranks.append(r)
                     rank_load[r] += (loads[st.index] or 0.0) / n
             st.replicas = [Place(r, auto.devices[r % len(auto.devices)]) for r in ranks]

@@ -149,12 +149,12 @@ def node_options(seg: Segment, res: Resources) -> dict[int, Front]:
     rs = [seg.replicas] if seg.replicas is not None else list(range(1, top + 1))
     per_copy = INF if res.shared_memory else res.memory
     out: dict[int, list[tuple[float, float, object]]] = {}
-    for k in ks:
-        front = cut_fronts(seg, k, per_copy)
-        for r in rs:
+    fronts = {k: cut_fronts(seg, k, per_copy) for k in ks}
+    for r in rs:  # fewer copies of a node first: on a tie, cutting beats copying (less memory)
+        for k in ks:
             if k * r > res.budget:
                 continue
-            for t, m, pieces in front:
+            for t, m, pieces in fronts[k]:
                 out.setdefault(k * r, []).append((t / r, m * r, (pieces, r)))
     return {c: _pareto(v) for c, v in out.items()}
 

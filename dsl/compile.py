@@ -370,10 +370,26 @@ def compile_loaded(loaded: Loaded, available: Callable[[str], bool] | None = Non
 
 
 def microbatches_of(plan: Plan) -> int | None:
-    """Micro-batches of a run of the source's ``count`` requests (None: not known without reading inputs)."""
-    count = (plan.source or {}).get("params", {}).get("count")
+    """Micro-batches of a run of the source's requests, when that is known without reading
+    the inputs: a ``count``, or the files a ``path`` (file, directory or glob) names."""
+    params = (plan.source or {}).get("params", {})
+    count = params.get("count")
+    if not isinstance(count, int):
+        count = _files_named(params.get("path"))
     size = max(1, int(plan.runtime.get("microbatch_size", 1)))
     return -(-int(count) // size) if isinstance(count, int) and count > 0 else None
+
+
+def _files_named(path: Any) -> int | None:
+    if not isinstance(path, str) or not path:
+        return None
+    p = Path(os.path.expanduser(path))
+    if any(c in path for c in "*?["):
+        base = Path(p.anchor) if p.is_absolute() else Path(".")
+        return sum(1 for q in base.glob(str(p.relative_to(p.anchor)) if p.is_absolute() else path) if q.is_file())
+    if p.is_dir():
+        return sum(1 for q in p.iterdir() if q.is_file() and not q.name.startswith("."))
+    return 1 if p.is_file() else None
 
 
 def compile_recipe(recipe: str | Path, overrides: list[str] | None = None, available: Callable[[str], bool] | None = None) -> Plan:

@@ -21,6 +21,7 @@ The intra-op thread count is the one the stages will run with
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Any, Callable
 
@@ -227,6 +228,8 @@ class Profiler:
 
     def result(self, microbatches: int) -> Profile:
         """The profile of what was recorded."""
+        import torch
+
         plan = self.plan
         nodes: dict[str, NodeCost] = {}
         for name, pn in plan.nodes.items():
@@ -236,7 +239,9 @@ class Profiler:
                 a = self.acc[(name, k)]
                 n = max(1, a.calls)
                 act = a.peak if a.peak else a.act
-                parts.append(PartCost(time_s=a.time / n, cpu_s=a.cpu / n, param_bytes=a.params, act_bytes=act, out_bytes=a.out, lane_bytes=a.lane))
+                # CPU time is this process's (clock ticks): at most what the intra-op threads can use
+                cpu = min(a.cpu, a.time * max(1, torch.get_num_threads()))
+                parts.append(PartCost(time_s=a.time / n, cpu_s=cpu / n, param_bytes=a.params, act_bytes=act, out_bytes=a.out, lane_bytes=a.lane))
             nc = NodeCost(kind=pn.kind, num_parts=pn.num_parts, parts=parts, loop=pn.loop, light=pn.light, digest=config_digest(pn),
                           items_per_mb=_mean(self.items.get(name, [])), in_bytes=int(_mean(self.in_bytes.get(name, []))))
             if pn.loop and lp:
@@ -294,14 +299,29 @@ def measure(plan: Plan, requests: list[Request], microbatches: int = 3, warmup: 
     reqs = [r if i < len(requests) else Request(f"{r.id}~{i // len(requests)}", r.values, r.input, r.params)
             for i, r in ((i, requests[i % len(requests)]) for i in range(max(need, len(requests))))]
     prof = Profiler(plan, output_dir)
-    prof.build()
-    with torch.inference_mode():
-        for k in range(warmup + microbatches):
-            group = reqs[k * size:(k + 1) * size]
-            t0 = time.perf_counter()
-            prof.run(group, record=k >= warmup)
-            if log:
-                log(f"  micro-batch {k + 1}/{warmup + microbatches} ({'warm-up' if k < warmup else 'timed'}): {time.perf_counter() - t0:.3f} s")
+    failure: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            prof.build()
+            with torch.inference_mode():
+                for k in range(warmup + microbatches):
+                    group = reqs[k * size:(k + 1) * size]
+                    t0 = time.perf_counter()
+                    prof.run(group, record=k >= warmup)
+                    if log:
+                        log(f"  micro-batch {k + 1}/{warmup + microbatches} ({'warm-up' if k < warmup else 'timed'}): {time.perf_counter() - t0:.3f} s")
+        except BaseException as exc:  # raised again in the caller's thread
+            failure.append(exc)
+
+    # Stages run in worker threads, and torch's intra-op threading behaves differently in the
+    # main thread (small ops there ran 5x slower here): measure where the stages will run.
+    t = threading.Thread(target=work, name="mmpipe-profile", daemon=True)
+    t.start()
+    while t.is_alive():
+        t.join(0.2)  # short joins: Ctrl-C still reaches the main thread
+    if failure:
+        raise failure[0]
     return prof.result(microbatches)
 
 

@@ -202,11 +202,11 @@ def segments(nodes: dict[str, PlanNode], order: list[str], costs: Profile, recip
             t = nc.time(0, nc.num_parts)
             if segs and not segs[-1].loop and pending == 0.0:
                 segs[-1].times[-1] += t
-                segs[-1].cpus[-1] += nc.cpu(0, nc.num_parts)
+                segs[-1].cpus[-1] += nc.cpu(0, nc.num_parts) / (float(costs.host.get("cpu_share", 1.0)) or 1.0)
             else:
                 pending += t
             continue
-        seg = _segment(pn, nc, bandwidth, latency)
+        seg = _segment(pn, nc, bandwidth, latency, float(costs.host.get("cpu_share", 1.0)) or 1.0)
         if not pn.loop:
             seg.times[0] += pending
         pending = 0.0
@@ -219,10 +219,11 @@ def segments(nodes: dict[str, PlanNode], order: list[str], costs: Profile, recip
     return segs
 
 
-def _segment(pn: PlanNode, nc: NodeCost, bandwidth: float, latency: float) -> Segment:
+def _segment(pn: PlanNode, nc: NodeCost, bandwidth: float, latency: float, share: float = 1.0) -> Segment:
     iters = nc.iterations_per_mb if nc.loop else 1.0
     times = [p.time_s * iters for p in nc.parts]
-    cpus = [p.cpu_s * iters for p in nc.parts]
+    # the cores a part keeps busy on a machine of its own: other processes' load is not planned for
+    cpus = [p.cpu_s * iters / share for p in nc.parts]
     xfer = []
     for k, p in enumerate(nc.parts):
         # a stage ending inside a loop hands its carry on every iteration; a stage ending the

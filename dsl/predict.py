@@ -68,7 +68,8 @@ def predict(plan: Plan, auto: "Auto", microbatches: int | None = None) -> dict[s
     heavy = [r["per_copy_s"] for r in rows if r["heavy"]] or [0.0]
     slowest = max(r["per_copy_s"] for r in rows) if rows else 0.0
     res = auto.resources
-    floor = sum(r["cpu_s"] for r in rows) / res.cores if res is not None and res.cores else 0.0
+    share = float(costs.host.get("cpu_share", 1.0)) or 1.0  # as the balancer: the machine as if it were ours
+    floor = sum(r["cpu_s"] for r in rows) / share / res.cores if res is not None and res.cores else 0.0
     period = max(slowest, floor)
     latency = sum(r["time_s"] for r in rows)
     size = int(plan.runtime.get("microbatch_size", 1))
@@ -122,10 +123,11 @@ def format_prediction(pred: dict[str, Any], plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def versus_measured(pred: dict[str, Any], stats: dict[str, Any]) -> dict[str, Any]:
+def versus_measured(pred: dict[str, Any], stats: dict[str, Any], sim: dict[str, Any] | None = None) -> dict[str, Any]:
     """Predicted next to measured, per stage (seconds of work per micro-batch, all copies
     together; loops also per iteration) and for the run (balance efficiency, throughput,
-    bubble). ``stats``: the runtime's (``Recorder.stats``)."""
+    bubble). ``stats``: the runtime's (``Recorder.stats``); ``sim``: a simulation of the
+    same run (``SimResult.to_dict()``), whose per-stage busy time counts shared cores."""
     m = max(1, int(stats.get("microbatches") or 0))
     busy: dict[int, dict[str, float]] = {}
     for w in stats.get("stages", []):
@@ -141,6 +143,8 @@ def versus_measured(pred: dict[str, Any], stats: dict[str, Any]) -> dict[str, An
             row["measured_iteration_s"] = got["busy_s"] / got["calls"] if got["calls"] else None
             row["predicted_iterations"], row["measured_iterations"] = r["iterations"], got["calls"] / m
         row["ratio"] = row["measured_s"] / row["predicted_s"] if row["predicted_s"] else None
+        if sim is not None:
+            row["simulated_s"] = sum(w["busy_s"] for w in sim["workers"] if w["stage"] == r["stage"]) / max(1, sim["microbatches"])
         rows.append(row)
     heavy = [x["measured_s"] / x["copies"] for x in rows if x["heavy"]]
     out: dict[str, Any] = {"microbatches": m, "stages": rows,
@@ -152,6 +156,13 @@ def versus_measured(pred: dict[str, Any], stats: dict[str, Any]) -> dict[str, An
         out["throughput_rps"] = {"predicted": items / m_pred["run_s"] if m_pred["run_s"] and items else pred.get("throughput_rps"),
                                  "steady_state": pred.get("throughput_rps"), "measured": stats.get("throughput_rps")}
         out["bubble"] = {"predicted": m_pred["bubble"], "measured": (stats["bubble_pct"] / 100 if stats.get("bubble_pct") is not None else None)}
+    if sim is not None:
+        heavy_sim = [x["simulated_s"] / x["copies"] for x in rows if x["heavy"]]
+        out["balance_efficiency"]["simulated"] = (sum(heavy_sim) / len(heavy_sim)) / max(heavy_sim) if heavy_sim and max(heavy_sim) > 0 else None
+        out["throughput_rps"]["simulated"] = sim["throughput_rps"]
+        out["bubble"]["simulated"] = sim["bubble"]
+        out["latency_s"] = {"simulated_p50": sim["latency_p50_s"], "simulated_p95": sim["latency_p95_s"],
+                            "measured_p50": stats.get("latency_p50_s"), "measured_p95": stats.get("latency_p95_s")}
     return out
 
 
@@ -165,14 +176,18 @@ def format_versus(cmp: dict[str, Any]) -> str:
         if "predicted_iteration_s" in r:
             extra = (f"; per iteration {unit_s(r['predicted_iteration_s'])} vs {unit_s(r['measured_iteration_s'])}, "
                      f"iterations/mb {r['predicted_iterations']:.1f} vs {r['measured_iterations']:.1f}")
-        lines.append(f"  stage {r['stage']}: predicted {unit_s(r['predicted_s'])}, measured {unit_s(r['measured_s'])} ({ratio}){extra}")
+        sim = f", simulated {unit_s(r['simulated_s'])}" if "simulated_s" in r else ""
+        lines.append(f"  stage {r['stage']}: predicted {unit_s(r['predicted_s'])}{sim}, measured {unit_s(r['measured_s'])} ({ratio}){extra}")
     be = cmp["balance_efficiency"]
     if be.get("measured") is not None:
-        lines.append(f"  balance efficiency: predicted {be['predicted']:.2f}, measured {be['measured']:.2f}")
+        sim = f", simulated {be['simulated']:.2f}" if be.get("simulated") is not None else ""
+        lines.append(f"  balance efficiency: predicted {be['predicted']:.2f}{sim}, measured {be['measured']:.2f}")
     if cmp.get("throughput_rps", {}).get("predicted"):
         t = cmp["throughput_rps"]
-        lines.append(f"  throughput: predicted {t['predicted']:.2f} req/s for this run ({t['steady_state']:.2f} steady state), measured {t['measured']:.2f} req/s")
+        sim = f", simulated {t['simulated']:.2f}" if t.get("simulated") is not None else ""
+        lines.append(f"  throughput: predicted {t['predicted']:.2f} req/s for this run ({t['steady_state']:.2f} steady state){sim}, measured {t['measured']:.2f} req/s")
     b = cmp.get("bubble") or {}
     if b.get("predicted") is not None and b.get("measured") is not None:
-        lines.append(f"  bubble: predicted {100 * b['predicted']:.0f}%, measured {100 * b['measured']:.0f}% (use mmpipe plan --simulate for queues, loops and copies)")
+        sim = f", simulated {100 * b['simulated']:.0f}%" if b.get("simulated") is not None else ""
+        lines.append(f"  bubble: predicted {100 * b['predicted']:.0f}%{sim}, measured {100 * b['measured']:.0f}%")
     return "\n".join(lines)

@@ -94,6 +94,8 @@ class BalanceOptions:
     bandwidth_gbs: float = 1.25  # GB/s of a link between hosts (10 Gbit/s Ethernet)
     local_bandwidth_gbs: float = 4.0  # GB/s between processes or devices of one host
     latency_ms: float = 0.2  # per message between processes
+    # busy threads of other processes on each host (the simulator); -1: what the profile saw
+    background: float = -1.0
 
 
 @dataclass(kw_only=True)

@@ -14,9 +14,12 @@ It runs what ``runtime/`` does, with times from the profile instead of work:
   each item runs its own trip count, drawn in turn from the profile's measured counts;
 - transfers between places take bytes / bandwidth + latency (between hosts
   ``balance.bandwidth_gbs``, inside one host ``balance.local_bandwidth_gbs``);
-- shared hardware: work on one CPU host shares its cores (an op keeps the cores the
-  profile measured it using busy; when they ask for more than there are, all slow down
-  in proportion), work on one GPU shares it.
+- shared hardware: work on one CPU host shares its cores with the other running ops and
+  with the busy threads of other processes (``balance.background``; by default what the
+  profile saw): an op keeps as many cores busy as the profile measured (its CPU time over
+  its wall time, corrected for the share of a core the profile got), and when ops and
+  background ask for more cores than there are, all slow down in proportion. Profiled
+  times are first turned back into unloaded work the same way. Work on one GPU shares it.
 
 So it predicts throughput, latency p50/p95, busy % per stage copy and the bubble for any
 placement, including ones this machine cannot run. Pure Python, no torch.
@@ -94,6 +97,11 @@ class Sim:
         self.requests = requests
         self.hosts = max(1, int(bal.get("hosts", 1)))
         self.cores = float(bal.get("cores") or costs.cores)
+        share = float(costs.host.get("cpu_share", 1.0)) or 1.0
+        bg = bal.get("background")
+        self.background = float(bg) if bg is not None and float(bg) >= 0 else float(costs.host.get("background", 0.0))
+        profiled_bg = float(costs.host.get("background", 0.0))
+        threads = max(1, int(costs.key.threads or 1))
         self.bw_host = float(bal.get("bandwidth_gbs", 1.25)) * 1e9
         self.bw_local = float(bal.get("local_bandwidth_gbs", 4.0)) * 1e9
         self.latency = float(bal.get("latency_ms", 0.2)) / 1000.0
@@ -110,8 +118,12 @@ class Sim:
                 dev = pl.device
                 host = pl.rank // self.per_host
                 res = ("cpu", host) if dev.startswith("cpu") else ("dev", host, pl.rank if plan.distributed else 0, dev)
-                demand = (cpu / t if t > 0 else 0.0) if res[0] == "cpu" else 1.0
-                self.w[(st.index, r)] = _Worker(st.index, r, t, demand, res)
+                work, demand = t, 1.0
+                if res[0] == "cpu":
+                    # cores it keeps busy (what it got, over the share a thread got), and its time unloaded
+                    demand = min(float(threads), max(0.02, (cpu / t) / share)) if t > 0 else 0.0
+                    work = t * min(1.0, self.cores / (demand + profiled_bg)) if demand + profiled_bg > self.cores else t
+                self.w[(st.index, r)] = _Worker(st.index, r, work, demand, res)
         loops = {lp.node: lp for lp in plan.loops}
         self.loop_of = {s: loops[plan.stages[s].loop] for s in range(self.p) if plan.stages[s].loop}
         mi = int(rt.get("max_inflight", 0))
@@ -284,7 +296,7 @@ class Sim:
         out = {}
         for res, ws in by.items():
             if res[0] == "cpu":
-                need = sum(w.demand for w in ws)
+                need = sum(w.demand for w in ws) + self.background
                 f = min(1.0, self.cores / need) if need > 0 else 1.0
             else:
                 f = 1.0 / len(ws)

@@ -127,9 +127,7 @@ def _run(plan: Any, loaded: Any, rd: Any, config: dict[str, Any], secrets: dict[
     extra = {"setup_s": round(setup_s, 4), "overrides": loaded.overrides, "interrupted": interrupted is not None,
              "resumed": len(rd.kept), **({"lost": lost} if lost else {}), **({"disk_error": disk[0]} if disk else {})}
     if plan.predicted and stats.get("stages"):
-        from mmpipe.dsl.predict import versus_measured
-
-        extra["predicted_vs_measured"] = versus_measured(plan.predicted, stats)
+        extra["predicted_vs_measured"] = _versus(plan, stats, len(results))
     summary = scrub(summarize(plan, results, wall, {**stats, **extra}, config, models), secrets)
     try:
         write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
@@ -227,6 +225,21 @@ def _rank_log(out_dir: Path) -> None:
     logger = logging.getLogger("mmpipe")
     logger.addHandler(h)
     logger.setLevel(logging.INFO)
+
+
+def _versus(plan: Any, stats: dict[str, Any], requests: int) -> dict[str, Any]:
+    """Predicted (and, with a measured profile, simulated) next to measured, per stage."""
+    from mmpipe.dsl.predict import versus_measured
+
+    sim = None
+    if plan.predicted.get("measured") and plan.predicted.get("profile") and requests:
+        from mmpipe.dsl.simulate import simulate_plan
+
+        try:
+            sim = simulate_plan(plan, requests=requests).to_dict()
+        except (ValueError, RuntimeError) as exc:  # a profile gone since compiling: no simulation
+            print(f"note: no simulation: {exc}", file=sys.stderr)
+    return versus_measured(plan.predicted, stats, sim)
 
 
 def _timeline(ex: Any, plan: Any, quiet: bool) -> None:

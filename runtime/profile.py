@@ -301,8 +301,11 @@ def measure(plan: Plan, requests: list[Request], microbatches: int = 3, warmup: 
     prof = Profiler(plan, output_dir)
     failure: list[BaseException] = []
 
+    shares: list[float] = []
+
     def work() -> None:
         try:
+            shares.append(cpu_share())
             prof.build()
             with torch.inference_mode():
                 for k in range(warmup + microbatches):
@@ -311,6 +314,7 @@ def measure(plan: Plan, requests: list[Request], microbatches: int = 3, warmup: 
                     prof.run(group, record=k >= warmup)
                     if log:
                         log(f"  micro-batch {k + 1}/{warmup + microbatches} ({'warm-up' if k < warmup else 'timed'}): {time.perf_counter() - t0:.3f} s")
+            shares.append(cpu_share())
         except BaseException as exc:  # raised again in the caller's thread
             failure.append(exc)
 
@@ -322,7 +326,22 @@ def measure(plan: Plan, requests: list[Request], microbatches: int = 3, warmup: 
         t.join(0.2)  # short joins: Ctrl-C still reaches the main thread
     if failure:
         raise failure[0]
-    return prof.result(microbatches)
+    out = prof.result(microbatches)
+    share = sum(shares) / len(shares) if shares else 1.0
+    out.host["cpu_share"] = round(share, 3)
+    # runnable threads of other processes, as one thread of ours saw them (fair sharing)
+    out.host["background"] = round(max(0.0, out.cores / share - 1.0), 2) if share < 0.95 else 0.0
+    return out
+
+
+def cpu_share(seconds: float = 0.25) -> float:
+    """The share of a core one busy thread gets here now (1.0 on an idle machine)."""
+    t0, c0 = time.perf_counter(), time.thread_time()
+    x = 0
+    while time.perf_counter() - t0 < seconds:
+        x += 1
+    wall = time.perf_counter() - t0
+    return min(1.0, (time.thread_time() - c0) / wall) if wall > 0 else 1.0
 
 
 def format_profile(p: Profile) -> str:
@@ -344,5 +363,6 @@ def format_profile(p: Profile) -> str:
     k = p.key
     lines.append(f"key: recipe={k.recipe} device={k.device} dtype={k.dtype} microbatch_size={k.microbatch_size} threads={k.threads}"
                  + (f" models: {', '.join(f'{n}={m}' for n, m in k.models.items())}" if k.models else ""))
-    lines.append(f"{p.microbatches} timed micro-batch(es); memory: {p.memory_method}; load average {p.host.get('load_avg')}")
+    lines.append(f"{p.microbatches} timed micro-batch(es); memory: {p.memory_method}; load average {p.host.get('load_avg')}, "
+                 f"a thread got {100 * float(p.host.get('cpu_share', 1.0)):.0f}% of a core (other processes: ~{p.host.get('background', 0)} busy threads)")
     return "\n".join(lines)

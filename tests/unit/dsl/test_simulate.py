@@ -108,3 +108,15 @@ def test_simulate_plan_reads_the_plans_profile(tmp_path: Path) -> None:
     res = simulate_plan(plan)
     assert res.requests == 12 and res.microbatches == 3
     assert simulate_plan(plan, microbatches=5).requests == 20
+
+
+def test_other_processes_load_the_cores(tmp_path: Path) -> None:
+    # profiled while 3 busy threads of other processes shared 2 cores: a thread got half a core
+    plan, prof = profiled(tmp_path, "synthetic", ["stages=2", "runtime.microbatch_size=1", "runtime.queue_depth=1"], {"chain": [1.0, 1.0]},
+                          cores=2, cpu=0.5)
+    prof.host.update(cpu_share=0.5, background=3.0)
+    assert simulate(plan, prof, 1).wall_s == pytest.approx(2.0)  # one op at a time: as profiled
+    # two ops at once with the same background: 2 cores for 2 + 3 threads
+    assert simulate(plan, prof, 6).wall_s == pytest.approx(1.0 + 5 * 0.5 / 0.4 + 1.0)
+    plan.predicted["balance"]["background"] = 0.0  # the same machine alone: the unloaded work
+    assert simulate(plan, prof, 6).wall_s == pytest.approx(0.5 * 7)

@@ -14,6 +14,9 @@ It runs what ``runtime/`` does, with times from the profile instead of work:
   each item runs its own trip count, drawn in turn from the profile's measured counts;
 - transfers between places take bytes / bandwidth + latency (between hosts
   ``balance.bandwidth_gbs``, inside one host ``balance.local_bandwidth_gbs``);
+- the runtime's own cost: every stage call first holds the process's GIL for the
+  profile's ``hop_s`` (measured by ``mmpipe profile`` on no-op stages), one call at a time
+  per process, so tiny stages are bound by the interpreter, as they are;
 - shared hardware: work on one CPU host shares its cores with the other running ops and
   with the busy threads of other processes (``balance.background``; by default what the
   profile saw): an op keeps as many cores busy as the profile measured (its CPU time over
@@ -80,6 +83,8 @@ class _Worker:
     last: float = 0.0
     job: _Pkt | None = None  # what it computes, or holds while blocked
     left: float = 0.0  # seconds of work left
+    gil_left: float = 0.0  # seconds of the runtime's own (GIL-bound) work left, done first
+    proc: int = 0  # the process (rank) whose GIL it holds
     blocked: tuple | None = None  # (target worker, packet) it waits to put
     inflight: int = 0  # loop first stage: groups circulating
 
@@ -102,6 +107,7 @@ class Sim:
         self.background = float(bg) if bg is not None and float(bg) >= 0 else float(costs.host.get("background", 0.0))
         profiled_bg = float(costs.host.get("background", 0.0))
         threads = max(1, int(costs.key.threads or 1))
+        self.hop = float(costs.host.get("hop_s", 0.0))
         self.bw_host = float(bal.get("bandwidth_gbs", 1.25)) * 1e9
         self.bw_local = float(bal.get("local_bandwidth_gbs", 4.0)) * 1e9
         self.latency = float(bal.get("latency_ms", 0.2)) / 1000.0
@@ -123,7 +129,7 @@ class Sim:
                     # cores it keeps busy (what it got, over the share a thread got), and its time unloaded
                     demand = min(float(threads), max(0.02, (cpu / t) / share)) if t > 0 else 0.0
                     work = t * min(1.0, self.cores / (demand + profiled_bg)) if demand + profiled_bg > self.cores else t
-                self.w[(st.index, r)] = _Worker(st.index, r, work, demand, res)
+                self.w[(st.index, r)] = _Worker(st.index, r, work, demand, res, proc=pl.rank)
         loops = {lp.node: lp for lp in plan.loops}
         self.loop_of = {s: loops[plan.stages[s].loop] for s in range(self.p) if plan.stages[s].loop}
         mi = int(rt.get("max_inflight", 0))
@@ -256,7 +262,7 @@ class Sim:
                 if w.job is None and w.blocked is None:
                     pkt = self.take(w)
                     if pkt is not None:
-                        w.job, w.left = pkt, w.time
+                        w.job, w.left, w.gil_left = pkt, w.time, self.hop
                         w.calls += 1
                         w.first = min(w.first, self.now)
                         progressed = True
@@ -267,14 +273,18 @@ class Sim:
         if not running and not self.transit:
             return False
         rates = self.rates(running)
-        dt = min([w.left / rates[id(w)] for w in running if rates[id(w)] > 0] + [a - self.now for a, *_ in self.transit] + [math.inf])
+        phase = lambda w: w.gil_left if w.gil_left > TINY else w.left  # noqa: E731
+        dt = min([phase(w) / rates[id(w)] for w in running if rates[id(w)] > 0] + [a - self.now for a, *_ in self.transit] + [math.inf])
         dt = max(dt, 0.0)
         self.now += dt
         for w in running:
-            w.left -= dt * rates[id(w)]
+            if w.gil_left > TINY:
+                w.gil_left -= dt * rates[id(w)]
+            else:
+                w.left -= dt * rates[id(w)]
             w.busy += dt
         for w in running:
-            if w.left <= TINY:
+            if w.gil_left <= TINY and w.left <= TINY:
                 w.last = self.now
                 self.finish(w)
         arrived = [t for t in self.transit if t[0] <= self.now + TINY]
@@ -292,10 +302,12 @@ class Sim:
         """Progress per second of every running call (shared cores / shared devices)."""
         by: dict[tuple, list[_Worker]] = {}
         for w in running:
-            by.setdefault(w.resource, []).append(w)
+            by.setdefault(("gil", w.proc) if w.gil_left > TINY else w.resource, []).append(w)
         out = {}
         for res, ws in by.items():
-            if res[0] == "cpu":
+            if res[0] == "gil":  # one thread of a process runs Python at a time
+                f = 1.0 / len(ws)
+            elif res[0] == "cpu":
                 need = sum(w.demand for w in ws) + self.background
                 f = min(1.0, self.cores / need) if need > 0 else 1.0
             else:

@@ -32,6 +32,7 @@ def cmd_profile(loaded: Any, a: Any) -> int:
         print(f"profiling {plan.recipe}: {sum(len(pn.pieces) for pn in plan.nodes.values())} pieces, 1 warm-up + {k} timed micro-batch(es) "
               f"of {plan.runtime.get('microbatch_size')} request(s)", file=sys.stderr)
         prof = measure(plan, reqs, microbatches=k, warmup=1, output_dir=str(rd.path), log=None if quiet else (lambda m: print(m, file=sys.stderr)))
+        prof.host["hop_s"] = round(_hop(), 7)
         path = prof.save(rd.path / "profile.json")
         print(format_profile(prof))
         balanced = _with_profile(loaded, path)
@@ -49,6 +50,17 @@ def cmd_profile(loaded: Any, a: Any) -> int:
         return 0
     finally:
         rd.release()
+
+
+def _hop() -> float:
+    """The runtime's own cost per stage call here (no-op synthetic stages through the threads backend)."""
+    from mmpipe.api import requests_of
+    from mmpipe.dsl.compile import compile_recipe
+    from mmpipe.runtime.profile import hop_overhead
+
+    plan = compile_recipe("synthetic", ["stages=4", "work=noop", "requests=200", "runtime=threads", "runtime.microbatch_size=1",
+                                        "batching.max_delay_ms=0"])
+    return hop_overhead(plan, requests_of(plan))
 
 
 def _with_profile(loaded: Any, path: Path) -> Any:

@@ -301,7 +301,7 @@ def measure(plan: Plan, requests: list[Request], microbatches: int = 3, warmup: 
     prof = Profiler(plan, output_dir)
     failure: list[BaseException] = []
 
-    shares: list[float] = []
+    shares: list[tuple[float, float]] = []
 
     def work() -> None:
         try:
@@ -327,21 +327,48 @@ def measure(plan: Plan, requests: list[Request], microbatches: int = 3, warmup: 
     if failure:
         raise failure[0]
     out = prof.result(microbatches)
-    share = sum(shares) / len(shares) if shares else 1.0
+    share = sum(sh for sh, _ in shares) / len(shares) if shares else 1.0
     out.host["cpu_share"] = round(share, 3)
-    # runnable threads of other processes, as one thread of ours saw them (fair sharing)
-    out.host["background"] = round(max(0.0, out.cores / share - 1.0), 2) if share < 0.95 else 0.0
+    # busy threads of other processes: what one thread of ours got (fair sharing of the cores),
+    # or what the kernel counted runnable (sees them even when a core was free for us)
+    seen = max(0.0, out.cores / share - 1.0) if share < 0.95 else 0.0
+    counted = sum(o for _, o in shares) / len(shares) if shares else 0.0
+    out.host["background"] = round(max(seen, counted), 2)
     return out
 
 
-def cpu_share(seconds: float = 0.25) -> float:
-    """The share of a core one busy thread gets here now (1.0 on an idle machine)."""
+def hop_overhead(plan: Plan, requests: list[Request]) -> float:
+    """The runtime's own seconds per stage call (GIL-bound Python: queues, routing, results),
+    from a run of ``plan``: no-op stages, one request per micro-batch, many of them."""
+    from mmpipe.runtime.pipeline import Pipeline
+
+    with Pipeline(plan) as pipe:
+        pipe.run(requests[: max(2, len(requests) // 4)])  # warm up
+        t0 = time.perf_counter()
+        pipe.run(requests)
+        wall = time.perf_counter() - t0
+    return wall / (len(requests) * plan.num_stages)
+
+
+def cpu_share(seconds: float = 0.25) -> tuple[float, float]:
+    """(the share of a core one busy thread gets here now, 1.0 on an idle machine; the runnable
+    threads of other processes, from /proc/loadavg while this one spins)."""
     t0, c0 = time.perf_counter(), time.thread_time()
-    x = 0
-    while time.perf_counter() - t0 < seconds:
+    runnable: list[int] = []
+    x, nxt = 0, t0
+    while (now := time.perf_counter()) - t0 < seconds:
         x += 1
+        if now >= nxt:
+            nxt = now + 0.01
+            try:
+                with open("/proc/loadavg") as f:
+                    runnable.append(int(f.read().split()[3].split("/")[0]))
+            except (OSError, ValueError, IndexError):
+                pass
     wall = time.perf_counter() - t0
-    return min(1.0, (time.thread_time() - c0) / wall) if wall > 0 else 1.0
+    share = min(1.0, (time.thread_time() - c0) / wall) if wall > 0 else 1.0
+    others = max(0.0, sum(runnable) / len(runnable) - 1.0) if runnable else 0.0  # minus this thread
+    return share, others
 
 
 def format_profile(p: Profile) -> str:

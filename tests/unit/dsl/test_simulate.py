@@ -120,3 +120,13 @@ def test_other_processes_load_the_cores(tmp_path: Path) -> None:
     assert simulate(plan, prof, 6).wall_s == pytest.approx(1.0 + 5 * 0.5 / 0.4 + 1.0)
     plan.predicted["balance"]["background"] = 0.0  # the same machine alone: the unloaded work
     assert simulate(plan, prof, 6).wall_s == pytest.approx(0.5 * 7)
+
+
+def test_the_runtimes_own_cost_is_one_interpreter_per_process(tmp_path: Path) -> None:
+    plan, prof = profiled(tmp_path, "synthetic", ["stages=4", "runtime.microbatch_size=1"], {"chain": [0.0] * 4})
+    prof.host["hop_s"] = 0.001
+    assert simulate(plan, prof, 10).wall_s == pytest.approx(10 * 4 * 0.001)  # every call holds the GIL in turn
+    plan, prof = profiled(tmp_path, "synthetic", ["stages=2", "runtime=distributed", "runtime.nproc=2", "runtime.microbatch_size=1",
+                                                  "balance.latency_ms=0"], {"chain": [0.0] * 2})
+    prof.host["hop_s"] = 0.001
+    assert simulate(plan, prof, 10).wall_s == pytest.approx(11 * 0.001)  # two processes: two interpreters at once

@@ -362,8 +362,6 @@ def compile_loaded(loaded: Loaded, available: Callable[[str], bool] | None = Non
         trace=os.path.expanduser(top.trace) if top.trace else None,
         output_dir=os.path.expanduser(top.output_dir), seed=top.seed, allow_targets=list(top.allow_targets),
     )
-    if mode == "profile":
-        plan.runtime["backend"] = "threads" if plan.runtime.get("backend") == "distributed" else plan.runtime.get("backend")
     if auto is not None:
         plan.predicted = predict(plan, auto, microbatches or microbatches_of(plan))
     return plan

@@ -42,10 +42,12 @@ def cmd_profile(loaded: Any, a: Any) -> int:
             print(f"\nwith this profile ({', '.join(balanced.stage_label(s) for s in balanced.stages)}):")
             print(format_prediction(balanced.predicted, balanced))
         if a.chart:
-            from mmpipe.runtime.draw import profile_chart
+            try:
+                from mmpipe.runtime.draw import profile_chart
 
-            png = profile_chart(prof, balanced, rd.path / "profile.png")
-            print(f"chart -> {png}")
+                print(f"chart -> {profile_chart(prof, balanced, rd.path / 'profile.png')}")
+            except ImportError as exc:  # the profile itself is written
+                print(f"note: no chart: {exc} (pip install matplotlib)", file=sys.stderr)
         print(f"profile -> {path}\nuse it: mmpipe plan {a.recipe} {' '.join(a.overrides)} profile={path}".rstrip())
         return 0
     finally:

@@ -292,7 +292,7 @@ def measure(plan: Plan, requests: list[Request], microbatches: int = 3, warmup: 
 
     if not requests:
         raise ValueError("profiling needs at least one request")
-    if any(st.device.startswith("cpu") for st in plan.stages):
+    if plan.runtime.get("backend") == "distributed":  # as each rank does (the threads backend keeps torch's default)
         torch.set_num_threads(intra_op_threads(plan.runtime))
     size = max(1, int(plan.runtime.get("microbatch_size", 1)))
     need = (warmup + microbatches) * size

@@ -119,7 +119,7 @@ def test_profile_mode_has_one_piece_per_part() -> None:
     plan = compile_loaded(load_recipe("whisper_stt", ["nodes.encoder.split=2", "runtime=distributed", "runtime.nproc=2",
                                                       "+placement.encoder.1=rank1"]), mode="profile")
     assert plan.nodes["encoder"].split == 4 and plan.nodes["decoder"].pieces == [[0, 1], [1, 2], [2, 3], [3, 4]]
-    assert plan.runtime["backend"] == "threads" and all(st.places[0].rank == 0 for st in plan.stages)
+    assert all(st.places[0].rank == 0 for st in plan.stages) and not plan.transfers  # measured in one process
 
 
 def test_dot_shows_places_copies_and_transfers() -> None:

@@ -117,7 +117,7 @@ def prepare(recipe: Recipe, nodes: dict[str, PlanNode], order: list[str], splitt
         if spec.split_auto and spec.name in nodes and not splittable.get(spec.name, False):
             problems.add(f"nodes.{spec.name}.split", f"{nodes[spec.name].kind} cannot be split", f"remove split or set nodes.{spec.name}.split=1", AUTO, True)
             spec.split_auto = False
-    device = devices[0] if auto_places else str(placement.get("default") or "cpu")
+    device = devices[0] if auto_places else device_types(nodes, placement)
     auto = Auto(costs=hint_costs(nodes), source="cost hints", placement=placement, devices=devices, auto_places=auto_places)
     auto.machine = dataclasses.asdict(bal)
     if top.profile:
@@ -151,6 +151,14 @@ def prepare(recipe: Recipe, nodes: dict[str, PlanNode], order: list[str], splitt
         pn = nodes[name]
         pn.split, pn.pieces, pn.replicas = len(pieces), [list(p) for p in pieces], auto.choice.replicas[name]
     return auto
+
+
+def device_types(nodes: dict[str, PlanNode], placement: dict[str, Any]) -> str:
+    """The device types the nodes' pieces are placed on, as a profile names them (``cpu``, ``cpu+cuda``)."""
+    from mmpipe.dsl.stages import places_of
+
+    types = {dev.split(":")[0] for name, pn in nodes.items() for k in range(pn.split) for _, dev in places_of(pn, k, placement)}
+    return "+".join(sorted(types)) or "cpu"
 
 
 def _runtime(recipe: Recipe) -> dict[str, Any]:

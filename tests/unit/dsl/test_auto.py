@@ -138,3 +138,12 @@ def test_plan_without_profile_or_auto_predicts_nothing() -> None:
     assert compile_recipe("synthetic", []).predicted is None
     key = ProfileKey("synthetic", {}, "cpu", "float32", 4, 2)
     assert key == ProfileKey(**json.loads(json.dumps(key.__dict__)))
+
+
+def test_a_profile_of_mixed_devices_matches_the_same_placement(tmp_path: Path) -> None:
+    p = chain_profile(tmp_path, [0.01, 0.02], device="cpu+cuda")
+    cpu_only = lambda d: True  # noqa: E731  (this machine may have no GPU)
+    plan = compile_recipe("synthetic", ["stages=2", f"profile={p}", "+placement.chain.1=cuda:0"], available=cpu_only)
+    assert plan.predicted["measured"] and [st.device for st in plan.stages] == ["cpu", "cuda:0"]
+    with pytest.raises(RecipeError, match="device is cpu\\+cuda there, cpu here"):
+        compile_recipe("synthetic", ["stages=2", f"profile={p}"])

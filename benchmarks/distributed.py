@@ -14,7 +14,8 @@ each method warms up inside its process before it is timed.
    ``torch.distributed.pipelining`` (``PipelineStage`` + ``ScheduleGPipe``, the same two
    stages and micro-batches, 2 ranks x 1 thread). Speed-up against sequential, 1 thread.
 2. whisper_stt on 16 clips: threads backend; distributed over 2 ranks; distributed with
-   the encoder replicated on both ranks.
+   the encoder replicated on both ranks; ``placement=auto`` (the balancer's cuts, copies and
+   ranks, from a profile taken just before with the same settings).
 3. The cost of a hop between processes, with no-op stages: one micro-batch alone through
    2 stages (latency) and many in a row (throughput), threads vs distributed; the
    distributed run has 2 hops between processes per micro-batch (stage 0 -> stage 1 on
@@ -31,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import best_of, clip_set, table  # noqa: E402
+from common import best_of, clip_set, make_profile, table  # noqa: E402
 
 
 def matmul(quick: bool) -> None:
@@ -62,11 +63,14 @@ def whisper(quick: bool) -> None:
         d = clip_set(n, Path(tmp))
         base = [f"input={d}/*.wav", "max_new_tokens=128"]
         dist = ["runtime=distributed", "runtime.nproc=2", "runtime.threads_per_rank=1"]
+        prof = make_profile("whisper_stt", base + dist, Path(tmp) / "profile")
         methods = {
             "threads backend (2 torch threads)": dict(recipe="whisper_stt", overrides=base, threads=2, repeat=2),
             "distributed, 2 ranks x 1 thread": dict(recipe="whisper_stt", overrides=base + dist, threads=1, repeat=2, nproc=2),
             "distributed, encoder on both ranks": dict(recipe="whisper_stt", overrides=base + dist + ["placement.encoder=[rank0,rank1]"],
                                                        threads=1, repeat=2, nproc=2),
+            "distributed, placement=auto": dict(recipe="whisper_stt", overrides=base + dist + ["placement=auto", f"profile={prof}"],
+                                                threads=1, repeat=2, nproc=2),
         }
         best = best_of(rounds, methods)
     texts = {name: res["texts"] for name, res in best.items()}

@@ -57,6 +57,18 @@ step "whisper distributed, 2 ranks on cuda:0 (host staging)" 300 $MM run "${W[@]
   nodes.encoder.split=2 nodes.decoder.split=2 output_dir=$RUNS/w_dist
 step "whisper parity vs transformers generate on cuda" 300 $PY benchmarks/gpu_check.py whisper "$RUNS" "$CLIPS"
 
+# ---- profile on cuda, balance on it, predict: time/memory per part (max_memory_allocated), split: auto over
+# 3 stages on the GPU (predicted vs measured per stage in the run's table), and a simulation of 8 GPUs.
+# (matplotlib is not carried, .gpu/ would pass 64 MiB: without it the chart and timeline are a note.)
+DEVS="[cuda:0,cuda:1,cuda:2,cuda:3,cuda:4,cuda:5,cuda:6,cuda:7]"
+[ "$DEV" = cpu ] && DEVS="[cpu]"
+step "whisper profile on cuda" 300 $MM profile "${W[@]}" placement=$DEV output_dir=$RUNS/w_profile --chart
+step "whisper cuda, split: auto over 3 stages (balanced on the cuda profile)" 300 $MM run "${W[@]}" placement=$DEV \
+  profile=$RUNS/w_profile/profile.json nodes.encoder.split=auto nodes.decoder.split=auto balance.stages=3 \
+  output_dir=$RUNS/w_auto trace=$RUNS/w_auto/trace.json
+step "whisper placement=auto over 8 GPUs, simulated from the cuda profile" 120 $MM plan "${W[@]}" placement=auto \
+  "balance.devices=$DEVS" profile=$RUNS/w_profile/profile.json --simulate
+
 # ---- sd_txt2img on cuda: parity (diffusers on the same components) and timings
 # (SD_IMAGES=2 SD_STEPS=2 for a dry run on a CPU, where fp16 convolutions crawl)
 S=(sd_txt2img model=tiny_random_large num_images_per_prompt=${SD_IMAGES:-8} num_inference_steps=${SD_STEPS:-20} overwrite=true -q)

@@ -16,13 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from mmpipe.dsl.auto import assign_places, profile_mode
+from mmpipe.dsl.auto import prepare as prepare_balance
 from mmpipe.dsl.errors import RecipeError, did_you_mean
 from mmpipe.dsl.load import Loaded, load_recipe
 from mmpipe.dsl.plan import Plan, PlanNode, PortSpec
+from mmpipe.dsl.predict import predict
 from mmpipe.dsl.schema import NodeSpec, Problems, Recipe, validate
 from mmpipe.dsl.shapes import dtype_ok, fmt, substitute, unify
-from mmpipe.dsl.stages import (choose_schedule, device_of, insert_transfers, loops_of, partition_stages,  # noqa: F401
-                               place_devices, single_process, spread_ranks, wire_stages)
+from mmpipe.dsl.stages import (choose_schedule, device_available, device_of, insert_transfers, loops_of,  # noqa: F401
+                               partition_stages, place_devices, single_process, spread_ranks, wire_stages)
 from mmpipe.dsl.typecheck import build
 from mmpipe.graphs import get_kind, get_source, kind_names, load_target, source_names
 from mmpipe.graphs.base import NodeKind, Port
@@ -311,8 +314,15 @@ def check_source(recipe: Recipe, problems: Problems) -> dict[str, Any] | None:
     return {"kind": src.kind, "params": dataclasses.asdict(cfg)}
 
 
-def compile_loaded(loaded: Loaded, available: Callable[[str], bool] | None = None) -> Plan:
-    """Run every pass; raise one RecipeError listing every problem found."""
+def compile_loaded(loaded: Loaded, available: Callable[[str], bool] | None = None, mode: str = "run",
+                   microbatches: int | None = None) -> Plan:
+    """Run every pass; raise one RecipeError listing every problem found.
+
+    ``mode``: ``run`` (balance when the recipe asks), ``profile`` (one piece per part, one
+    process: what ``mmpipe profile`` measures) or ``simulate`` (devices and ranks this
+    machine lacks are allowed). ``microbatches``: of a run, for the predicted bubble
+    (default: from the source's request count when it has one).
+    """
     recipe, problems = validate(loaded)
     if recipe is None:
         problems.raise_if_any()
@@ -322,12 +332,21 @@ def compile_loaded(loaded: Loaded, available: Callable[[str], bool] | None = Non
     order = wire_ports(recipe, resolved, problems)
     values = infer_shapes(recipe, resolved, order, problems)
     nodes = expand_parts(resolved, order, values, problems)
-    placement = dict(recipe.top.placement)
+    splittable = {n: r.kind.splittable for n, r in resolved.items()}
+    check = (lambda d: True) if mode == "simulate" else (available or device_available)
     rt = recipe.top.runtime
-    distributed = rt.backend == "distributed"
-    place_devices([n.name for n in recipe.nodes], nodes, placement, problems, available, rt.nproc, distributed)
+    distributed = rt.backend == "distributed" and mode != "profile"
+    auto = None
+    if mode == "profile":
+        placement = profile_mode(recipe, nodes, splittable)
+    else:
+        auto = prepare_balance(recipe, nodes, order, splittable, problems, check)
+        placement = auto.placement if auto else dict(recipe.top.placement)
+    place_devices([n.name for n in recipe.nodes], nodes, placement, problems, check, rt.nproc, distributed)
     problems.raise_if_any()
     stages = partition_stages(nodes, order, placement)
+    if auto is not None:
+        assign_places(auto, stages, distributed, rt.nproc)
     if distributed:
         spread_ranks(stages, rt.nproc, problems)
         problems.raise_if_any()
@@ -335,7 +354,7 @@ def compile_loaded(loaded: Loaded, available: Callable[[str], bool] | None = Non
         single_process(stages)
     edges, consumers = wire_stages(stages, nodes, recipe.top.outputs, values)
     top = recipe.top
-    return Plan(
+    plan = Plan(
         recipe=top.name, file=str(loaded.path), description=top.description,
         inputs={k: dataclasses.asdict(v) for k, v in top.inputs.items()}, outputs=dict(top.outputs), source=source,
         nodes=nodes, order=order, stages=stages, edges=edges, transfers=insert_transfers(stages, edges, distributed),
@@ -346,6 +365,32 @@ def compile_loaded(loaded: Loaded, available: Callable[[str], bool] | None = Non
         trace=os.path.expanduser(top.trace) if top.trace else None,
         output_dir=os.path.expanduser(top.output_dir), seed=top.seed, allow_targets=list(top.allow_targets),
     )
+    if auto is not None:
+        plan.predicted = predict(plan, auto, microbatches or microbatches_of(plan))
+    return plan
+
+
+def microbatches_of(plan: Plan) -> int | None:
+    """Micro-batches of a run of the source's requests, when that is known without reading
+    the inputs: a ``count``, or the files a ``path`` (file, directory or glob) names."""
+    params = (plan.source or {}).get("params", {})
+    count = params.get("count")
+    if not isinstance(count, int):
+        count = _files_named(params.get("path"))
+    size = max(1, int(plan.runtime.get("microbatch_size", 1)))
+    return -(-int(count) // size) if isinstance(count, int) and count > 0 else None
+
+
+def _files_named(path: Any) -> int | None:
+    if not isinstance(path, str) or not path:
+        return None
+    p = Path(os.path.expanduser(path))
+    if any(c in path for c in "*?["):
+        base = Path(p.anchor) if p.is_absolute() else Path(".")
+        return sum(1 for q in base.glob(str(p.relative_to(p.anchor)) if p.is_absolute() else path) if q.is_file())
+    if p.is_dir():
+        return sum(1 for q in p.iterdir() if q.is_file() and not q.name.startswith("."))
+    return 1 if p.is_file() else None
 
 
 def compile_recipe(recipe: str | Path, overrides: list[str] | None = None, available: Callable[[str], bool] | None = None) -> Plan:

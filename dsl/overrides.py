@@ -96,8 +96,8 @@ def _hydra_problem(exc: Exception, overrides: list[str], path: Path) -> Problem:
 
 # Top-level schema keys every recipe has (with defaults) even when its file
 # does not spell them out: ``output_dir=x`` must work without a '+'.
-_SCHEMA_SCALARS = ("output_dir", "trace", "seed", "description", "allow_targets", "resume", "overwrite")
-_SCHEMA_MAPS = ("placement", "batching", "runtime")
+_SCHEMA_SCALARS = ("output_dir", "trace", "seed", "description", "allow_targets", "resume", "overwrite", "profile")
+_SCHEMA_MAPS = ("placement", "batching", "runtime", "balance")
 # Keys every node has (defaults 1) even when the recipe does not spell them out.
 _NODE_KEYS = ("split", "replicas")
 
@@ -109,7 +109,7 @@ _INTERP = re.compile(r"^\$\{[^}]*\}$")
 def text_keys(path: Path) -> set[str]:
     """Key paths the recipe file gives a string (or null) value: free text such as
     prompts, paths and names, which overrides may give as a shell user types them."""
-    out = {"output_dir", "trace", "description", "name"}
+    out = {"output_dir", "trace", "description", "name", "profile"}
     out.update(k for k, v in yaml_leaves(path.read_text()) if v is None or isinstance(v, str))
     return out
 

@@ -138,6 +138,9 @@ class Plan:
     seed: int
     allow_targets: list[str] = field(default_factory=list)
     version: int = PLAN_VERSION
+    # Predicted per-stage time and memory, balance, throughput, bubble (``dsl/predict.py``);
+    # None when the recipe neither gives a profile nor asks for the balancer.
+    predicted: dict[str, Any] | None = None
 
     # ------------------------------------------------------------ JSON
     def to_dict(self) -> dict[str, Any]:
@@ -242,6 +245,54 @@ class Plan:
         for lp in self.loops:
             last, first = self.stages[lp.stages[-1]].units[0], self.stages[lp.stages[0]].units[0]
             lines.append(f"  {ids[(last.node, last.piece)]} -.->|next iteration| {ids[(first.node, first.piece)]}")
+        return "\n".join(lines)
+
+
+    def to_dot(self) -> str:
+        """Graphviz DOT: a cluster per place (rank and device), a box per stage copy, edges
+        labelled with the values they carry; edges between places are transfers (red)."""
+        def q(s: str) -> str:
+            return '"' + s.replace('"', '\\"') + '"'  # labels keep their line breaks (backslash n)
+
+        places: dict[tuple[int, str], list[str]] = {}
+        lines = ["digraph plan {", "  rankdir=LR;", '  node [shape=box, fontsize=10, fontname="Helvetica"];',
+                 '  edge [fontsize=8, fontname="Helvetica"];', '  inputs [shape=oval]; outputs [shape=oval];']
+        for s in self.stages:
+            for r, p in enumerate(s.places):
+                copy = f" copy {r}/{len(s.places)}" if len(s.places) > 1 else ""
+                label = f"stage {s.index}{copy}\\n" + "\\n".join(self.nodes[u.node].piece_key(u.piece) + _parts(u, self.nodes[u.node]) for u in s.units)
+                style = ", style=rounded" if s.loop else ""
+                places.setdefault((p.rank, p.device), []).append(f"    s{s.index}_{r} [label={q(label + (' [loop]' if s.loop else ''))}{style}];")
+        for (rank, dev), boxes in sorted(places.items()):
+            name = f"rank {rank} : {dev}" if self.distributed else dev
+            lines += [f"  subgraph cluster_{rank}_{dev.replace(':', '_')} {{", f"    label={q(name)}; style=dashed;", *boxes, "  }"]
+        seen: set[tuple[str, str]] = set()
+        keys: dict[tuple[str, str], list[str]] = {}
+        xfer: set[tuple[str, str]] = set()
+        for e in self.edges:
+            srcs = ["inputs"] if e.src_stage < 0 else [f"s{e.src_stage}_{r}" for r in range(len(self.stages[e.src_stage].places))]
+            dsts = ["outputs"] if e.dst_stage >= self.num_stages else [f"s{e.dst_stage}_{r}" for r in range(len(self.stages[e.dst_stage].places))]
+            for a in srcs:
+                for b in dsts:
+                    same_owner = a != "inputs" and b != "outputs" and self.stages[e.src_stage].owner == self.stages[e.dst_stage].owner
+                    if same_owner and a.split("_")[1] != b.split("_")[1]:
+                        continue  # the pieces of one copy of a node stay together
+                    keys.setdefault((a, b), []).append(e.key)
+                    pa = None if a == "inputs" else self.stages[e.src_stage].places[int(a.split("_")[1])]
+                    pb = None if b == "outputs" else self.stages[e.dst_stage].places[int(b.split("_")[1])]
+                    if pa is not None and pb is not None and (pa.rank, pa.device) != (pb.rank, pb.device):
+                        xfer.add((a, b))
+        for (a, b), ks in keys.items():
+            if (a, b) in seen:
+                continue
+            seen.add((a, b))
+            style = ', color=red, fontcolor=red, penwidth=1.5' if (a, b) in xfer else ""
+            label = ", ".join(sorted(set(ks))) + ("\\n(transfer)" if (a, b) in xfer else "")
+            lines.append(f"  {a} -> {b} [label={q(label)}{style}];")
+        for lp in self.loops:
+            for r in range(len(self.stages[lp.stages[0]].places)):
+                lines.append(f'  s{lp.stages[-1]}_{r} -> s{lp.stages[0]}_{r} [style=dashed, label="next iteration"];')
+        lines.append("}")
         return "\n".join(lines)
 
 

@@ -48,6 +48,9 @@ class NodeSpec:
     split: int
     params: dict[str, Any]
     replicas: int = 1
+    # ``split: auto`` / ``replicas: auto``: the balancer chooses (``dsl/balance.py``)
+    split_auto: bool = False
+    replicas_auto: bool = False
 
 
 @dataclass(kw_only=True)
@@ -76,6 +79,26 @@ class RuntimeOptions:
 
 
 @dataclass(kw_only=True)
+class BalanceOptions:
+    """What the balancer may use (``split: auto``, ``replicas: auto``, ``placement: auto``) and
+    the machine ``mmpipe plan --simulate`` assumes."""
+
+    # Most stage copies (workers) in all; 0: one per place (rank, or device of ``devices``),
+    # or, on one CPU, as many as the cores allow (twice cores / intra-op threads).
+    stages: int = 0
+    # placement: auto in one process: the devices to place stages on (default: cpu).
+    devices: list[str] = field(default_factory=list)
+    memory_gb: float = 0.0  # per device (a CPU host: for all its stages); 0: the profiled machine's
+    hosts: int = 1  # distributed: the ranks are spread over this many hosts (simulation)
+    cores: int = 0  # cores per host; 0: the profiled machine's
+    bandwidth_gbs: float = 1.25  # GB/s of a link between hosts (10 Gbit/s Ethernet)
+    local_bandwidth_gbs: float = 4.0  # GB/s between processes or devices of one host
+    latency_ms: float = 0.2  # per message between processes
+    # busy threads of other processes on each host (the simulator); -1: what the profile saw
+    background: float = -1.0
+
+
+@dataclass(kw_only=True)
 class Top:
     """The top-level keys every recipe may set (node and source bodies checked separately)."""
 
@@ -89,6 +112,9 @@ class Top:
     batching: Batching = field(default_factory=Batching)
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     trace: str | None = None
+    # A measured profile (``mmpipe profile``): the balancer's and the simulator's costs.
+    profile: str | None = None
+    balance: BalanceOptions = field(default_factory=BalanceOptions)
     output_dir: str = "outputs"
     seed: int = 0
     allow_targets: list[str] = field(default_factory=list)
@@ -202,6 +228,8 @@ def validate(loaded: Loaded) -> tuple[Recipe | None, Problems]:
         else:
             hint = did_you_mean(k, known)
             problems.add(k, f"unknown key '{k}'", hint or f"top-level keys are {', '.join(sorted(known))}; a recipe variable must be used by some ${{{k}}}")
+    if top_data.get("placement") == "auto":  # ``placement: auto`` written as a value
+        top_data["placement"] = {"default": "auto"}
     if isinstance(top_data.get("placement"), dict):
         top_data["placement"] = _flatten(top_data["placement"])
     if "name" not in top_data:
@@ -258,6 +286,14 @@ def _check_top(top: Top, problems: Problems) -> None:
         problems.add("runtime.dtype", f"unknown dtype '{r.dtype}'", "use float32, float16 or bfloat16", r.dtype, True)
     if not top.nodes:
         problems.add("nodes", "the recipe has no nodes", "add at least one node under nodes:")
+    bal = top.balance
+    for key, v in (("balance.stages", bal.stages), ("balance.memory_gb", bal.memory_gb), ("balance.cores", bal.cores),
+                   ("balance.latency_ms", bal.latency_ms)):
+        if v < 0:
+            problems.add(key, f"must not be negative, got {v}", f"set {key}=0 (0: automatic)", v, True)
+    for key, v in (("balance.hosts", bal.hosts), ("balance.bandwidth_gbs", bal.bandwidth_gbs), ("balance.local_bandwidth_gbs", bal.local_bandwidth_gbs)):
+        if v <= 0:
+            problems.add(key, f"must be positive, got {v}", f"e.g. {key}=1", v, True)
     if top.resume and top.overwrite:
         problems.add("overwrite", "resume=true and overwrite=true contradict each other", "keep one of them", True, True)
 
@@ -274,6 +310,8 @@ def _nodes(top: Top, problems: Problems) -> list[NodeSpec]:
         wires = body.pop("in", {}) or {}
         split = body.pop("split", 1)
         replicas = body.pop("replicas", 1)
+        split_auto, replicas_auto = split == "auto", replicas == "auto"
+        split, replicas = (1 if split_auto else split), (1 if replicas_auto else replicas)
         if kind is not None and not isinstance(kind, str):
             problems.add(f"{key}.kind", f"kind must be a name like family.kind, got {type(kind).__name__}", "e.g. kind: whisper.encoder", kind, True)
             continue
@@ -286,16 +324,16 @@ def _nodes(top: Top, problems: Problems) -> list[NodeSpec]:
             problems.add(f"{key}.in", "in: must map input ports to 'node.port' or 'inputs.field'", "e.g. in: {features: mel.features}", wires, True)
             wires = {}
         if isinstance(split, bool) or not isinstance(split, int):
-            problems.add(f"{key}.split", f"split must be an integer, got {split!r}", f"e.g. {key}.split=2", split, True)
+            problems.add(f"{key}.split", f"split must be an integer or auto, got {split!r}", f"e.g. {key}.split=2 or {key}.split=auto", split, True)
             split = 1
         elif split <= 0:
             problems.add(f"{key}.split", f"split must be positive, got {split}", f"set {key}.split=1 or more", split, True)
             split = 1
         if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas <= 0:
-            problems.add(f"{key}.replicas", f"replicas must be a positive integer, got {replicas!r}", f"e.g. {key}.replicas=2", replicas, True)
+            problems.add(f"{key}.replicas", f"replicas must be a positive integer or auto, got {replicas!r}", f"e.g. {key}.replicas=2", replicas, True)
             replicas = 1
         out.append(NodeSpec(name=name, kind=kind, target=target, wires={str(k): str(v) for k, v in wires.items()}, split=split, params=body,
-                            replicas=replicas))
+                            replicas=replicas, split_auto=split_auto, replicas_auto=replicas_auto))
     return out
 
 

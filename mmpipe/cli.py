@@ -20,7 +20,9 @@ USAGE = """usage: mmpipe COMMAND [RECIPE] [overrides...] [options]
 commands:
   run RECIPE [overrides]        run the recipe's requests, write results into output_dir
   validate RECIPE [overrides]   report every problem at once (exit 2 if any); loads no weights
-  plan RECIPE [overrides]       print the compiled plan [--format text|json|mermaid] [--schedule M]
+  plan RECIPE [overrides]       print the compiled plan [--format text|json|mermaid|dot] [--schedule M]
+                                [--simulate]: predicted throughput, latency, busy %, bubble (needs profile=)
+  profile RECIPE [overrides]    measure every part of every node; writes profile.json [--microbatches K] [--chart]
   ls [--kinds]                  shipped recipes with one-line descriptions (and node kinds)
   ls RECIPE | KIND              a recipe's variables, or a node kind's ports and parameters
   cp RECIPE DEST.yaml           copy a shipped recipe to edit [--force]
@@ -55,6 +57,9 @@ class Args:
     help: bool = False
     format: str = "text"
     schedule: int | None = None
+    simulate: bool = False
+    chart: bool = False
+    microbatches: int | None = None
     kinds: bool = False
     verbose: int = 0
     force: bool = False
@@ -102,20 +107,29 @@ def parse_args(argv: list[str]) -> Args:
                 raise UsageError("--cfg takes 'job' (or 'all')")
         elif tok == "--format" or tok.startswith("--format="):
             a.format = tok.split("=", 1)[1] if "=" in tok else next(it, "")
-            if a.format not in ("text", "json", "mermaid"):
-                raise UsageError(f"--format must be text, json or mermaid, got '{a.format}'")
+            if a.format not in ("text", "json", "mermaid", "dot"):
+                raise UsageError(f"--format must be text, json, mermaid or dot, got '{a.format}'")
         elif tok == "--schedule" or tok.startswith("--schedule="):
             v = tok.split("=", 1)[1] if "=" in tok else next(it, "")
             if not v.isdigit() or int(v) <= 0:
                 raise UsageError(f"--schedule takes a positive number of micro-batches, got '{v}'")
             a.schedule = int(v)
+        elif tok == "--simulate":
+            a.simulate = True
+        elif tok == "--chart":
+            a.chart = True
+        elif tok == "--microbatches" or tok.startswith("--microbatches="):
+            v = tok.split("=", 1)[1] if "=" in tok else next(it, "")
+            if not v.isdigit() or int(v) <= 0:
+                raise UsageError(f"--microbatches takes a positive number, got '{v}'")
+            a.microbatches = int(v)
         elif tok.startswith("--"):
             raise UsageError(f"unknown option {tok}")
         else:
             positional.append(tok)
     if positional and a.command not in ("version", "info", "shell-completion"):
         a.command = positional.pop(0)
-    if a.command in ("run", "validate", "plan") and positional:
+    if a.command in ("run", "validate", "plan", "profile") and positional:
         a.recipe = positional.pop(0)
         a.overrides = positional
     elif a.command not in ("version", "info", "shell-completion"):
@@ -221,7 +235,7 @@ def dispatch(a: Args) -> int:
         return cmd_cp(a)
     if a.command == "convert":
         return cmd_convert(a)
-    if a.command not in ("run", "validate", "plan"):
+    if a.command not in ("run", "validate", "plan", "profile"):
         raise UsageError(f"unknown command '{a.command}'")
     if not a.recipe:
         raise UsageError(f"'{a.command}' needs a RECIPE (see mmpipe ls)")
@@ -241,7 +255,8 @@ def prepare(a: Args, overrides: list[str], job: int | None = None) -> tuple[Any,
     loaded = load_recipe(a.recipe or "", rank_overrides(overrides))
     if a.cfg:
         return loaded, None
-    plan = compile_loaded(loaded)
+    mode = "profile" if a.command == "profile" else "simulate" if a.command == "plan" and a.simulate else "run"
+    plan = compile_loaded(loaded, mode=mode, microbatches=a.schedule if a.command == "plan" else None)
     dirs = loaded.hydra_dirs
     if job is None and "run.dir" in dirs:
         plan.output_dir = dirs["run.dir"]  # Hydra's run directory, when the user set it
@@ -263,6 +278,10 @@ def run_one(a: Args, overrides: list[str], job: int | None = None, prepared: tup
 
         print(OmegaConf.to_yaml(loaded.cfg, resolve=a.resolve), end="")
         return 0
+    if a.command == "profile":
+        from mmpipe.profile_cmd import cmd_profile
+
+        return cmd_profile(loaded, a)
     if job is not None:
         print(f"[job {job}] {' '.join(overrides) or '(no overrides)'} -> {plan.output_dir}")
     if a.command == "validate":
@@ -291,14 +310,24 @@ def run_one(a: Args, overrides: list[str], job: int | None = None, prepared: tup
 
 
 def print_plan(plan: Any, a: Args) -> int:
+    if a.simulate:
+        from mmpipe.profile_cmd import print_simulation
+
+        return print_simulation(plan, a)
     if a.format == "json":
         print(plan.to_json())
     elif a.format == "mermaid":
         print(plan.to_mermaid())
+    elif a.format == "dot":
+        print(plan.to_dot())
     else:
         from mmpipe.dsl import schedule as sch
 
         print(plan.to_text())
+        if plan.predicted:
+            from mmpipe.dsl.predict import format_prediction
+
+            print(format_prediction(plan.predicted, plan))
         p = plan.num_stages
         m = a.schedule or max(2 * p, 4)
         names = None

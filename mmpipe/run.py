@@ -111,6 +111,7 @@ def _run(plan: Any, loaded: Any, rd: Any, config: dict[str, Any], secrets: dict[
         resolved = _resolved_paths(ex)
         if hasattr(ex, "write_trace") and plan.trace:
             ex.write_trace(plan.trace)
+            _timeline(ex, plan, quiet)
         lost = getattr(ex, "lost", None)
     finally:
         ex.close()
@@ -126,6 +127,8 @@ def _run(plan: Any, loaded: Any, rd: Any, config: dict[str, Any], secrets: dict[
               for n, pn in plan.nodes.items() if isinstance(pn.config.get("model"), dict)}
     extra = {"setup_s": round(setup_s, 4), "overrides": loaded.overrides, "interrupted": interrupted is not None,
              "resumed": len(rd.kept), **({"lost": lost} if lost else {}), **({"disk_error": disk[0]} if disk else {})}
+    if plan.predicted and stats.get("stages"):
+        extra["predicted_vs_measured"] = _versus(plan, stats, len(results))
     summary = scrub(summarize(plan, results, wall, {**stats, **extra}, config, models), secrets)
     try:
         write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
@@ -135,6 +138,10 @@ def _run(plan: Any, loaded: Any, rd: Any, config: dict[str, Any], secrets: dict[
         for r in results:
             print(_result_line(r))
         print(_stats_table(stats, summary))
+        if summary.get("predicted_vs_measured"):
+            from mmpipe.dsl.predict import format_versus
+
+            print(format_versus(summary["predicted_vs_measured"]))
     failed = sum(not r.ok for r in results)
     for msg in ([lost] if lost and interrupted is None else []) + disk:
         print(f"error: {msg}", file=sys.stderr)
@@ -219,6 +226,36 @@ def _rank_log(out_dir: Path) -> None:
     logger = logging.getLogger("mmpipe")
     logger.addHandler(h)
     logger.setLevel(logging.INFO)
+
+
+def _versus(plan: Any, stats: dict[str, Any], requests: int) -> dict[str, Any]:
+    """Predicted (and, with a measured profile, simulated) next to measured, per stage."""
+    from mmpipe.dsl.predict import versus_measured
+
+    sim = None
+    if plan.predicted.get("measured") and plan.predicted.get("profile") and requests:
+        from mmpipe.dsl.simulate import simulate_plan
+
+        try:
+            sim = simulate_plan(plan, requests=requests).to_dict()
+        except (ValueError, RuntimeError) as exc:  # a profile gone since compiling: no simulation
+            print(f"note: no simulation: {exc}", file=sys.stderr)
+    return versus_measured(plan.predicted, stats, sim)
+
+
+def _timeline(ex: Any, plan: Any, quiet: bool) -> None:
+    """The PNG timeline next to the Chrome trace (a drawing problem is a note, not a failure)."""
+    rec = getattr(ex, "recorder", None)
+    if rec is None or not plan.trace:
+        return
+    try:
+        from mmpipe.runtime.draw import timeline_path, timeline_png
+
+        png = timeline_png(rec.timeline(), timeline_path(plan.trace), title=plan.recipe)
+        if not quiet:
+            print(f"timeline -> {png}", file=sys.stderr)
+    except Exception as exc:  # matplotlib missing or a font problem: the run itself is fine
+        print(f"note: no timeline picture: {type(exc).__name__}: {exc}", file=sys.stderr)
 
 
 def _resolved_paths(ex: Any) -> dict[str, str]:

@@ -202,6 +202,17 @@ class Recorder:
             ev.append({"name": "process_name", "ph": "M", "pid": req_pid, "args": {"name": "requests (submit -> result)"}})
         return {"traceEvents": ev, "displayTimeUnit": "ms"}
 
+    def timeline(self) -> dict[str, Any]:
+        """Plain data for a Gantt chart (``runtime/draw.py``): one row per worker with its spans
+        ``[start, end, micro-batch or loop group, items, name]`` and transfers, in seconds from
+        the first span's start."""
+        logs = self.all_logs()
+        t0 = min((s[0] for g in logs for s in g.spans), default=self.origin)
+        rel = lambda spans: [[a - t0, b - t0, mb, n, name] for a, b, mb, n, name in spans]  # noqa: E731
+        rows = [{**g.info.__dict__, "spans": rel(g.spans), "transfers": rel(g.transfers)} for g in logs]
+        end = max((s[1] for r in rows for s in r["spans"]), default=0.0)
+        return {"rows": rows, "end": end, "stages": self.num_stages}
+
     def write_trace(self, path: str | Path) -> Path:
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,218 @@
+"""The balancer: where to cut nodes into stages and how many copies each node gets.
+
+The pipeline's period (seconds per micro-batch in steady state) is set by its
+slowest stage copy, so the balancer minimises
+
+    period = max( max over stages of (compute + transfer out) / copies,   # each copy is one worker
+                  total CPU seconds / cores )                              # stages that share cores
+
+subject to the memory limit: each copy's own device (``dedicated``: GPUs, one
+copy each) or one memory for every copy (``shared``: the CPU of one host). The
+second term is what stages sharing a host's cores cannot beat: it is what makes
+more copies pointless once the cores are busy. Among choices with the same
+period it takes the fewest copies, then the smallest slowest stage, then the
+least memory.
+
+A ``Segment`` is one heavy node (light neighbours folded into its first or last
+part): stages are contiguous ranges of its parts, never spanning two heavy nodes
+(the partition pass gives every heavy piece a stage of its own). A segment may
+have fixed cuts or a fixed copy count (``split: N`` / ``replicas: N``); loop
+parts count their iterations per micro-batch. Replicas are per node, as the
+runtime keeps all pieces of one node copy together.
+
+``solve`` is exact: per node and piece count, a dynamic programme over cut
+positions keeps the Pareto front of (slowest piece, memory); nodes combine by
+copies used, again keeping Pareto fronts. Tested against brute force.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+INF = float("inf")
+EPS = 1e-9
+
+
+@dataclass
+class Segment:
+    """One heavy node's parts as the balancer sees them (see the module docstring)."""
+
+    name: str
+    times: list[float]  # seconds per micro-batch of each part (loops: all iterations)
+    cpus: list[float] = field(default_factory=list)  # CPU seconds per part (default: = times)
+    params: list[float] = field(default_factory=list)  # bytes held by each part (weights)
+    acts: list[float] = field(default_factory=list)  # peak activation bytes of each part
+    xfer: list[float] = field(default_factory=list)  # seconds to hand on after part k when a stage ends there
+    loop: bool = False
+    pieces: list[list[int]] | None = None  # fixed cuts ([lo, hi) ranges), or None: the balancer cuts
+    replicas: int | None = None  # fixed copy count, or None: the balancer chooses
+
+    def __post_init__(self) -> None:
+        n = len(self.times)
+        self.cpus = list(self.cpus) or list(self.times)
+        self.params = list(self.params) or [0.0] * n
+        self.acts = list(self.acts) or [0.0] * n
+        self.xfer = list(self.xfer) or [0.0] * n
+        if not all(len(x) == n for x in (self.cpus, self.params, self.acts, self.xfer)):
+            raise ValueError(f"segment {self.name}: one value per part in every list")
+
+    def stage_time(self, lo: int, hi: int) -> float:
+        return sum(self.times[lo:hi]) + self.xfer[hi - 1]
+
+    def stage_memory(self, lo: int, hi: int) -> float:
+        return sum(self.params[lo:hi]) + max(self.acts[lo:hi])
+
+
+@dataclass
+class Resources:
+    """What the stages run on."""
+
+    budget: int  # most stage copies in all
+    cores: float = 0.0  # > 0: the copies share this many cores (period >= CPU seconds / cores)
+    memory: float = INF  # bytes: of each copy's device (dedicated) or of all copies together (shared)
+    shared_memory: bool = False
+    max_replicas: int = 0  # most copies of one node (0: the budget)
+    min_copies: int = 1  # fewest stage copies (a distributed run needs a stage on every rank)
+
+
+@dataclass
+class Choice:
+    """The balancer's answer."""
+
+    pieces: dict[str, list[list[int]]]
+    replicas: dict[str, int]
+    period: float  # predicted seconds per micro-batch
+    slowest: float  # the slowest stage copy: (compute + transfer) / copies
+    floor: float  # total CPU seconds / cores (0 without shared cores)
+    copies: int
+    memory: float  # bytes: the largest copy (dedicated) or all copies (shared)
+
+    def stage_times(self, segs: list[Segment]) -> list[tuple[str, int, float, float]]:
+        """(node, piece, seconds per micro-batch of one copy, memory of one copy) per stage."""
+        by = {s.name: s for s in segs}
+        return [(name, k, by[name].stage_time(lo, hi), by[name].stage_memory(lo, hi))
+                for name, ps in self.pieces.items() for k, (lo, hi) in enumerate(ps)]
+
+
+class Infeasible(ValueError):
+    """No choice fits the budget and the memory limit (the message says which binds)."""
+
+
+# (slowest, memory, payload); fronts are sorted by slowest with strictly falling memory
+Front = list[tuple[float, float, object]]
+
+
+def _pareto(points: list[tuple[float, float, object]]) -> Front:
+    out: Front = []
+    for t, m, p in sorted(points, key=lambda x: (x[0], x[1])):
+        if not out or m < out[-1][1] - EPS:
+            out.append((t, m, p))
+    return out
+
+
+def cut_fronts(seg: Segment, k: int, limit: float) -> Front:
+    """Cuts of ``seg`` into ``k`` pieces: the Pareto front of (slowest piece, memory of one copy
+    of every piece), each piece's memory within ``limit``. Payload: the pieces."""
+    n = len(seg.times)
+    if seg.pieces is not None:
+        if len(seg.pieces) != k:
+            return []
+        if any(seg.stage_memory(lo, hi) > limit for lo, hi in seg.pieces):
+            return []
+        return [(max(seg.stage_time(lo, hi) for lo, hi in seg.pieces), sum(seg.stage_memory(lo, hi) for lo, hi in seg.pieces), seg.pieces)]
+    if not 1 <= k <= n:
+        return []
+    # F[g][i]: first i parts in g pieces -> front of (slowest, memory, cut positions)
+    F: list[list[Front]] = [[[] for _ in range(n + 1)] for _ in range(k + 1)]
+    F[0][0] = [(0.0, 0.0, ())]
+    for g in range(1, k + 1):
+        for i in range(g, n - (k - g) + 1):
+            pts = []
+            for j in range(g - 1, i):
+                mem = seg.stage_memory(j, i)
+                if mem > limit or not F[g - 1][j]:
+                    continue
+                t = seg.stage_time(j, i)
+                pts += [(max(t0, t), m0 + mem, cuts + (j,)) for t0, m0, cuts in F[g - 1][j]]
+            F[g][i] = _pareto(pts)
+    out = []
+    for t, m, cuts in F[k][n]:
+        bounds = list(cuts[1:]) + [n]  # type: ignore[index]
+        out.append((t, m, [[lo, hi] for lo, hi in zip(cuts, bounds)]))  # type: ignore[call-overload]
+    return out
+
+
+def node_options(seg: Segment, res: Resources) -> dict[int, Front]:
+    """Copies used (pieces x replicas) -> front of (slowest copy, memory of all copies, (pieces, replicas))."""
+    n = len(seg.times)
+    ks = [len(seg.pieces)] if seg.pieces is not None else list(range(1, n + 1))
+    top = res.max_replicas or res.budget
+    rs = [seg.replicas] if seg.replicas is not None else list(range(1, top + 1))
+    per_copy = INF if res.shared_memory else res.memory
+    out: dict[int, list[tuple[float, float, object]]] = {}
+    fronts = {k: cut_fronts(seg, k, per_copy) for k in ks}
+    for r in rs:  # fewer copies of a node first: on a tie, cutting beats copying (less memory)
+        for k in ks:
+            if k * r > res.budget:
+                continue
+            for t, m, pieces in fronts[k]:
+                out.setdefault(k * r, []).append((t / r, m * r, (pieces, r)))
+    return {c: _pareto(v) for c, v in out.items()}
+
+
+def solve(segs: list[Segment], res: Resources) -> Choice:
+    """The best cuts and copies (see the module docstring); ``Infeasible`` if none fits."""
+    floor = sum(sum(s.cpus) for s in segs) / res.cores if res.cores > 0 else 0.0
+    # copies used -> front of (slowest, memory, list of per-node choices)
+    state: dict[int, Front] = {0: [(0.0, 0.0, ())]}
+    for seg in segs:
+        opts = node_options(seg, res)
+        nxt: dict[int, list[tuple[float, float, object]]] = {}
+        for used, front in state.items():
+            for c, ofront in opts.items():
+                if used + c > res.budget:
+                    continue
+                for t0, m0, picks in front:
+                    for t, m, pick in ofront:
+                        mem = m0 + m
+                        if res.shared_memory and mem > res.memory:
+                            continue
+                        nxt.setdefault(used + c, []).append((max(t0, t), mem, picks + (pick,)))  # type: ignore[operator]
+        state = {c: _pareto(v) for c, v in nxt.items() if v}
+        if not state:
+            break
+    best: tuple | None = None
+    for copies, front in state.items():
+        if copies < res.min_copies:
+            continue
+        for t, m, picks in front:
+            period = max(t, floor)
+            rank = (period, copies, t, m)
+            if best is None or _better(rank, best[0]):
+                best = (rank, picks, copies, t, m)
+    if best is None:
+        need = sum(len(s.pieces) * (s.replicas or 1) if s.pieces is not None else (s.replicas or 1) for s in segs)
+        if need > res.budget:
+            raise Infeasible(f"the nodes need at least {need} stage copies, the budget is {res.budget}")
+        if res.min_copies > res.budget:
+            raise Infeasible(f"{res.min_copies} stage copies are needed (one per rank), the budget is {res.budget}")
+        raise Infeasible(f"no cut fits the memory limit of {res.memory / 2**30:.2f} GiB")
+    rank, picks, copies, slowest, mem = best
+    pieces = {s.name: p[0] for s, p in zip(segs, picks)}
+    replicas = {s.name: p[1] for s, p in zip(segs, picks)}
+    if not res.shared_memory:
+        mem = max((s.stage_memory(lo, hi) for s in segs for lo, hi in pieces[s.name]), default=0.0)
+    return Choice(pieces, replicas, max(slowest, floor), slowest, floor, copies, mem)
+
+
+def _better(a: tuple, b: tuple) -> bool:
+    """Lexicographic with a relative tolerance on times (equal periods compare by copies)."""
+    for x, y in zip(a, b):
+        if isinstance(x, float) and isinstance(y, float):
+            if x < y * (1 - 1e-9) - EPS:
+                return True
+            if x > y * (1 + 1e-9) + EPS:
+                return False
+        elif x != y:
+            return x < y
+    return False
+

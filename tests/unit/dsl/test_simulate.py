@@ -1,0 +1,132 @@
+"""The discrete-event simulation on cases whose schedule can be worked out by hand."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mmpipe.dsl.compile import compile_recipe
+from mmpipe.dsl.costs import NodeCost, PartCost, Profile, config_digest, expected_key
+from mmpipe.dsl.plan import Plan
+from mmpipe.dsl.schedule import theory_bubble
+from mmpipe.dsl.simulate import simulate, simulate_plan
+
+
+def profiled(tmp: Path, recipe: str, args: list[str], parts: dict[str, list[float]], cores: int = 64, cpu: float = 0.0,
+             out_bytes: int = 0, trips: list[int] | None = None) -> tuple[Plan, Profile]:
+    """Compile ``recipe`` with a profile giving each node's parts these seconds."""
+    plan = compile_recipe(recipe, args)
+    nodes = {}
+    for name, pn in plan.nodes.items():
+        times = parts.get(name, [0.0] * pn.num_parts)
+        nc = NodeCost(kind=pn.kind, num_parts=pn.num_parts, loop=pn.loop, light=pn.light, digest=config_digest(pn),
+                      parts=[PartCost(time_s=t, cpu_s=cpu * t, out_bytes=out_bytes) for t in times])
+        if pn.loop:
+            nc.trip_counts = trips or [1]
+            nc.trips_per_item = sum(nc.trip_counts) / len(nc.trip_counts)
+            nc.iterations_per_mb = max(nc.trip_counts)
+        nodes[name] = nc
+    prof = Profile(key=expected_key(plan.recipe, plan.nodes, plan.stages[0].device, plan.runtime), nodes=nodes, host={"cores": cores})
+    path = prof.save(tmp / "profile.json")
+    return compile_recipe(recipe, args + [f"profile={path}"]), prof
+
+
+@pytest.mark.parametrize("p,m", [(2, 1), (2, 8), (4, 4), (8, 3)])
+def test_equal_stages_stream_like_gpipe(tmp_path: Path, p: int, m: int) -> None:
+    plan, prof = profiled(tmp_path, "synthetic", [f"stages={p}", "runtime.microbatch_size=1"], {"chain": [0.01] * p})
+    res = simulate(plan, prof, m)
+    assert res.wall_s == pytest.approx(0.01 * (m + p - 1))
+    assert res.bubble == pytest.approx(theory_bubble(p, m))
+    assert res.throughput_rps == pytest.approx(m / res.wall_s)
+    assert [w["calls"] for w in res.workers] == [m] * p
+
+
+def test_slowest_stage_sets_the_pace(tmp_path: Path) -> None:
+    plan, prof = profiled(tmp_path, "synthetic", ["stages=3", "runtime.microbatch_size=1", "runtime.queue_depth=1"], {"chain": [1.0, 3.0, 1.0]})
+    res = simulate(plan, prof, 5)
+    assert res.wall_s == pytest.approx(1 + 3 * 5 + 1)
+    assert res.workers[1]["busy_pct"] == pytest.approx(100 * 15 / 17)
+    assert res.latency_p50_s == pytest.approx(1 + 3 * 3 + 1)  # the third of five finishes in the middle
+
+
+def test_copies_take_turns(tmp_path: Path) -> None:
+    args = ["stages=3", "runtime.microbatch_size=1", "+nodes.chain.costs=[1,1,1]"]
+    plan, prof = profiled(tmp_path, "synthetic", args, {"chain": [1.0, 4.0, 1.0]})
+    # the middle part as a node of its own cannot be copied alone: copy the whole chain cut in 3 instead
+    plan.stages[1].replicas = [plan.stages[1].places[0], type(plan.stages[1].places[0])(0, "cpu")]
+    plan.stages[1].owner = "middle"
+    res = simulate(plan, prof, 6)
+    calls = {(w["stage"], w["replica"]): w["calls"] for w in res.workers}
+    assert calls[(1, 0)] == 3 and calls[(1, 1)] == 3
+    assert res.wall_s == pytest.approx(15.0)  # worked out by hand: copies alternate, each 4 s per micro-batch
+
+
+def test_shared_cores_slow_everyone_down(tmp_path: Path) -> None:
+    plan, prof = profiled(tmp_path, "synthetic", ["stages=2", "runtime.microbatch_size=1"], {"chain": [1.0, 1.0]}, cores=1, cpu=1.0)
+    assert simulate(plan, prof, 4).wall_s == pytest.approx(8.0)  # 8 s of CPU on one core
+    plan, prof = profiled(tmp_path, "synthetic", ["stages=2", "runtime.microbatch_size=1"], {"chain": [1.0, 1.0]}, cores=2, cpu=1.0)
+    assert simulate(plan, prof, 4).wall_s == pytest.approx(5.0)  # two cores: a plain pipeline
+
+
+LOOP = """
+defaults: [{placement: cpu}, {runtime: threads}, _self_]
+name: loopy
+inputs: {x: {type: tensor}, trips: {type: tensor}}
+outputs: {y: body.y}
+source: {kind: synthetic.requests, count: 4, width: 4, max_trips: 5}
+nodes:
+  body: {kind: synthetic.loop, in: {x: inputs.x, trips: inputs.trips}, parts: 1, work: noop}
+batching: {max_batch_size: 8, max_delay_ms: 1}
+runtime: {microbatch_size: 2, max_inflight: 1}
+"""
+
+
+def test_loops_admit_and_top_up_groups(write_recipe, tmp_path: Path) -> None:
+    path = write_recipe(LOOP)
+    plan, prof = profiled(tmp_path, str(path), [], {"body": [1.0]}, trips=[1, 5])
+    res = simulate(plan, prof, 4)
+    # group [a(1), b(5)]; after one iteration a leaves and the waiting micro-batch [c(1), d(5)] joins:
+    # b and d finish after 5 and 6 iterations, not 5 + 5
+    assert res.workers[0]["calls"] == 6 and res.wall_s == pytest.approx(6.0)
+    plan, prof = profiled(tmp_path, str(path), ["runtime.max_inflight=2"], {"body": [1.0]}, trips=[3, 3])
+    assert simulate(plan, prof, 4).workers[0]["calls"] == 6  # two groups of 3 iterations take turns
+
+
+def test_transfers_between_hosts(tmp_path: Path) -> None:
+    args = ["stages=2", "runtime=distributed", "runtime.nproc=2", "runtime.microbatch_size=1", "balance.hosts=2",
+            "balance.bandwidth_gbs=0.001", "balance.latency_ms=10"]
+    plan, prof = profiled(tmp_path, "synthetic", args, {"chain": [0.1, 0.1]}, out_bytes=100_000)
+    assert {st.places[0].rank for st in plan.stages} == {0, 1}
+    # one hop rank 0 -> rank 1 between hosts: 100 kB at 1 MB/s + 10 ms
+    assert simulate(plan, prof, 1).wall_s == pytest.approx(0.1 + 0.1 + 0.01 + 0.1)
+    plan, prof = profiled(tmp_path, "synthetic", args[:-3], {"chain": [0.1, 0.1]}, out_bytes=100_000)
+    assert simulate(plan, prof, 1).wall_s == pytest.approx(0.2 + 100_000 / 4e9 + 0.0002)  # one host: fast link
+
+
+def test_simulate_plan_reads_the_plans_profile(tmp_path: Path) -> None:
+    plan, _ = profiled(tmp_path, "synthetic", ["stages=2", "requests=12"], {"chain": [0.01, 0.01]})
+    res = simulate_plan(plan)
+    assert res.requests == 12 and res.microbatches == 3
+    assert simulate_plan(plan, microbatches=5).requests == 20
+
+
+def test_other_processes_load_the_cores(tmp_path: Path) -> None:
+    # profiled while 3 busy threads of other processes shared 2 cores: a thread got half a core
+    plan, prof = profiled(tmp_path, "synthetic", ["stages=2", "runtime.microbatch_size=1", "runtime.queue_depth=1"], {"chain": [1.0, 1.0]},
+                          cores=2, cpu=0.5)
+    prof.host.update(cpu_share=0.5, background=3.0)
+    assert simulate(plan, prof, 1).wall_s == pytest.approx(2.0)  # one op at a time: as profiled
+    # two ops at once with the same background: 2 cores for 2 + 3 threads
+    assert simulate(plan, prof, 6).wall_s == pytest.approx(1.0 + 5 * 0.5 / 0.4 + 1.0)
+    plan.predicted["balance"]["background"] = 0.0  # the same machine alone: the unloaded work
+    assert simulate(plan, prof, 6).wall_s == pytest.approx(0.5 * 7)
+
+
+def test_the_runtimes_own_cost_is_one_interpreter_per_process(tmp_path: Path) -> None:
+    plan, prof = profiled(tmp_path, "synthetic", ["stages=4", "runtime.microbatch_size=1"], {"chain": [0.0] * 4})
+    prof.host["hop_s"] = 0.001
+    assert simulate(plan, prof, 10).wall_s == pytest.approx(10 * 4 * 0.001)  # every call holds the GIL in turn
+    plan, prof = profiled(tmp_path, "synthetic", ["stages=2", "runtime=distributed", "runtime.nproc=2", "runtime.microbatch_size=1",
+                                                  "balance.latency_ms=0"], {"chain": [0.0] * 2})
+    prof.host["hop_s"] = 0.001
+    assert simulate(plan, prof, 10).wall_s == pytest.approx(11 * 0.001)  # two processes: two interpreters at once

@@ -89,7 +89,10 @@ def profile_chart(profile: Any, plan: Any | None, path: str | Path) -> Path:
     """Bars of per-part cost with the plan's cuts (see the module docstring)."""
     plt = _plt()
 
-    labels, heights, colors, where = [], [], [], {}
+    labels: list[str] = []
+    heights: list[float] = []
+    colors: list[Any] = []
+    where: dict[Any, Any] = {}
     cmap = plt.get_cmap("tab10")
     for n, (name, nc) in enumerate(profile.nodes.items()):
         for k, pc in enumerate(nc.parts):

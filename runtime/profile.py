@@ -29,7 +29,7 @@ from mmpipe.dsl.costs import NodeCost, PartCost, Profile, config_digest, expecte
 from mmpipe.dsl.plan import Plan, Stage
 from mmpipe.graphs.base import LoopKind, NodeKind, Request
 from mmpipe.runtime.batch import MicroBatch, from_requests, to_device
-from mmpipe.runtime.execute import LoopBody, Stream, loop_exit, node_inputs, rows_to_batch, run_unit
+from mmpipe.runtime.execute import LoopBody, Stream, node_inputs, retire_done, rows_to_batch, run_unit
 from mmpipe.runtime.nodes import build_unit
 from mmpipe.runtime.routing import build_routes
 
@@ -206,16 +206,7 @@ class Profiler:
             iters += 1
             for i in active:
                 trips[i] += 1
-            done_rows = [i for i, d in enumerate(done) if d]
-            for local, vals in loop_exit(plan, node, items, outs, done_rows).items():
-                finished[active[local]] = vals
-            if done_rows:
-                gone = [items[i] for i in done_rows]
-                for b in bodies:
-                    b.finish(gone)
-                keep = [i for i, d in enumerate(done) if not d]
-                carry = bodies[-1].inst.select(carry, keep)
-                active = [active[i] for i in keep]
+            carry, active = retire_done(plan, node, bodies, carry, items, active, done, outs, finished)
         if self.recording:
             lp: dict[str, Any] = self.loops.setdefault(node, {"mbs": 0, "iters": 0, "trips": 0, "items": 0, "enter_s": 0.0, "enter_cpu": 0.0, "counts": []})
             lp["counts"] += trips

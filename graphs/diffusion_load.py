@@ -48,6 +48,9 @@ class SDModel:
     unet_attention: list[bool] = field(default_factory=lambda: [False, True])
     unet_costs: list[float] = field(default_factory=list)
     vae_up_blocks: int = 2
+    # The scheduler's training timesteps (checked at load): no scheduler can take more
+    # inference steps than this, so validate can say so before any weights load.
+    num_train_timesteps: int = 1000
     # "auto" follows runtime.dtype; float16/bfloat16 for GPUs.
     dtype: str = "auto"
 
@@ -66,6 +69,7 @@ class DDPMModel:
     unet_channels: list[int] = field(default_factory=lambda: [32, 64])
     unet_attention: list[bool] = field(default_factory=lambda: [False, True])
     unet_costs: list[float] = field(default_factory=list)
+    num_train_timesteps: int = 1000  # as SDModel's
     dtype: str = "auto"
 
 

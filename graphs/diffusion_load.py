@@ -200,9 +200,13 @@ def _load_component(path: str, name: str, dtype: Any) -> Any:
         return cls.from_pretrained(path, subfolder=base, use_safetensors=True, **kw).eval().requires_grad_(False)
     except UserError:
         raise
-    except _load_errors() as exc:  # missing files, offline or unknown hub id, no safetensors
-        raise UserError("model.path", f"cannot load '{base}' from '{path}': {exc}",
-                        "pass model.path=<local diffusers directory with safetensors weights> (hub ids need internet)") from exc
+    except _load_errors() as exc:  # missing files, damaged weights, offline or unknown hub id, no safetensors
+        from mmpipe.graphs.model_store import damaged_fix
+
+        fix = "pass model.path=<local diffusers directory with safetensors weights> (hub ids need internet)"
+        if Path(path).is_dir() and any((Path(path) / base).glob("*.safetensors")):
+            fix = damaged_fix(Path(path) / base, f"the pipeline's {base}")  # the files are there, so they are damaged
+        raise UserError("model.path", f"cannot load '{base}' from '{path}': {str(exc).strip()}", fix) from exc
 
 
 def _load_errors() -> tuple[type[BaseException], ...]:

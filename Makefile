@@ -14,11 +14,9 @@ $(PY):
 	$(PY) -m pip install -q --upgrade pip
 
 # constraints.txt pins what loads together here (torch 2.14.1 + torchaudio 2.11.0).
-# open-clip-torch is installed without its dependencies: we only read the CLIP
-# BPE vocabulary it ships (its deps would pull torchvision and timm).
+# The CLIP BPE vocabulary is vendored (graphs/assets/clip/): no open-clip-torch needed.
 $(STAMP): pyproject.toml constraints.txt | $(PY)
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
-	$(PY) -m pip install -q -c constraints.txt --no-deps 'open-clip-torch>=2.20'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mmpipe.graphs import register
+from mmpipe.graphs.audio_stream import LongAudio
 from mmpipe.graphs.base import Batch, ItemMeta, NodeKind, Port, Request, SourceError, SourceKind
 
 WHISPER_FRAMES = 3000  # Whisper's encoder always sees 30 s of features
@@ -22,6 +23,31 @@ N_FFT, HOP = 400, 160
 
 class AudioError(ValueError):
     """A request's audio file cannot be used (missing, empty, corrupt, unsupported)."""
+
+
+def _check_finite(wave: Any, path: str) -> None:
+    """Float files can hold NaN or inf, which would turn every feature into NaN."""
+    bad = int((~wave.isfinite()).sum())
+    if bad:
+        raise AudioError(f"audio file holds {bad} NaN or infinite samples: {path}")
+
+
+# WAV format tags libsndfile decodes (PCM, ADPCM, float, A-law, mu-law, IMA, GSM, extensible).
+_WAV_CODECS = {0x0001, 0x0002, 0x0003, 0x0006, 0x0007, 0x0011, 0x0031, 0xFFFE}
+
+
+def _unsupported_codec(p: Path) -> str | None:
+    """Name a container or codec libsndfile cannot read (it calls them "malformed")."""
+    with open(p, "rb") as f:
+        head = f.read(64)
+    if head[4:8] == b"ftyp":
+        return "an MP4/M4A container (AAC/ALAC)"
+    fmt_size = int.from_bytes(head[16:20], "little")
+    if head[:4] == b"RIFF" and head[8:16] == b"WAVEfmt " and len(head) >= 22 and 16 <= fmt_size <= 64:  # else: corrupt
+        tag = int.from_bytes(head[20:22], "little")
+        if tag not in _WAV_CODECS:
+            return f"WAV format tag 0x{tag:04x}"
+    return None
 
 
 def read_audio(path: str, sample_rate: int) -> Any:
@@ -37,15 +63,42 @@ def read_audio(path: str, sample_rate: int) -> Any:
     try:
         data, sr = sf.read(str(p), dtype="float32", always_2d=True)
     except Exception as e:  # libsndfile's errors name the problem but not always the file
+        codec = _unsupported_codec(p)
+        if codec:
+            raise AudioError(f"unsupported audio codec in {path}: {codec}; convert it first, e.g. ffmpeg -i IN -ar 16000 OUT.wav") from None
         raise AudioError(f"cannot decode audio file {path}: {e} (readable: {', '.join(sorted(sf.available_formats()))[:200]})") from None
     if data.shape[0] == 0:
         raise AudioError(f"audio file has no samples: {path}")
     wave = torch.from_numpy(data).mean(dim=1)
+    _check_finite(wave, path)
     if sr != sample_rate:
         import torchaudio.functional as AF
 
         wave = AF.resample(wave, orig_freq=int(sr), new_freq=sample_rate)
     return wave.contiguous()
+
+
+# Recordings longer than this are not read whole: ``audio.load`` hands ``audio.log_mel`` a
+# ``LongAudio``, which reads one window at a time, and log_mel streams the windows on a few
+# at a time, so memory stays bounded however long the file is (a 2-hour file in RAM is
+# 460 MB of samples, and all its windows' features at once were 2 GB).
+STREAM_AFTER_S = 600.0
+STREAM_WINDOWS = 4  # windows per streamed chunk
+
+
+def open_audio(path: str, sample_rate: int) -> Any:
+    """``read_audio``, or a ``LongAudio`` for files longer than ``STREAM_AFTER_S``."""
+    import soundfile as sf
+
+    p = Path(path)
+    if p.is_file() and p.stat().st_size > 0:
+        try:
+            info = sf.info(str(p))
+        except Exception:  # read_audio says what is wrong with it
+            info = None
+        if info is not None and info.frames > 0 and info.frames > STREAM_AFTER_S * info.samplerate:
+            return LongAudio(str(p), sample_rate, int(info.samplerate), int(info.frames))
+    return read_audio(path, sample_rate)
 
 
 @dataclass(kw_only=True)
@@ -71,7 +124,7 @@ class Load(NodeKind):
         return []
 
     def forward(self, x: Batch, meta: list[ItemMeta]) -> Batch:
-        return {"audio": [read_audio(p, self.cfg.sample_rate) for p in x["path"]]}
+        return {"audio": [open_audio(p, self.cfg.sample_rate) for p in x["path"]]}
 
 
 @dataclass(kw_only=True)
@@ -101,7 +154,10 @@ def plan_windows(wave: Any, cfg: Any) -> list[dict[str, int]]:
     if n <= chunk:
         return [{"start": 0, "end": n, "keep0": 0, "keep1": n, "overlap": 0}]
     frame = sr // 50  # 20 ms
-    rms = wave[: n // frame * frame].view(-1, frame).pow(2).mean(1).sqrt()
+    if isinstance(wave, LongAudio):
+        rms = wave.frame_stats(frame)[0]
+    else:
+        rms = wave[: n // frame * frame].view(-1, frame).pow(2).mean(1).sqrt()
     quiet = float(rms.max()) * 10 ** (cfg.silence_db / 20)
     # loudness of each 0.2 s stretch (the loudest 20 ms in it): a pause, not a plosive's closure
     span = F.max_pool1d(rms[None, None], 10, stride=1)[0, 0]
@@ -122,8 +178,9 @@ def plan_windows(wave: Any, cfg: Any) -> list[dict[str, int]]:
             pos, ov = cut - half, 2 * half
         keep0 = cut
     wins.append({"start": pos, "end": n, "keep0": keep0, "keep1": n, "overlap": ov})
-    loud = [w for i, w in enumerate(wins) if i == 0 or float(wave[w["start"]:w["end"]].abs().max()) > quiet]
-    return loud
+    if isinstance(wave, LongAudio):
+        return [w for i, w in enumerate(wins) if i == 0 or wave.peak(w["start"], w["end"], frame) > quiet]
+    return [w for i, w in enumerate(wins) if i == 0 or float(wave[w["start"]:w["end"]].abs().max()) > quiet]
 
 
 def _pause(span: Any, quiet: float) -> tuple[int, bool]:
@@ -197,19 +254,34 @@ class LogMel(NodeKind):
             out.append(("floor_db", f"{cfg.floor_db} dBFS would drop audible speech as silence", "keep it low, e.g. floor_db: -80"))
         return out
 
-    def forward(self, x: Batch, meta: list[ItemMeta]) -> Batch:
-        sr = self.cfg.sample_rate
-        waves, parents, windows = [], [], []
+    def forward(self, x: Batch, meta: list[ItemMeta]) -> Any:
+        plans = []
         for i, w in enumerate(x["audio"]):
             if w.shape[0] == 0:
                 raise AudioError(f"request {meta[i].request_id}: the audio has no samples")
-            floor = 10 ** (self.cfg.floor_db / 20)
-            for win in plan_windows(w, self.cfg):
+            plans += [(i, win) for win in plan_windows(w, self.cfg)]
+        if not any(isinstance(w, LongAudio) for w in x["audio"]):
+            return self._features(x["audio"], plans)
+        # A long recording: hand its windows on a few at a time (the runtime streams them,
+        # with back-pressure), so only those windows' samples and features are in memory.
+        return (self._features(x["audio"], plans[k:k + STREAM_WINDOWS]) for k in range(0, len(plans), STREAM_WINDOWS))
+
+    def _features(self, audio: list[Any], plans: list[tuple[int, dict[str, int]]]) -> Batch:
+        """Features, window times and parent rows of the windows ``plans`` (item, window)."""
+        sr = self.cfg.sample_rate
+        floor = 10 ** (self.cfg.floor_db / 20)
+        waves, parents, windows = [], [], []
+        for i, win in plans:
+            w = audio[i]
+            if isinstance(w, LongAudio):
+                piece = w.read(win["start"], win["end"])
+                _check_finite(piece, w.path)  # checked per window: the file is never whole in memory
+            else:
                 piece = w[win["start"]:win["end"]]
-                waves.append(piece)
-                parents.append(i)
-                windows.append({"start": win["start"] / sr, "end": win["end"] / sr, "keep": (win["keep0"] / sr, win["keep1"] / sr),
-                                "overlap": win["overlap"] / sr, "silent": bool(piece.abs().max() < floor)})
+            waves.append(piece)
+            parents.append(i)
+            windows.append({"start": win["start"] / sr, "end": win["end"] / sr, "keep": (win["keep0"] / sr, win["keep1"] / sr),
+                            "overlap": win["overlap"] / sr, "silent": bool(piece.abs().max() < floor)})
         return {"features": log_mel(waves, self.cfg.n_mels, sr), "window": windows, "_parent": parents}
 
 

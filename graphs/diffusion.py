@@ -61,6 +61,10 @@ def _loop_checks(cfg: Any) -> list[tuple[str, str, str]]:
     if cfg.num_inference_steps <= 0:
         out.append(("num_inference_steps", f"must be positive, got {cfg.num_inference_steps}", "e.g. num_inference_steps=20"))
     m = cfg.model
+    if cfg.num_inference_steps > m.num_train_timesteps:
+        # DDIM/DDPM refuse this at setup; the others would repeat timesteps.
+        out.append(("num_inference_steps", f"{cfg.num_inference_steps} steps, but the model's scheduler has only "
+                    f"{m.num_train_timesteps} training timesteps", f"use num_inference_steps={m.num_train_timesteps} or fewer (e.g. 50)"))
     parts = m.unet_down_blocks + 1 + m.unet_up_blocks
     if m.unet_costs and len(m.unet_costs) != parts:
         out.append(("model.unet_costs", f"{len(m.unet_costs)} costs for {parts} UNet parts", "give one cost per down block, the mid block and each up block"))

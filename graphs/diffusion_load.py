@@ -48,6 +48,9 @@ class SDModel:
     unet_attention: list[bool] = field(default_factory=lambda: [False, True])
     unet_costs: list[float] = field(default_factory=list)
     vae_up_blocks: int = 2
+    # The scheduler's training timesteps (checked at load): no scheduler can take more
+    # inference steps than this, so validate can say so before any weights load.
+    num_train_timesteps: int = 1000
     # "auto" follows runtime.dtype; float16/bfloat16 for GPUs.
     dtype: str = "auto"
 
@@ -66,6 +69,7 @@ class DDPMModel:
     unet_channels: list[int] = field(default_factory=lambda: [32, 64])
     unet_attention: list[bool] = field(default_factory=lambda: [False, True])
     unet_costs: list[float] = field(default_factory=list)
+    num_train_timesteps: int = 1000  # as SDModel's
     dtype: str = "auto"
 
 
@@ -196,9 +200,13 @@ def _load_component(path: str, name: str, dtype: Any) -> Any:
         return cls.from_pretrained(path, subfolder=base, use_safetensors=True, **kw).eval().requires_grad_(False)
     except UserError:
         raise
-    except _load_errors() as exc:  # missing files, offline or unknown hub id, no safetensors
-        raise UserError("model.path", f"cannot load '{base}' from '{path}': {exc}",
-                        "pass model.path=<local diffusers directory with safetensors weights> (hub ids need internet)") from exc
+    except _load_errors() as exc:  # missing files, damaged weights, offline or unknown hub id, no safetensors
+        from mmpipe.graphs.model_store import damaged_fix
+
+        fix = "pass model.path=<local diffusers directory with safetensors weights> (hub ids need internet)"
+        if Path(path).is_dir() and any((Path(path) / base).glob("*.safetensors")):
+            fix = damaged_fix(Path(path) / base, f"the pipeline's {base}")  # the files are there, so they are damaged
+        raise UserError("model.path", f"cannot load '{base}' from '{path}': {str(exc).strip()}", fix) from exc
 
 
 def _load_errors() -> tuple[type[BaseException], ...]:

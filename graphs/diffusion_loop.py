@@ -159,6 +159,7 @@ class UNetLoop(LoopKind):
         self._check_model(unet)
         self.unet = UNetPiece(unet, self.parts, self.device, self.cfg.channels_last)
         self.sched = make_scheduler(m, self.cfg.scheduler)
+        check_equal("model.num_train_timesteps", m.num_train_timesteps, self.sched.config.num_train_timesteps, "scheduler")
         self.sched.set_timesteps(self.cfg.num_inference_steps, device=self.device)
         self._templates = {self.cfg.num_inference_steps: self.sched}
         params = set(inspect.signature(self.sched.step).parameters)

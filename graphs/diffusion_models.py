@@ -1,9 +1,9 @@
 """Offline, seeded, random-weight diffusion models for tests and the default recipes.
 
 Nothing here touches the network. The CLIP tokenizer is rebuilt from the real CLIP
-BPE vocabulary that ships inside the ``open-clip-torch`` wheel (installed with
-``pip install --no-deps open-clip-torch``; ``open_clip`` itself is never imported,
-since it needs torchvision). The models are random-weight Stable Diffusion 1.x /
+BPE vocabulary, vendored in ``assets/clip/`` (OpenAI's, MIT; see its LICENSE) so that a
+plain ``pip install`` has it; an ``open-clip-torch`` install is the fallback
+(``open_clip`` itself is never imported, since it needs torchvision). The models are random-weight Stable Diffusion 1.x /
 DDPM pipelines in the layout diffusers' own fast tests use, saved with
 ``save_pretrained`` so that they load back through the real diffusers code, into the
 shared model store (``model_store``: cache directory, atomic directory writes).
@@ -57,6 +57,7 @@ _BOS = "<|startoftext|>"
 _EOS = "<|endoftext|>"
 _N_MERGES = 49152 - 256 - 2  # 48894, as in CLIP's SimpleTokenizer
 _VOCAB_RESOURCE = "bpe_simple_vocab_16e6.txt.gz"
+_VENDORED_VOCAB = Path(__file__).resolve().parent / "assets" / "clip" / _VOCAB_RESOURCE
 
 #: Bump when a builder changes what it writes, so stale caches are not reused.
 _CACHE_VERSION = "v1"
@@ -81,7 +82,9 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def _clip_bpe_path() -> Path:
-    """Locate open_clip's BPE vocabulary without importing open_clip."""
+    """The vendored CLIP BPE vocabulary, else open_clip's (without importing open_clip)."""
+    if _VENDORED_VOCAB.is_file():
+        return _VENDORED_VOCAB
     spec = None
     try:
         spec = importlib.util.find_spec("open_clip")

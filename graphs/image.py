@@ -36,6 +36,11 @@ class Save(NodeKind):
     def forward(self, x: Batch, meta: list[ItemMeta]) -> Batch:
         out_dir = Path(getattr(self, "output_dir", None) or ".")
         out_dir.mkdir(parents=True, exist_ok=True)
+        # NaN would be written as a black picture that looks like a result: fail the request.
+        bad = [m.request_id for img, m in zip(x["image"], meta) if not bool(img.isfinite().all())]
+        if bad:
+            raise ValueError(f"request(s) {', '.join(bad)}: the image holds NaN or infinite values (float16 overflow? "
+                             "try runtime.dtype=float32 or bfloat16, or a smaller guidance_scale)")
         paths = []
         for img, m in zip(to_uint8(x["image"]), meta):
             name = m.request_id if m.of == 1 else f"{m.request_id}-{m.sub}"

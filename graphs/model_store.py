@@ -25,6 +25,7 @@ __all__ = [
     "build_dir",
     "cached_dir",
     "default_cache_dir",
+    "damaged_fix",
     "dist_file",
     "make_readable",
     "packaged_model_dir",
@@ -45,6 +46,21 @@ def default_cache_dir() -> Path:
     """``$MMPIPE_CACHE`` if set, else ``~/.cache/mmpipe``."""
     env = os.environ.get("MMPIPE_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "mmpipe"
+
+
+def damaged_fix(path: Path, what: str = "the model") -> str:
+    """The fix for a damaged or foreign weights file at ``path``.
+
+    Inside the cache the answer is to delete the cached entry (its top directory,
+    ``<cache>/<family>/<entry>``), which mmpipe rebuilds; elsewhere the user's own
+    files need re-saving or re-downloading.
+    """
+    cache = default_cache_dir().resolve()
+    p = Path(path).resolve()
+    if p.is_relative_to(cache) and len(p.relative_to(cache).parts) >= 2:
+        entry = cache.joinpath(*p.relative_to(cache).parts[:2])
+        return f"delete the cache directory {entry} (rm -r '{entry}'); mmpipe rebuilds it on the next run"
+    return f"re-download or re-save {what} (the file is truncated, damaged or of another format)"
 
 
 def make_readable(root: Path) -> None:

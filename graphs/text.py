@@ -12,12 +12,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mmpipe.graphs import register
-from mmpipe.graphs.base import Batch, ItemMeta, NodeKind, Port, Request, SourceKind
+from mmpipe.graphs.base import Batch, ItemMeta, NodeKind, Port, Request, SourceKind, UserError
 from mmpipe.graphs.diffusion_load import SDModel, check_equal, component, torch_dtype
 
 __all__ = ["SDModel", "Tokenize", "Encode", "Prompts"]
 
 log = logging.getLogger("mmpipe.text")
+
+# The truncation warning quotes at most this many dropped tokens.
+EXCERPT_TOKENS = 8
 
 
 @dataclass(kw_only=True)
@@ -56,11 +59,18 @@ class Tokenize(NodeKind):
         return {"ids": ids, "uncond_ids": uncond}
 
     def _warn_truncated(self, m: ItemMeta, prompt: str, n: int) -> None:
-        full = self.tok(prompt, truncation=False, verbose=False).input_ids
+        # A CLIP token spans at least one character, so this prefix decides truncation
+        # without tokenizing a megabyte prompt in full.
+        head = prompt[: EXCERPT_TOKENS * n]
+        full = self.tok(head, truncation=False, verbose=False).input_ids
         if len(full) > n:
-            # As diffusers: say what was cut (CLIP sees at most n tokens, BOS/EOS included).
-            removed = self.tok.decode(full[n - 1 : -1])
-            log.warning("request %s: prompt truncated to %d CLIP tokens; dropped: %r", m.request_id, n, removed)
+            # As diffusers, say what was cut (CLIP sees at most n tokens, BOS/EOS included),
+            # but quote only its start: the log must stay readable for any prompt.
+            dropped = full[n - 1 : -1]
+            text = self.tok.decode(dropped[:EXCERPT_TOKENS])
+            more = "+" if len(head) < len(prompt) else ""
+            log.warning("request %s: prompt truncated to %d CLIP tokens; dropped %d%s tokens starting %r%s", m.request_id, n,
+                        len(dropped), more, text, "..." if len(dropped) > EXCERPT_TOKENS or more else "")
 
 
 @dataclass(kw_only=True)
@@ -132,7 +142,18 @@ class Prompts(SourceKind):
         if cfg.file:
             from pathlib import Path
 
-            return [ln.strip() for ln in Path(cfg.file).read_text().splitlines() if ln.strip()]
+            data = Path(cfg.file).read_bytes()
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                line = data[: exc.start].count(b"\n") + 1
+                raise UserError("file", f"prompts file '{cfg.file}' is not UTF-8 text (byte {exc.start}, line {line})",
+                                "give a text file with one prompt per line, saved as UTF-8 "
+                                "(e.g. iconv -f latin1 -t utf-8 in.txt > out.txt)") from None
+            if "\0" in text:
+                raise UserError("file", f"prompts file '{cfg.file}' holds NUL bytes: a binary file, not text",
+                                "give a text file with one prompt per line") from None
+            return [ln.strip() for ln in text.splitlines() if ln.strip()]
         return [cfg.prompt] if cfg.prompt else []
 
     @classmethod
@@ -142,8 +163,12 @@ class Prompts(SourceKind):
         out = []
         if cfg.file and not Path(cfg.file).is_file():
             out.append(("file", f"prompts file '{cfg.file}' does not exist", "give a text file with one prompt per line"))
-        elif cfg.file and not cls._prompts(cfg):
-            out.append(("file", f"prompts file '{cfg.file}' has no prompt", "write one prompt per line"))
+        elif cfg.file:
+            try:
+                if not cls._prompts(cfg):
+                    out.append(("file", f"prompts file '{cfg.file}' has no prompt", "write one prompt per line"))
+            except UserError as e:
+                out.append((e.key, e.message, e.fix))
         elif not cfg.file and not cfg.prompt:
             out.append(("prompt", "no prompt given", 'pass prompt="..." or prompts=file.txt'))
         if cfg.num_images_per_prompt <= 0:

@@ -55,13 +55,13 @@ def _resolve(path: str) -> Path:
     if path.startswith("package:"):
         name = path.split(":", 1)[1]
         try:
-            return ct2.ensure_converted(store.packaged_model_dir(name))
+            return _converted(store.packaged_model_dir(name))
         except store.ModelNotFoundError as e:
             raise UserError(key, str(e), f"install the package, or set model.path to a local Whisper directory (known packages: {', '.join(store.PACKAGED_MODELS)})") from None
     p = Path(path).expanduser()
     if p.exists():
         if ct2.is_ct2_dir(p):
-            return ct2.ensure_converted(p)
+            return _converted(p)
         if (p / "config.json").is_file():
             return p
         raise UserError(key, f"'{path}' is neither a transformers Whisper directory (config.json) nor a CTranslate2 one (model.bin + config.json)",
@@ -69,6 +69,27 @@ def _resolve(path: str) -> Path:
     if path.startswith((".", "/", "~")) or path.count("/") != 1:
         raise UserError(key, f"model directory '{path}' does not exist", "check the path, or use model=tiny_en (shipped as a Python package)")
     return _from_hub(path)
+
+
+def _converted(src: Path) -> Path:
+    """``ensure_converted``, with a damaged or foreign model.bin as a user error naming it."""
+    from mmpipe.graphs import model_store as store
+    from mmpipe.graphs import whisper_ct2 as ct2
+    from mmpipe.graphs.ct2_reader import CT2FormatError
+
+    try:
+        return ct2.ensure_converted(src)
+    except (CT2FormatError, ct2.CT2ConversionError) as e:
+        raise UserError("model.path", f"{src / 'model.bin'} is not a CTranslate2 Whisper model this converter reads: {e}",
+                        store.damaged_fix(src / "model.bin", "the CTranslate2 model (e.g. ct2-transformers-converter)")) from None
+
+
+def _damaged(path: Path, e: Exception) -> UserError:
+    """A weights file that cannot be read, as a user error naming it with a fix."""
+    from mmpipe.graphs import model_store as store
+
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return UserError("model.path", f"cannot read weights file {path}: {first}", store.damaged_fix(path, "the model"))
 
 
 def _from_hub(repo: str) -> Path:
@@ -107,10 +128,13 @@ class WhisperFiles:
         single = self.root / "model.safetensors"
         if not single.is_file():
             raise UserError("model.path", f"{self.root} has no model.safetensors", "save the model with save_pretrained(safe_serialization=True)")
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(single), "pt") as f:
-            return {k: single for k in f.keys()}
+        try:
+            with safe_open(str(single), "pt") as f:
+                return {k: single for k in f.keys()}
+        except (SafetensorError, OSError) as e:  # truncated, or not a safetensors file at all
+            raise _damaged(single, e) from None
 
     def has(self, key: str) -> bool:
         return self._norm(key) is not None
@@ -131,12 +155,16 @@ class WhisperFiles:
         with _LOCK:
             t = _TENSORS.get(ck)
             if t is None:
-                from safetensors import safe_open
+                from safetensors import SafetensorError, safe_open
 
                 f = self._where[k]
-                if f not in self._handles:
-                    self._handles[f] = safe_open(str(f), "pt")
-                t = self._handles[f].get_tensor(k).to(device=device, dtype=dtype).contiguous()
+                try:
+                    if f not in self._handles:
+                        self._handles[f] = safe_open(str(f), "pt")
+                    raw = self._handles[f].get_tensor(k)
+                except (SafetensorError, OSError) as e:  # a shard damaged after indexing
+                    raise _damaged(f, e) from None
+                t = raw.to(device=device, dtype=dtype).contiguous()
                 _TENSORS[ck] = t
             return t
 

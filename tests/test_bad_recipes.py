@@ -18,6 +18,7 @@ import yaml
 from mmpipe.cli import main
 
 CASES = yaml.safe_load((Path(__file__).parent / "bad" / "cases.yaml").read_text())
+REPO = Path(__file__).resolve().parents[1]
 
 
 def run_case(case: dict[str, Any], tmp: Path) -> tuple[int, str]:
@@ -27,7 +28,8 @@ def run_case(case: dict[str, Any], tmp: Path) -> tuple[int, str]:
         target = str(recipe)
     else:
         target = case["shipped"]
-    args = [case.get("command", "validate"), target, *case.get("overrides", []), f"output_dir={tmp}/out"]
+    overrides = [o.replace("{repo}", str(REPO)) for o in case.get("overrides", [])]  # shipped files, from any cwd
+    args = [case.get("command", "validate"), target, *overrides, f"output_dir={tmp}/out"]
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         code = main(args)

@@ -10,7 +10,6 @@ random-weight ones (built once into the mmpipe cache).
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -22,8 +21,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
-if importlib.util.find_spec("open_clip") is None:
-    pytest.skip("needs the CLIP vocabulary: pip install --no-deps open-clip-torch", allow_module_level=True)
 
 from mmpipe.api import compile, open_pipeline, requests_of  # noqa: E402
 from mmpipe.graphs.diffusion_models import ensure_model  # noqa: E402

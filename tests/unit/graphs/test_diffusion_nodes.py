@@ -8,7 +8,6 @@ errors a user sees for a wrong or missing model.
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
-if importlib.util.find_spec("open_clip") is None:
-    pytest.skip("needs the CLIP vocabulary: pip install --no-deps open-clip-torch", allow_module_level=True)
 
 from mmpipe.graphs.base import ItemMeta, UserError  # noqa: E402
 from mmpipe.graphs.diffusion import Denoise, DenoiseConfig, Seeds, SeedsConfig, VaeConfig, VaeDecode, set_step_callback  # noqa: E402

@@ -313,12 +313,11 @@ def test_format_errors(tmp_path: Path) -> None:
 def test_ctranslate2_int8_roundtrip(converted: Path, hf_model, tmp_path: Path) -> None:
     """transformers -> CTranslate2 int8 (their converter) -> our reader: names and scales agree."""
     ctranslate2 = pytest.importorskip("ctranslate2")
-    try:
-        ctranslate2.converters.TransformersConverter(str(converted)).convert(
-            str(tmp_path / "ct2"), quantization="int8", force=True
-        )
-    except Exception as e:  # the converter follows transformers releases loosely
-        pytest.skip(f"ctranslate2's TransformersConverter cannot convert here: {e!r}")
+    # No try/skip: a converter that breaks on the pinned transformers is a failure to see
+    # (constraints.txt pins both), not a reason to stop checking our reader.
+    ctranslate2.converters.TransformersConverter(str(converted)).convert(
+        str(tmp_path / "ct2"), quantization="int8", force=True
+    )
     variables, _ = read_ct2_model(tmp_path / "ct2" / "model.bin")
     sd = ct2_to_hf_state_dict(variables)
     ref = hf_model.state_dict()

@@ -50,7 +50,7 @@ def read_audio(path: str, sample_rate: int) -> Any:
 
 @dataclass(kw_only=True)
 class LoadConfig:
-    sample_rate: int = 16000
+    sample_rate: int = 16000  # resampled to this rate (Hz)
 
 
 @register
@@ -76,8 +76,8 @@ class Load(NodeKind):
 
 @dataclass(kw_only=True)
 class LogMelConfig:
-    n_mels: int = 80
-    sample_rate: int = 16000
+    n_mels: int = 80  # mel bands: the model's (80, or 128 for large-v3)
+    sample_rate: int = 16000  # rate of the incoming waveform (Hz)
     chunk_s: float = 30.0  # longest window
     search_s: float = 8.0  # a long recording is cut at its quietest 0.2 s in the last search_s of a window
     silence_db: float = -40.0  # ... which counts as a pause when this far below the loudest 20 ms
@@ -222,7 +222,7 @@ WORD_PARAMS = ("word_timestamps",)
 
 @dataclass(kw_only=True)
 class FilesConfig:
-    path: str | None = None
+    path: str | None = None  # a file, a directory, a glob or a .jsonl manifest
     output_format: str = "all"  # txt | vtt | srt | tsv | json | all
 
 

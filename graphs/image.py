@@ -13,7 +13,7 @@ FORMATS = ("png", "jpg", "webp")
 
 @dataclass(kw_only=True)
 class SaveConfig:
-    format: str = "png"
+    format: str = "png"  # file format PIL writes (png, jpeg, webp)
 
 
 @register

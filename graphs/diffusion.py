@@ -44,8 +44,12 @@ class UncondConfig:
     channels_last: bool = False  # UNet convolutions in channels_last (faster on CPU, not bit-exact)
 
 
-# Per-item facts for results.jsonl, as plain ints (one per item).
-META_PORTS = (Port("seed", "int", None, collate="list"), Port("steps", "int", None, collate="list"))
+# Per-item facts for results.jsonl and the images' provenance, as plain values (one per item).
+META_PORTS = (Port("seed", "int", None, collate="list"), Port("steps", "int", None, collate="list"),
+              Port("guidance", "float32", None, collate="list", doc="guidance scale (None: unconditional)"),
+              Port("scheduler", "str", None, collate="list", doc="the scheduler's diffusers class"),
+              Port("size", "str", None, collate="list", doc="WIDTHxHEIGHT in pixels"),
+              Port("info", "any", None, collate="list", doc="all generation parameters (image.save writes them into the PNG)"))
 
 
 def _latent_shape(cfg: Any) -> tuple[int | str, ...]:

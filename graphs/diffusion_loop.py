@@ -225,6 +225,7 @@ class UNetLoop(LoopKind):
                 lane["uid"] = next(self._uid)
                 if self.is_last:
                     lane["seed"], lane["steps"] = self._seed(meta[j]), self._steps(meta[j])
+                    lane["info"] = self._info(meta[j], lane["steps"])
                 if self.unet.cross:
                     lane["ctx"] = self._context(x, j)
             if self.is_last:
@@ -332,7 +333,19 @@ class UNetLoop(LoopKind):
         raise NotImplementedError
 
     def _meta_outputs(self, lanes: list[dict]) -> Batch:
-        return {"seed": [lane["seed"] for lane in lanes], "steps": [lane["steps"] for lane in lanes]}
+        infos = [lane["info"] for lane in lanes]
+        return {"seed": [lane["seed"] for lane in lanes], "steps": [lane["steps"] for lane in lanes],
+                **{k: [i[k] for i in infos] for k in ("guidance", "scheduler", "size")}, "info": infos}
+
+    def _info(self, m: ItemMeta, steps: int) -> dict[str, Any]:
+        """The item's generation parameters, as SD tools record them with an image."""
+        h, w = self._shape()[-2:]
+        if hasattr(self.cfg, "height"):  # latent space: the image is vae_scale times larger
+            h, w = self.cfg.height, self.cfg.width
+        guidance = float(self.param(m, "guidance_scale")) if hasattr(self.cfg, "guidance_scale") else None
+        model = self.cfg.model
+        return {"seed": self._seed(m), "steps": steps, "guidance": guidance, "scheduler": type(self._template(steps)).__name__,
+                "size": f"{w}x{h}", "model": model.name if model.path.startswith("builtin:") else model.path}
 
     def finish(self, lanes: list[dict]) -> None:
         gone: dict[int, tuple[Cohort, set[int]]] = {}

@@ -48,6 +48,36 @@ def read_audio(path: str, sample_rate: int) -> Any:
     return wave.contiguous()
 
 
+@dataclass(frozen=True)
+class Waveform:
+    """Audio already in memory (from the Python API): samples and their rate. ``samples``:
+    a 1-D tensor, or 2-D with channels on the shorter axis (averaged to mono)."""
+
+    samples: Any
+    sample_rate: int
+
+    def __str__(self) -> str:  # what results.jsonl and error messages show for it
+        return f"<waveform: {self.samples.shape[-1] if self.samples.ndim else 0} samples at {self.sample_rate} Hz>"
+
+
+def load_audio(value: "str | Waveform", sample_rate: int) -> Any:
+    """A request's audio (a file path or a Waveform) as mono float32 at ``sample_rate``."""
+    if not isinstance(value, Waveform):
+        return read_audio(value, sample_rate)
+    import torch
+
+    wave = torch.as_tensor(value.samples).float()
+    if wave.ndim == 2:  # channels on the shorter axis, as both soundfile's and torchaudio's layouts have
+        wave = wave.mean(dim=0 if wave.shape[0] <= wave.shape[1] else 1)
+    if wave.ndim != 1 or wave.numel() == 0 or value.sample_rate <= 0:
+        raise AudioError(f"audio has no usable samples: {value} (give a 1-D or [channels, samples] array and its sample rate)")
+    if value.sample_rate != sample_rate:
+        import torchaudio.functional as AF
+
+        wave = AF.resample(wave, orig_freq=int(value.sample_rate), new_freq=sample_rate)
+    return wave.contiguous()
+
+
 @dataclass(kw_only=True)
 class LoadConfig:
     sample_rate: int = 16000  # resampled to this rate (Hz)
@@ -71,7 +101,7 @@ class Load(NodeKind):
         return []
 
     def forward(self, x: Batch, meta: list[ItemMeta]) -> Batch:
-        return {"audio": [read_audio(p, self.cfg.sample_rate) for p in x["path"]]}
+        return {"audio": [load_audio(p, self.cfg.sample_rate) for p in x["path"]]}
 
 
 @dataclass(kw_only=True)

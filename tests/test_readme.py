@@ -109,11 +109,14 @@ def test_every_block_is_known():
 
 @pytest.fixture(scope="module")
 def scratch(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A folder per document, with the inputs its commands name (talks/, prompts.txt)."""
+    """A folder per document, with the inputs its commands name (talks/, prompts.txt,
+    recipes/examples/hello.wav)."""
     dirs = {}
     for doc in DOCS:
         d = tmp_path_factory.mktemp(Path(doc).stem)
         (d / "talks").mkdir()
+        (d / "recipes/examples").mkdir(parents=True)  # the README's paths, as from the repo root
+        shutil.copy(ROOT / "recipes/examples/hello.wav", d / "recipes/examples/hello.wav")
         shutil.copy(ROOT / "recipes/examples/hello.wav", d / "talks" / "hello.wav")
         (d / "prompts.txt").write_text("a red bicycle\na lighthouse at dusk\n")
         dirs[doc] = d

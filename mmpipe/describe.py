@@ -178,7 +178,8 @@ def fitting_options(loaded: Any, group: str) -> list[str]:
     the chosen option's (a Whisper recipe is not offered diffusion models)."""
     from mmpipe.dsl.load import recipes_dir
 
-    files = {q.stem: q for q in (recipes_dir() / group).glob("*.yaml")}
+    # ``model@image_model``: the group ``model`` placed under another key
+    files = {q.stem: q for q in (recipes_dir() / group.split("@")[0]).glob("*.yaml")}
     chosen = files.get(loaded.choices.get(group, ""))
 
     def keys(p: Path) -> set[str]:

@@ -313,6 +313,7 @@ class UNetLoop(LoopKind):
             b = len(lanes)
             eta = self.cfg.eta if self.takes_eta else None
             xs, ts, lats, order, done = [], [], [], [], [False] * b
+            progress: list[Any] = [None] * b  # per item, to its submitter's on_progress (step bars, servers)
             hook = _on_step
             for c, pos in self._cohorts(lanes):
                 whole = len(pos) == b  # the usual case: one cohort, the whole call, in order
@@ -323,10 +324,11 @@ class UNetLoop(LoopKind):
                 order.append(pos)
                 for j in pos:
                     done[j] = finished
+                    progress[j] = {"step": c.i, "steps": c.total}
                 if hook is not None:
                     for j in pos:
                         hook(meta[j].request_id, c.i, c.total)
-            outs = self._outputs(_in_order(lats, order), lanes)
+            outs = {**self._outputs(_in_order(lats, order), lanes), "_progress": progress}
             return {"x": _in_order(xs, order), "t": _in_order(ts, order)}, done, outs
 
     def _outputs(self, latents: Any, lanes: list[dict]) -> Batch:

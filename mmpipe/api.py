@@ -23,7 +23,7 @@ def compile(recipe: str | Path | Any, overrides: builtins.list[str] | None = Non
     from omegaconf import DictConfig, OmegaConf
 
     if isinstance(recipe, DictConfig):
-        cfg = recipe.copy()
+        cfg: Any = recipe.copy()
         if overrides:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
         loaded = Loaded(cfg=cfg, path=Path("<DictConfig>"), overrides=list(overrides or []), provenance=Provenance(recipe_file="<DictConfig>"), choices={})
@@ -61,7 +61,8 @@ def run(recipe: str | Path | Any, overrides: builtins.list[str] | None = None, r
     reqs = requests if requests is not None else requests_of(plan)
     ex = open_pipeline(plan)
     try:
-        return ex.run(reqs)
+        results: builtins.list[Any] = ex.run(reqs)
+        return results
     finally:
         ex.close()
 

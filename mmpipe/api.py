@@ -157,6 +157,11 @@ class RecipePipeline:
             return reqs
         cfg = source_config(self.plan)
         known = {f.name for f in dataclasses.fields(cfg)}
+        if "prompt" not in known:
+            from mmpipe.graphs.base import UserError
+
+            raise UserError("inputs", f"recipe '{self.plan.recipe}' takes neither audio nor a prompt per call",
+                            "run its own requests with mmpipe.api.run(recipe, overrides)")
         mine = {k: v for k, v in params.items() if k in known}
         reqs = []
         for item in items:

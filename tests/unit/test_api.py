@@ -42,6 +42,12 @@ def test_as_audio_accepts_arrays_bytes_files_and_paths():
         as_audio(b"not audio")
 
 
+def test_pipeline_on_a_recipe_without_per_call_inputs_says_what_to_use():
+    with pytest.raises(UserError, match="neither audio nor a prompt") as e:
+        mmpipe.pipeline("synthetic", work="noop")([1])
+    assert "mmpipe.api.run" in e.value.fix
+
+
 @pytest.mark.slow
 def test_whisper_pipeline_takes_audio_in_memory():
     import soundfile as sf

@@ -23,29 +23,33 @@ SCHEDULERS = ("default", "ddim", "euler", "euler_a", "dpm++", "ddpm", "pndm", "l
 
 @dataclass(kw_only=True)
 class DenoiseConfig:
-    model: SDModel = field(default_factory=SDModel)
+    model: SDModel = field(default_factory=SDModel)  # the model group (model=...)
     scheduler: str = "default"  # a short name above or any diffusers scheduler class name
-    num_inference_steps: int = 20
+    num_inference_steps: int = 20  # denoising steps (a request may set its own)
     guidance_scale: float = 7.5  # <= 1: no classifier-free guidance (as diffusers)
-    guidance_rescale: float = 0.0
+    guidance_rescale: float = 0.0  # rescales guided noise (diffusers' guidance_rescale; 0: off)
     eta: float = 0.0  # DDIM's eta (schedulers that take it)
-    height: int = 64
-    width: int = 64
+    height: int = 64  # image height in pixels (a multiple of 8)
+    width: int = 64  # image width in pixels (a multiple of 8)
     # UNet convolutions in channels_last: faster on CPU (oneDNN) for wide UNets; not bit-exact.
     channels_last: bool = False
 
 
 @dataclass(kw_only=True)
 class UncondConfig:
-    model: DDPMModel = field(default_factory=DDPMModel)
-    scheduler: str = "default"
-    num_inference_steps: int = 50
-    eta: float = 0.0
-    channels_last: bool = False
+    model: DDPMModel = field(default_factory=DDPMModel)  # the model group (model=...)
+    scheduler: str = "default"  # a short name (default, ddim, ...) or a diffusers class name
+    num_inference_steps: int = 50  # denoising steps
+    eta: float = 0.0  # DDIM's eta (schedulers that take it)
+    channels_last: bool = False  # UNet convolutions in channels_last (faster on CPU, not bit-exact)
 
 
-# Per-item facts for results.jsonl, as plain ints (one per item).
-META_PORTS = (Port("seed", "int", None, collate="list"), Port("steps", "int", None, collate="list"))
+# Per-item facts for results.jsonl and the images' provenance, as plain values (one per item).
+META_PORTS = (Port("seed", "int", None, collate="list"), Port("steps", "int", None, collate="list"),
+              Port("guidance", "float32", None, collate="list", doc="guidance scale (None: unconditional)"),
+              Port("scheduler", "str", None, collate="list", doc="the scheduler's diffusers class"),
+              Port("size", "str", None, collate="list", doc="WIDTHxHEIGHT in pixels"),
+              Port("info", "any", None, collate="list", doc="all generation parameters (image.save writes them into the PNG)"))
 
 
 def _latent_shape(cfg: Any) -> tuple[int | str, ...]:
@@ -186,9 +190,9 @@ class DenoiseUncond(UNetLoop):
 # ---------------------------------------------------------------------- VAE
 @dataclass(kw_only=True)
 class VaeConfig:
-    model: SDModel = field(default_factory=SDModel)
-    height: int = 64
-    width: int = 64
+    model: SDModel = field(default_factory=SDModel)  # the model group (model=...)
+    height: int = 64  # image height in pixels (as the denoise node's)
+    width: int = 64  # image width in pixels (as the denoise node's)
     # A TAESD (AutoencoderTiny) directory or hub id: a fast approximate decoder (one part).
     taesd: str = ""
 
@@ -273,8 +277,8 @@ class VaeDecode(NodeKind):
 # ---------------------------------------------------------------------- source
 @dataclass(kw_only=True)
 class SeedsConfig:
-    count: int = 4
-    seed: int = 0
+    count: int = 4  # how many images
+    seed: int = 0  # request n gets seed + n
 
 
 @register

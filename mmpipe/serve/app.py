@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -190,7 +191,12 @@ def create_app(engine: Engine) -> FastAPI:
         p = body.get("params") or {}
         if not isinstance(p, dict):
             raise bad("params", "'params' must be an object")
-        req = PipeRequest(id=engine.new_id("run"), values=values, input={k: v for k, v in body["inputs"].items()}, params=checked(p))
+        rid = body.get("id", engine.new_id("run"))
+        if not isinstance(rid, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", rid):
+            raise bad("id", "'id' (optional) must be 1-64 letters, digits, '_', '.' or '-'")
+        if engine.pipe is not None and engine.pipe.table.is_live(rid):
+            raise ApiError(409, f"a request with id '{rid}' is already in flight", "invalid_request_error", "id")
+        req = PipeRequest(id=rid, values=values, input={k: v for k, v in body["inputs"].items()}, params=checked(p))
         engine.admit()
         try:
             res = await engine.run(req, request.is_disconnected)

@@ -47,6 +47,7 @@ def serve_plan(plan: Any, settings: Settings) -> int:
     config = uvicorn.Config(create_app(engine), log_level="warning", timeout_graceful_shutdown=int(max(settings.grace_s, 1)),
                             lifespan="on", access_log=False)
     server = uvicorn.Server(config)
+    engine.on_load_failed = lambda: setattr(server, "should_exit", True)
     logging.getLogger("mmpipe").info("serving %s on http://%s:%d (weights loading; GET /health says when ready)", plan.recipe, settings.host, port)
     try:
         server.run(sockets=[sock])

@@ -41,7 +41,7 @@ def create_app(engine: Engine) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loading = asyncio.get_running_loop().run_in_executor(None, engine.load)
         yield
-        await asyncio.wait_for(asyncio.shield(loading), timeout=None)
+        await loading  # a SIGTERM while weights load: let them finish, then close cleanly
         await asyncio.get_running_loop().run_in_executor(None, engine.close)
 
     app = FastAPI(title=f"mmpipe serve {plan.recipe}", lifespan=lifespan)

@@ -45,20 +45,23 @@ class Engine:
         self.active = 0  # admitted and not yet answered (the event loop's thread only)
         self.started = time.time()
         self.work_dir = Path(tempfile.mkdtemp(prefix="mmpipe-serve-"))  # uploads and files nodes write
+        self.on_load_failed: Callable[[], None] | None = None  # the server stops: nothing to serve
 
     # ------------------------------------------------------------ lifecycle
     def load(self) -> None:
         """Build every piece (weights load here); /health says ready afterwards."""
         from mmpipe.api import open_pipeline
 
-        if self.plan.runtime.get("backend") == "sequential":
-            self.load_error = "runtime=sequential runs one request at a time and cannot serve; use runtime=threads"
-            return
         try:
             self.pipe = open_pipeline(self.plan, str(self.work_dir / "out"))
-        except Exception as exc:  # reported by /health and the log; the process keeps answering
-            self.load_error = f"{type(exc).__name__}: {exc}"
-            log.error("loading the pipeline failed: %s", self.load_error)
+        except Exception as exc:  # a missing model, a bad device: said once, then the server stops (exit 2)
+            from mmpipe.graphs.base import UserError
+
+            self.load_error = f"{exc.key}: {exc.message}" + (f" (fix: {exc.fix})" if exc.fix else "") if isinstance(exc, UserError) \
+                else f"{type(exc).__name__}: {exc}"
+            log.debug("loading the pipeline failed", exc_info=True)
+            if self.on_load_failed is not None:
+                self.on_load_failed()
             return
         self.ready.set()
 

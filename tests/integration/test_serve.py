@@ -272,11 +272,33 @@ def test_pipelines_run_overload_timeout_failures_and_sigterm() -> None:
         s.stop()
 
 
-def test_request_timeout_answers_504() -> None:
-    s = Server("synthetic", ["stages=1", "work=sleep", "stage_ms=1500", "width=4"], "--request-timeout", "0.5")
+def _gauge(s: Server, name: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return next(f.samples[0].value for f in text_string_to_metric_families(s.get("/metrics")[1]) if f.name == name)
+
+
+def test_request_timeout_answers_504_and_a_client_that_leaves_is_cancelled() -> None:
+    s = Server("synthetic", ["stages=1", "work=sleep", "stage_ms=2500", "width=4"], "--request-timeout", "0.5")
     try:
         code, body, _ = s.post("/v1/pipelines/run", {"inputs": {"x": [1, 2, 3, 4]}})
         assert code == 504 and body["error"]["type"] == "timeout", body
+        assert _gauge(s, "mmpipe_pipeline_in_flight") == 0  # the timed-out request left the pipeline
+        import socket
+
+        data = json.dumps({"inputs": {"x": [1, 2, 3, 4]}}).encode()
+        with socket.create_connection(("127.0.0.1", s.port)) as conn:  # send a request, then hang up
+            conn.sendall(b"POST /v1/pipelines/run HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+            deadline = time.monotonic() + 2
+            while _gauge(s, "mmpipe_pipeline_in_flight") == 0 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert _gauge(s, "mmpipe_pipeline_in_flight") == 1
+            t_closed = time.monotonic()
+        while _gauge(s, "mmpipe_pipeline_in_flight") == 1:
+            time.sleep(0.02)
+        assert time.monotonic() - t_closed < 1.5  # cancelled, not finished (its stage sleeps 2.5 s)
+        assert _gauge(s, "mmpipe_queue_depth") == 0
     finally:
         assert s.stop() == 0
 

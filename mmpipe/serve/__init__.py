@@ -7,6 +7,7 @@ so the other commands stay fast and work without them.
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import sys
 from typing import Any
@@ -49,13 +50,21 @@ def serve_plan(plan: Any, settings: Settings) -> int:
     server = uvicorn.Server(config)
     engine.on_load_failed = lambda: setattr(server, "should_exit", True)
     logging.getLogger("mmpipe").info("serving %s on http://%s:%d (weights loading; GET /health says when ready)", plan.recipe, settings.host, port)
+    # uvicorn handles SIGTERM/SIGINT while it serves (stop accepting, finish what is in flight)
+    # and raises the signal again once done: record it then, instead of mmpipe run's handler
+    # that would interrupt the clean exit with a KeyboardInterrupt
+    got: list[int] = []
+    saved = {sig: signal.signal(sig, lambda signum, frame: got.append(signum)) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         server.run(sockets=[sock])
-    except KeyboardInterrupt as exc:  # uvicorn re-raises the signal it stopped on, once it is done
-        if not isinstance(exc, Terminated):
-            return 130
+    except KeyboardInterrupt as exc:
+        got.append(signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
     finally:
         sock.close()
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    if signal.SIGINT in got:
+        return 130
     if engine.load_error:
         print(f"error: {engine.load_error}", file=sys.stderr)
         return 2

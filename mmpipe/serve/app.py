@@ -166,17 +166,23 @@ def create_app(engine: Engine) -> FastAPI:
                                     params={**params, "seed": seed0 + k}))
         engine.admit(len(reqs))
         try:
-            results = await asyncio.gather(*(engine.run(r, request.is_disconnected) for r in reqs))
+            results = await asyncio.gather(*(engine.run(r, request.is_disconnected) for r in reqs), return_exceptions=True)
         finally:
             engine.release(len(reqs))
-        data = []
-        for res in results:
-            out = engine.check_result(res)
-            path = next((v for v in out.values() if isinstance(v, str) and v.endswith(".png")), None)
-            if path is None:
-                raise ApiError(500, f"recipe '{plan.recipe}' produced no PNG file (outputs: {', '.join(out)})", "server_error")
-            data.append({"b64_json": oa.b64_file(path), "revised_prompt": None, "seed": out.get("seed")})
-            Path(path).unlink(missing_ok=True)
+        pngs = [_png_of(res) for res in results if not isinstance(res, BaseException) and res.ok]
+        try:
+            for res in results:  # the first error answers for all n (as one OpenAI request)
+                if isinstance(res, BaseException):
+                    raise res
+                engine.check_result(res)
+            if None in pngs:
+                raise ApiError(500, f"recipe '{plan.recipe}' produced no PNG file (outputs: {', '.join(plan.outputs)})", "server_error")
+            data = [{"b64_json": oa.b64_file(str(p)), "revised_prompt": None, "seed": r.outputs.get("seed")}  # type: ignore[union-attr]
+                    for p, r in zip(pngs, results)]
+        finally:
+            for p in pngs:  # the files the save node wrote: answered inline, not kept
+                if p is not None:
+                    Path(p).unlink(missing_ok=True)
         return JSONResponse({"created": int(time.time()), "data": data})
 
     # ---------------------------------------------------------------- any recipe
@@ -251,6 +257,11 @@ async def _stream(engine: Engine, req: PipeRequest, request: Request, path: Path
             engine.pipe.cancel(req.id, "the client disconnected")
         engine.release()
         path.unlink(missing_ok=True)
+
+
+def _png_of(res: Any) -> str | None:
+    """The PNG a text-to-image request's save node wrote (an output that names a .png file)."""
+    return next((v for v in (res.outputs or {}).values() if isinstance(v, str) and v.endswith(".png")), None)
 
 
 def _audio_seconds(path: Path) -> float:

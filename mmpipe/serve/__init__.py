@@ -54,7 +54,12 @@ def serve_plan(plan: Any, settings: Settings) -> int:
     # and raises the signal again once done: record it then, instead of mmpipe run's handler
     # that would interrupt the clean exit with a KeyboardInterrupt
     got: list[int] = []
-    saved = {sig: signal.signal(sig, lambda signum, frame: got.append(signum)) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def record(signum: int, frame: Any) -> None:
+        got.append(signum)
+        server.should_exit = True  # also before uvicorn has its own handlers in place
+
+    saved = {sig: signal.signal(sig, record) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt as exc:

@@ -82,6 +82,10 @@ class Denoise(UNetLoop):
     kind = "diffusion.denoise"
     description = "Text embeddings -> denoised latents (any diffusers scheduler, CFG)."
     Config = DenoiseConfig
+    # Steps differ per item (each cohort keeps its own scheduler); the guidance scale is
+    # applied per item. Whether guidance runs at all (two UNet rows per item) is the
+    # recipe's choice, so a request may only change the scale on the recipe's side of 1.
+    request_params = ("num_inference_steps", "guidance_scale")
 
     @classmethod
     def ports(cls, cfg: Any) -> tuple[tuple[Port, ...], tuple[Port, ...]]:
@@ -134,11 +138,21 @@ class Denoise(UNetLoop):
             return cond[None]
         return torch.stack([x["uncond_embeds"][j].to(self.device, self.dtype), cond])
 
-    def _guide(self, eps: Any) -> Any:
+    def _guide(self, eps: Any, meta: list[ItemMeta]) -> Any:
+        import torch
+
+        scales = [float(self.param(m, "guidance_scale")) for m in meta]
         if self.k == 1:
+            if any(g > 1 for g in scales):  # no unconditional row was run for these items
+                raise UserError("params.guidance_scale", f"guidance_scale={max(scales)} needs classifier-free guidance, which this "
+                                f"recipe turned off (guidance_scale={self.cfg.guidance_scale})", "start it with guidance_scale > 1")
             return eps[:, 0]
         uncond, text = eps[:, 0], eps[:, 1]
-        noise = uncond + self.cfg.guidance_scale * (text - uncond)
+        if all(g == self.cfg.guidance_scale for g in scales):
+            g: Any = self.cfg.guidance_scale  # the recipe's value: a Python float, as diffusers
+        else:  # per item: the same arithmetic, one scale per row
+            g = torch.tensor(scales, dtype=text.dtype, device=text.device).view(-1, *([1] * (text.ndim - 1)))
+        noise = uncond + g * (text - uncond)
         r = self.cfg.guidance_rescale
         if r > 0:  # diffusers' rescale_noise_cfg, per item
             dims = list(range(1, text.ndim))
@@ -157,6 +171,7 @@ class DenoiseUncond(UNetLoop):
     kind = "diffusion.denoise_uncond"
     description = "Seeded noise -> images with an unconditional UNet2DModel (DDPM/DDIM...)."
     Config = UncondConfig
+    request_params = ("num_inference_steps",)
 
     @classmethod
     def ports(cls, cfg: Any) -> tuple[tuple[Port, ...], tuple[Port, ...]]:

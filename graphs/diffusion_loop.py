@@ -282,8 +282,8 @@ class UNetLoop(LoopKind):
             out.update({f"res{i}": items(r, b) for i, r in enumerate(res)})
             return out
 
-    def _guide(self, eps: Any) -> Any:
-        """[B, k, C, H, W] model output -> [B, C, H, W] noise prediction."""
+    def _guide(self, eps: Any, meta: list[ItemMeta]) -> Any:
+        """[B, k, C, H, W] model output -> [B, C, H, W] noise prediction (``meta``: per-item values)."""
         return eps[:, 0]
 
     def _cohorts(self, lanes: list[dict]) -> list[tuple[Cohort, list[int]]]:
@@ -310,7 +310,7 @@ class UNetLoop(LoopKind):
         import torch
 
         with torch.inference_mode():
-            noise = self._guide(carry["eps"])
+            noise = self._guide(carry["eps"], meta)
             b = len(lanes)
             eta = self.cfg.eta if self.takes_eta else None
             xs, ts, lats, order, done = [], [], [], [], [False] * b

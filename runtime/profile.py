@@ -54,13 +54,14 @@ def nbytes(value: Any, seen: set[int] | None = None, depth: int = 0) -> int:
         return 0
     if isinstance(value, torch.Tensor):
         try:
-            ptr = value.untyped_storage().data_ptr()
-        except Exception:
-            ptr = id(value)
+            storage = value.untyped_storage()
+            ptr, size = storage.data_ptr(), storage.nbytes()
+        except (NotImplementedError, RuntimeError):  # opaque layouts (oneDNN-prepacked weights) have no storage
+            ptr, size = id(value), value.numel() * value.element_size()
         if ptr in seen:
             return 0
         seen.add(ptr)
-        return value.untyped_storage().nbytes()
+        return int(size)
     if isinstance(value, torch.nn.Module):
         return sum(nbytes(t, seen, depth + 1) for t in list(value.parameters()) + list(value.buffers()))
     if isinstance(value, dict):

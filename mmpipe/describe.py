@@ -219,7 +219,7 @@ def info() -> str:
     return "\n".join(lines)
 
 
-COMMANDS = ("run", "validate", "plan", "ls", "cp", "convert")
+COMMANDS = ("run", "validate", "plan", "serve", "ls", "cp", "convert")
 
 
 def completion(shell: str) -> str:

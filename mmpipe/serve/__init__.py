@@ -66,6 +66,7 @@ def serve_plan(plan: Any, settings: Settings) -> int:
         got.append(signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
     finally:
         sock.close()
+        engine.close()  # again: a signal during start-up skips the app's shutdown (it is idempotent)
         for sig, handler in saved.items():
             signal.signal(sig, handler)
     if signal.SIGINT in got:

@@ -110,22 +110,23 @@ def create_app(engine: Engine) -> FastAPI:
         rid = engine.new_id("audio")
         path = engine.work_dir / f"{rid}{Path(upload.filename or '').suffix[:8]}"
         path.write_bytes(await upload.read())
-        streaming = False  # once the stream owns the upload and the admission place, it frees them
         try:
             duration = await asyncio.get_running_loop().run_in_executor(None, _audio_seconds, path)
             engine.admit()
-            try:
-                req = PipeRequest(id=rid, values={audio_input: str(path)}, input={"audio": upload.filename}, params=params)
-                if f.stream:
-                    streaming = True
-                    return StreamingResponse(_stream(engine, req, request, path), media_type="text/event-stream")
-                res = await engine.run(req, request.is_disconnected)
-            finally:
-                if not streaming:
-                    engine.release()
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        req = PipeRequest(id=rid, values={audio_input: str(path)}, input={"audio": upload.filename}, params=params)
+        if f.stream:
+            q: asyncio.Queue[str] = asyncio.Queue()
+            fut = engine.submit(req, on_progress=_progress_to(q))
+            fut.add_done_callback(lambda _: path.unlink(missing_ok=True))
+            return StreamingResponse(_stream(engine, req, fut, q, request), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        try:
+            res = await engine.run(req, request.is_disconnected)
         finally:
-            if not streaming:
-                path.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
         body, media = oa.transcript_response(engine.check_result(res), f, task, duration)
         return Response(body, media_type=media)
 
@@ -165,10 +166,7 @@ def create_app(engine: Engine) -> FastAPI:
             reqs.append(PipeRequest(id=engine.new_id("img"), values=values, input={"prompt": f.prompt, "seed": seed0 + k},
                                     params={**params, "seed": seed0 + k}))
         engine.admit(len(reqs))
-        try:
-            results = await asyncio.gather(*(engine.run(r, request.is_disconnected) for r in reqs), return_exceptions=True)
-        finally:
-            engine.release(len(reqs))
+        results = await asyncio.gather(*(engine.run(r, request.is_disconnected) for r in reqs), return_exceptions=True)
         pngs = [_png_of(res) for res in results if not isinstance(res, BaseException) and res.ok]
         try:
             for res in results:  # the first error answers for all n (as one OpenAI request)
@@ -204,29 +202,32 @@ def create_app(engine: Engine) -> FastAPI:
             raise ApiError(409, f"a request with id '{rid}' is already in flight", "invalid_request_error", "id")
         req = PipeRequest(id=rid, values=values, input={k: v for k, v in body["inputs"].items()}, params=checked(p))
         engine.admit()
-        try:
-            res = await engine.run(req, request.is_disconnected)
-        finally:
-            engine.release()
+        res = await engine.run(req, request.is_disconnected)
         return JSONResponse({"id": req.id, "recipe": plan.recipe, "outputs": jsonable(engine.check_result(res)),
                              "timings": jsonable(res.timings)})
 
     return app
 
 
-async def _stream(engine: Engine, req: PipeRequest, request: Request, path: Path) -> AsyncIterator[bytes]:
-    """Server-sent events: ``transcript.text.delta`` as the decode loop's agreed prefix grows,
-    then ``transcript.text.done`` with the whole text. Only a one-window request streams live
-    (later windows are stitched with overlaps trimmed); the rest comes as the last delta."""
+def _progress_to(q: "asyncio.Queue[str]") -> Callable[[Any, Any], None]:
+    """An ``on_progress`` for the pipeline (called on a worker thread): a one-window request's
+    agreed text, into ``q`` on the event loop. Later windows are stitched with overlaps
+    trimmed, so a longer recording streams its text at the end."""
     loop = asyncio.get_running_loop()
-    q: asyncio.Queue[str] = asyncio.Queue()
 
-    def progress(meta: Any, p: Any) -> None:  # a worker thread
+    def progress(meta: Any, p: Any) -> None:
         if meta.of == 1 and meta.sub == 0 and isinstance(p, dict) and p.get("text"):
             loop.call_soon_threadsafe(q.put_nowait, oa.normalize(str(p["text"])))
 
+    return progress
+
+
+async def _stream(engine: Engine, req: PipeRequest, fut: "asyncio.Future[Any]", q: "asyncio.Queue[str]",
+                  request: Request) -> AsyncIterator[bytes]:
+    """Server-sent events: ``transcript.text.delta`` as the decoder's agreed text grows,
+    then ``transcript.text.done`` with the whole text (and ``data: [DONE]``)."""
     sent = ""
-    task = asyncio.ensure_future(engine.run(req, request.is_disconnected, on_progress=progress))
+    task = asyncio.ensure_future(engine.wait(req, fut, request.is_disconnected))
     try:
         while not task.done() or not q.empty():
             getter = asyncio.ensure_future(q.get())
@@ -255,8 +256,6 @@ async def _stream(engine: Engine, req: PipeRequest, request: Request, path: Path
         if not task.done():
             task.cancel()
             engine.pipe.cancel(req.id, "the client disconnected")
-        engine.release()
-        path.unlink(missing_ok=True)
 
 
 def _png_of(res: Any) -> str | None:

@@ -92,27 +92,44 @@ class Engine:
     def in_flight(self) -> int:
         return int(self.pipe.table.in_flight()) if self.pipe is not None else 0
 
-    async def run(self, request: Any, disconnected: Callable[[], Awaitable[bool]],
-                  on_progress: Callable[[Any, Any], None] | None = None) -> Any:
-        """Submit ``request`` and wait for its ``Result``; a client that leaves or a request
-        past ``timeout_s`` cancels it in the pipeline (its lanes are freed)."""
-        fut = asyncio.wrap_future(self.pipe.submit(request, on_progress=on_progress))
-        deadline = time.monotonic() + self.settings.timeout_s
+    def submit(self, request: Any, on_progress: Callable[[Any, Any], None] | None = None) -> "asyncio.Future[Any]":
+        """Hand an admitted request to the pipeline. Whatever happens to whoever waits for it
+        (a stream never read, a client gone), its admission place comes back when the
+        pipeline resolves it, and ``timeout_s`` later it is cancelled if still running."""
+        loop = asyncio.get_running_loop()
+        try:
+            cf = self.pipe.submit(request, on_progress=on_progress)
+        except BaseException:
+            self.release()
+            raise
+        why = f"the request did not finish within {self.settings.timeout_s:g} s (--request-timeout)"
+        timer = loop.call_later(self.settings.timeout_s, self.pipe.cancel, request.id, why)
+
+        def resolved(_: Any) -> None:  # a pipeline thread
+            loop.call_soon_threadsafe(self.release)
+            loop.call_soon_threadsafe(timer.cancel)
+
+        cf.add_done_callback(resolved)
+        return asyncio.wrap_future(cf, loop=loop)
+
+    async def wait(self, request: Any, fut: "asyncio.Future[Any]", disconnected: Callable[[], Awaitable[bool]]) -> Any:
+        """The request's ``Result``; a client that leaves cancels it in the pipeline (its loop
+        lanes are freed at their next pass)."""
         try:
             while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    self.pipe.cancel(request.id, f"timed out after {self.settings.timeout_s:g} s")
-                    raise ApiError(504, f"the request did not finish within {self.settings.timeout_s:g} s (--request-timeout)", "timeout")
-                done, _ = await asyncio.wait({fut}, timeout=min(left, 0.25))
+                done, _ = await asyncio.wait({fut}, timeout=0.25)
                 if done:
                     return fut.result()
                 if await disconnected():
                     self.pipe.cancel(request.id, "the client disconnected")
                     raise ApiError(499, "the client disconnected", "client_closed_request")
-        except asyncio.CancelledError:  # the server is shutting down, or the client left
+        except asyncio.CancelledError:  # the server is shutting down, or the stream's reader left
             self.pipe.cancel(request.id, "the client disconnected")
             raise
+
+    async def run(self, request: Any, disconnected: Callable[[], Awaitable[bool]]) -> Any:
+        """``submit`` then ``wait``."""
+        return await self.wait(request, self.submit(request), disconnected)
 
     @staticmethod
     def check_result(res: Any) -> dict[str, Any]:
@@ -123,7 +140,7 @@ class Engine:
         err = res.error or {}
         if err.get("type") in CLIENT_ERRORS:
             raise ApiError(400, str(err.get("message")), "invalid_request_error", _param_of(err))
-        if err.get("type") == "Cancelled":
+        if err.get("type") == "Cancelled":  # by the timer of ``submit`` (a client gone hears nothing)
             raise ApiError(504, str(err.get("message")), "timeout")
         where = f"stage {err.get('stage')}, node {err.get('node')}"
         raise ApiError(500, f"the pipeline failed ({where}): {err.get('type')}: {err.get('message')}", "server_error")

@@ -165,6 +165,20 @@ def test_bad_audio_requests_get_openai_400s(stt: Server) -> None:
     assert stt.get("/health")[0] == 200  # still serving
 
 
+def test_a_stream_whose_client_leaves_gives_its_place_back(stt: Server) -> None:
+    import httpx
+
+    with httpx.Client(base_url=stt.url, timeout=60) as c:
+        with c.stream("POST", "/v1/audio/transcriptions", files={"file": ("hello.wav", HELLO.read_bytes(), "audio/wav")},
+                      data={"model": "whisper-1", "stream": "true"}) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            next(r.iter_lines())  # the first event, then hang up
+    deadline = time.monotonic() + 10
+    while (_gauge(stt, "mmpipe_queue_depth"), _gauge(stt, "mmpipe_pipeline_in_flight")) != (0, 0):
+        assert time.monotonic() < deadline, "the stream's admission place or pipeline slot was not given back"
+        time.sleep(0.05)
+
+
 def test_64_concurrent_transcriptions_share_micro_batches(stt: Server, offline: Any) -> None:
     runs = offline[0]
     c = stt.client()

@@ -31,6 +31,8 @@ from typing import Iterator
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow  # runs Whisper, Stable Diffusion (tiny) and servers as the README does
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ("README.md", "docs/recipes.md")
 BIN = Path(sys.executable).parent

@@ -140,7 +140,7 @@ class LoadConfig:
 
 
 @register
-class Load(NodeKind):
+class Load(NodeKind[LoadConfig]):
     """Read an audio file (wav/flac/ogg/mp3 via soundfile) as mono float32."""
 
     kind = "audio.load"
@@ -151,7 +151,7 @@ class Load(NodeKind):
     light = True
 
     @classmethod
-    def check(cls, cfg: Any) -> list[tuple[str, str, str]]:
+    def check(cls, cfg: LoadConfig) -> list[tuple[str, str, str]]:
         if cfg.sample_rate <= 0:
             return [("sample_rate", f"must be positive, got {cfg.sample_rate}", "use 16000 for Whisper")]
         return []
@@ -173,7 +173,7 @@ class LogMelConfig:
     floor_db: float = -80.0
 
 
-def plan_windows(wave: Any, cfg: Any) -> list[dict[str, int]]:
+def plan_windows(wave: Any, cfg: LogMelConfig) -> list[dict[str, int]]:
     """Cut a waveform into windows of at most ``chunk_s`` (sample indices).
 
     Each window: ``start``/``end`` (samples fed to the model), ``keep0``/``keep1``
@@ -257,7 +257,7 @@ def log_mel(waves: list[Any], n_mels: int, sample_rate: int) -> Any:
 
 
 @register
-class LogMel(NodeKind):
+class LogMel(NodeKind[LogMelConfig]):
     """Whisper's log-mel spectrogram; long audio is cut into <= 30 s windows (one item each)."""
 
     kind = "audio.log_mel"
@@ -268,14 +268,14 @@ class LogMel(NodeKind):
     expands = True
 
     @classmethod
-    def ports(cls, cfg: Any) -> tuple[tuple[Port, ...], tuple[Port, ...]]:
+    def ports(cls, cfg: LogMelConfig) -> tuple[tuple[Port, ...], tuple[Port, ...]]:
         return cls.inputs, (
             Port("features", "float32", ("B", cfg.n_mels, WHISPER_FRAMES)),
             Port("window", "any", None, collate="list", doc="the window's place in the recording (seconds)"),
         )
 
     @classmethod
-    def check(cls, cfg: Any) -> list[tuple[str, str, str]]:
+    def check(cls, cfg: LogMelConfig) -> list[tuple[str, str, str]]:
         out = []
         if cfg.n_mels not in (80, 128):
             out.append(("n_mels", f"Whisper uses 80 or 128 mel bins, got {cfg.n_mels}", "set n_mels: 80"))
@@ -373,7 +373,7 @@ def read_manifest(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
 
 
 @register
-class Files(SourceKind):
+class Files(SourceKind[FilesConfig]):
     """``input=`` as a file, a directory (its audio files, sorted), a glob, or a ``.jsonl``
     manifest: one ``{"audio": PATH, ...}`` per line, where any other key is a per-request
     setting of the Whisper kinds (``language``, ``task``, ``initial_prompt``, ``beam_size``,
@@ -396,7 +396,7 @@ class Files(SourceKind):
         return [p]
 
     @classmethod
-    def check(cls, cfg: Any) -> list[tuple[str, str, str]]:
+    def check(cls, cfg: FilesConfig) -> list[tuple[str, str, str]]:
         out = []
         if cfg.output_format not in OUTPUT_FORMATS + ("all",):
             out.append(("output_format", f"unknown output format {cfg.output_format!r}", f"use one of {', '.join(OUTPUT_FORMATS)} or all"))
@@ -413,7 +413,7 @@ class Files(SourceKind):
         return out
 
     @classmethod
-    def requests(cls, cfg: Any) -> list[Request]:
+    def requests(cls, cfg: FilesConfig) -> list[Request]:
         out, seen = [], set()
         path = cfg.path or ""
         if path.endswith(MANIFEST_SUFFIX) and Path(path).expanduser().is_file():
@@ -432,7 +432,7 @@ class Files(SourceKind):
         return out
 
     @classmethod
-    def write_outputs(cls, cfg: Any, results: list[Any], out_dir: Any) -> list[Any]:
+    def write_outputs(cls, cfg: FilesConfig, results: list[Any], out_dir: Any) -> list[Any]:
         """``<id>.txt/.vtt/.srt/.tsv/.json`` (``output_format``) per transcribed file."""
         from mmpipe.graphs.whisper_writers import write_transcript
 

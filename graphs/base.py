@@ -10,7 +10,13 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic
+
+from typing_extensions import TypeVar
+
+# A kind's Config dataclass: ``class Load(NodeKind[LoadConfig])`` types ``self.cfg`` and the
+# class-level ``cfg`` arguments; a bare ``NodeKind`` means any config (the runtime's view).
+C = TypeVar("C", default=Any)
 
 # A micro-batch of values: port name -> batched value (a tensor with the batch
 # first, or a list with one entry per item).
@@ -60,7 +66,7 @@ class EmptyConfig:
     """Config of a node kind without parameters."""
 
 
-class NodeKind:
+class NodeKind(Generic[C]):
     """Base class of node kinds. Subclasses are registered with ``@register``."""
 
     kind: ClassVar[str] = ""
@@ -89,27 +95,27 @@ class NodeKind:
 
     # ---- declarations (class level, no weights) --------------------------
     @classmethod
-    def ports(cls, cfg: Any) -> tuple[tuple[Port, ...], tuple[Port, ...]]:
+    def ports(cls, cfg: C) -> tuple[tuple[Port, ...], tuple[Port, ...]]:
         """Input and output ports for this config (override when they depend on it)."""
         return cls.inputs, cls.outputs
 
     @classmethod
-    def num_parts(cls, cfg: Any) -> int:
+    def num_parts(cls, cfg: C) -> int:
         """How many consecutive parts the node can be cut into."""
         return 1
 
     @classmethod
-    def part_costs(cls, cfg: Any) -> list[float]:
+    def part_costs(cls, cfg: C) -> list[float]:
         """Relative cost of each part, used to balance stages."""
         return [1.0] * cls.num_parts(cfg)
 
     @classmethod
-    def check(cls, cfg: Any) -> list[tuple[str, str, str]]:
+    def check(cls, cfg: C) -> list[tuple[str, str, str]]:
         """Extra config checks: a list of (field, message, fix)."""
         return []
 
     @classmethod
-    def expected_trips(cls, cfg: Any) -> int | None:
+    def expected_trips(cls, cfg: C) -> int | None:
         """Loop kinds: the iterations an item takes (None: it depends on the data)."""
         return None
 
@@ -119,7 +125,7 @@ class NodeKind:
         return values
 
     # ---- execution --------------------------------------------------------
-    def __init__(self, cfg: Any, parts: range | None = None, num_parts: int = 1) -> None:
+    def __init__(self, cfg: C, parts: range | None = None, num_parts: int = 1) -> None:
         self.cfg = cfg
         self.parts = parts if parts is not None else range(num_parts)
         self.num_parts_total = num_parts
@@ -155,7 +161,7 @@ class NodeKind:
         raise NotImplementedError
 
 
-class LoopKind(NodeKind):
+class LoopKind(NodeKind[C]):
     """A loop node: a body (split over pieces) run per item until it is done.
 
     Per iteration the runtime calls, for items that just entered, ``begin`` on
@@ -266,7 +272,7 @@ class SourceError(UserError):
     """A user mistake in a request source (missing file, empty glob...)."""
 
 
-class SourceKind:
+class SourceKind(Generic[C]):
     """Turns recipe/CLI values (``input=``, ``prompt=``, ``requests=``) into requests."""
 
     kind: ClassVar[str] = ""
@@ -276,15 +282,15 @@ class SourceKind:
     fields: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
-    def check(cls, cfg: Any) -> list[tuple[str, str, str]]:
+    def check(cls, cfg: C) -> list[tuple[str, str, str]]:
         return []
 
     @classmethod
-    def requests(cls, cfg: Any) -> list[Request]:
+    def requests(cls, cfg: C) -> list[Request]:
         raise NotImplementedError
 
     @classmethod
-    def write_outputs(cls, cfg: Any, results: list[Any], out_dir: Any) -> list[Any]:
+    def write_outputs(cls, cfg: C, results: list[Any], out_dir: Any) -> list[Any]:
         """Write the recipe's natural files (e.g. ``<stem>.txt``); return their paths."""
         return []
 

@@ -52,12 +52,12 @@ META_PORTS = (Port("seed", "int", None, collate="list"), Port("steps", "int", No
               Port("info", "any", None, collate="list", doc="all generation parameters (image.save writes them into the PNG)"))
 
 
-def _latent_shape(cfg: Any) -> tuple[int | str, ...]:
+def _latent_shape(cfg: DenoiseConfig | VaeConfig) -> tuple[int | str, ...]:
     m = cfg.model
     return ("B", m.latent_channels, cfg.height // m.vae_scale, cfg.width // m.vae_scale)
 
 
-def _loop_checks(cfg: Any) -> list[tuple[str, str, str]]:
+def _loop_checks(cfg: DenoiseConfig | UncondConfig) -> list[tuple[str, str, str]]:
     out = []
     msg = scheduler_problem(cfg.scheduler)
     if msg:
@@ -76,7 +76,7 @@ def _loop_checks(cfg: Any) -> list[tuple[str, str, str]]:
 
 
 @register
-class Denoise(UNetLoop):
+class Denoise(UNetLoop[DenoiseConfig]):
     """Stable Diffusion denoising loop; UNet parts: down blocks, mid, up blocks."""
 
     kind = "diffusion.denoise"
@@ -88,7 +88,7 @@ class Denoise(UNetLoop):
     request_params = ("num_inference_steps", "guidance_scale")
 
     @classmethod
-    def ports(cls, cfg: Any) -> tuple[tuple[Port, ...], tuple[Port, ...]]:
+    def ports(cls, cfg: DenoiseConfig) -> tuple[tuple[Port, ...], tuple[Port, ...]]:
         m = cfg.model
         n, d = m.max_length, m.text_hidden
         return (
@@ -97,11 +97,11 @@ class Denoise(UNetLoop):
         )
 
     @classmethod
-    def part_costs(cls, cfg: Any) -> list[float]:
+    def part_costs(cls, cfg: DenoiseConfig) -> list[float]:
         return unet_costs(cfg.model, cfg.height // cfg.model.vae_scale)
 
     @classmethod
-    def check(cls, cfg: Any) -> list[tuple[str, str, str]]:
+    def check(cls, cfg: DenoiseConfig) -> list[tuple[str, str, str]]:
         out = _loop_checks(cfg)
         f = cfg.model.vae_scale
         for key in ("height", "width"):
@@ -165,7 +165,7 @@ class Denoise(UNetLoop):
 
 
 @register
-class DenoiseUncond(UNetLoop):
+class DenoiseUncond(UNetLoop[UncondConfig]):
     """Unconditional denoising loop (UNet2DModel, DDPMPipeline layout) -> images in [0, 1]."""
 
     kind = "diffusion.denoise_uncond"
@@ -174,17 +174,17 @@ class DenoiseUncond(UNetLoop):
     request_params = ("num_inference_steps",)
 
     @classmethod
-    def ports(cls, cfg: Any) -> tuple[tuple[Port, ...], tuple[Port, ...]]:
+    def ports(cls, cfg: UncondConfig) -> tuple[tuple[Port, ...], tuple[Port, ...]]:
         m = cfg.model
         return (), (Port("image", "float32", ("B", m.channels, m.sample_size, m.sample_size)),
                     *META_PORTS)
 
     @classmethod
-    def part_costs(cls, cfg: Any) -> list[float]:
+    def part_costs(cls, cfg: UncondConfig) -> list[float]:
         return unet_costs(cfg.model, cfg.model.sample_size)
 
     @classmethod
-    def check(cls, cfg: Any) -> list[tuple[str, str, str]]:
+    def check(cls, cfg: UncondConfig) -> list[tuple[str, str, str]]:
         return _loop_checks(cfg)
 
     def _check_model(self, unet: Any) -> None:
@@ -213,7 +213,7 @@ class VaeConfig:
 
 
 @register
-class VaeDecode(NodeKind):
+class VaeDecode(NodeKind[VaeConfig]):
     """The VAE decoder; parts: (scale, post_quant_conv, conv_in, mid block), then each up block."""
 
     kind = "diffusion.vae_decode"
@@ -222,18 +222,18 @@ class VaeDecode(NodeKind):
     splittable = True
 
     @classmethod
-    def ports(cls, cfg: Any) -> tuple[tuple[Port, ...], tuple[Port, ...]]:
+    def ports(cls, cfg: VaeConfig) -> tuple[tuple[Port, ...], tuple[Port, ...]]:
         return (
             (Port("latents", "float32", _latent_shape(cfg)),),
             (Port("image", "float32", ("B", 3, cfg.height, cfg.width)),),
         )
 
     @classmethod
-    def num_parts(cls, cfg: Any) -> int:
+    def num_parts(cls, cfg: VaeConfig) -> int:
         return 1 if cfg.taesd else 1 + cfg.model.vae_up_blocks
 
     @classmethod
-    def part_costs(cls, cfg: Any) -> list[float]:
+    def part_costs(cls, cfg: VaeConfig) -> list[float]:
         n = cls.num_parts(cfg)
         # Up blocks work at growing resolution: each costs about 4x the one before.
         return [1.0] + [float(4**i) for i in range(n - 1)] if n > 1 else [1.0]
@@ -297,7 +297,7 @@ class SeedsConfig:
 
 
 @register
-class Seeds(SourceKind):
+class Seeds(SourceKind[SeedsConfig]):
     """``count`` requests with seeds ``seed``, ``seed+1``, ... (unconditional generation)."""
 
     kind = "diffusion.seeds"
@@ -306,13 +306,13 @@ class Seeds(SourceKind):
     fields = ("seed",)
 
     @classmethod
-    def check(cls, cfg: Any) -> list[tuple[str, str, str]]:
+    def check(cls, cfg: SeedsConfig) -> list[tuple[str, str, str]]:
         if cfg.count <= 0:
             return [("count", f"must be positive, got {cfg.count}", "e.g. images=4")]
         return []
 
     @classmethod
-    def requests(cls, cfg: Any) -> list[Request]:
+    def requests(cls, cfg: SeedsConfig) -> list[Request]:
         out = []
         for n in range(cfg.count):
             s = cfg.seed + n

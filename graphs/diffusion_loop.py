@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import inspect
 import itertools
-from typing import Any, Callable
+from typing import Any, Callable, Protocol, TypeVar
 
 from mmpipe.graphs.base import Batch, ItemMeta, LoopKind
 from mmpipe.graphs.diffusion_load import check_equal, component, make_scheduler, torch_dtype
@@ -135,13 +135,26 @@ class Cohort:
         return s.scale_model_input(lat, t), t, False  # the next model input, scaled by this schedule
 
 
-class UNetLoop(LoopKind):
+class UNetLoopConfig(Protocol):
+    """What the shared loop reads of its kinds' configs (DenoiseConfig, UncondConfig)."""
+
+    model: Any
+    scheduler: str
+    num_inference_steps: int
+    eta: float
+    channels_last: bool
+
+
+CU = TypeVar("CU", bound=UNetLoopConfig)
+
+
+class UNetLoop(LoopKind[CU]):
     """What both denoising loops share: setup, per-item lanes, the UNet pass, cohort steps."""
 
     splittable = True
 
     @classmethod
-    def num_parts(cls, cfg: Any) -> int:
+    def num_parts(cls, cfg: CU) -> int:
         return cfg.model.unet_down_blocks + 1 + cfg.model.unet_up_blocks
 
     # ------------------------------------------------------------ setup
@@ -344,7 +357,7 @@ class UNetLoop(LoopKind):
         """The item's generation parameters, as SD tools record them with an image."""
         h, w = self._shape()[-2:]
         if hasattr(self.cfg, "height"):  # latent space: the image is vae_scale times larger
-            h, w = self.cfg.height, self.cfg.width
+            h, w = getattr(self.cfg, "height"), getattr(self.cfg, "width")
         guidance = float(self.param(m, "guidance_scale")) if hasattr(self.cfg, "guidance_scale") else None
         model = self.cfg.model
         return {"seed": self._seed(m), "steps": steps, "guidance": guidance, "scheduler": type(self._template(steps)).__name__,

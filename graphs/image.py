@@ -17,7 +17,7 @@ class SaveConfig:
 
 
 @register
-class Save(NodeKind):
+class Save(NodeKind[SaveConfig]):
     """Write each image (float, [0, 1], CHW) as ``<output_dir>/<request id>.<format>``."""
 
     kind = "image.save"
@@ -31,7 +31,7 @@ class Save(NodeKind):
     light = True
 
     @classmethod
-    def check(cls, cfg: Any) -> list[tuple[str, str, str]]:
+    def check(cls, cfg: SaveConfig) -> list[tuple[str, str, str]]:
         if cfg.format not in FORMATS:
             return [("format", f"unknown image format {cfg.format!r}", f"use one of {', '.join(FORMATS)}")]
         return []

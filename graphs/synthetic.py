@@ -37,7 +37,7 @@ def _part_coeffs(part: int) -> tuple[float, float]:
     return 1.0 + 0.125 * ((part % 5) + 1), 0.25 * (part + 1)
 
 
-def _inject(cfg: Any, meta: list[ItemMeta]) -> None:
+def _inject(cfg: ChainConfig, meta: list[ItemMeta]) -> None:
     ids = {m.request_id for m in meta}
     bad = ids.intersection(cfg.fail_ids)
     if bad:
@@ -49,7 +49,7 @@ def _inject(cfg: Any, meta: list[ItemMeta]) -> None:
 class _Work:
     """The per-part workload, shared by the chain and the loop kinds."""
 
-    def _setup_work(self, cfg: Any, device: Any) -> None:
+    def _setup_work(self, cfg: ChainConfig, device: Any) -> None:
         self._w = None
         if cfg.work == "matmul":
             import torch
@@ -57,7 +57,7 @@ class _Work:
             g = torch.Generator().manual_seed(0)
             self._w = (torch.randn(cfg.dim, cfg.dim, generator=g) / cfg.dim**0.5).to(device)
 
-    def _do_work(self, cfg: Any, nparts: int) -> None:
+    def _do_work(self, cfg: ChainConfig, nparts: int) -> None:
         if cfg.work == "sleep":
             time.sleep(cfg.stage_ms * nparts / 1000.0)
         elif cfg.work == "matmul":
@@ -66,7 +66,7 @@ class _Work:
 
 
 @register
-class Chain(_Work, NodeKind):
+class Chain(_Work, NodeKind[ChainConfig]):
     """A chain of ``parts`` synthetic layers, splittable into stages."""
 
     kind = "synthetic.chain"
@@ -77,17 +77,17 @@ class Chain(_Work, NodeKind):
     splittable = True
 
     @classmethod
-    def num_parts(cls, cfg: Any) -> int:
+    def num_parts(cls, cfg: ChainConfig) -> int:
         return int(cfg.parts)
 
     @classmethod
-    def part_costs(cls, cfg: Any) -> list[float]:
+    def part_costs(cls, cfg: ChainConfig) -> list[float]:
         if cfg.costs:
             return [float(c) for c in cfg.costs]
         return [1.0] * int(cfg.parts)
 
     @classmethod
-    def check(cls, cfg: Any) -> list[tuple[str, str, str]]:
+    def check(cls, cfg: ChainConfig) -> list[tuple[str, str, str]]:
         out = []
         if cfg.parts < 1:
             out.append(("parts", f"parts must be at least 1, got {cfg.parts}", "e.g. parts=4 (recipe variable stages=4 in the synthetic recipe)"))
@@ -117,7 +117,7 @@ class LoopConfig(ChainConfig):
 
 
 @register
-class Loop(_Work, LoopKind):
+class Loop(_Work, LoopKind[LoopConfig]):
     """A loop whose body is ``parts`` synthetic layers; item i runs ``trips[i]`` times."""
 
     kind = "synthetic.loop"
@@ -177,7 +177,7 @@ class RequestsConfig:
 
 
 @register
-class Requests(SourceKind):
+class Requests(SourceKind[RequestsConfig]):
     """``count`` generated requests: a seeded random vector each (and a trip count)."""
 
     kind = "synthetic.requests"
@@ -186,13 +186,13 @@ class Requests(SourceKind):
     fields = ("x", "trips")
 
     @classmethod
-    def check(cls, cfg: Any) -> list[tuple[str, str, str]]:
+    def check(cls, cfg: RequestsConfig) -> list[tuple[str, str, str]]:
         if cfg.count <= 0:
             return [("count", f"count must be positive, got {cfg.count}", "set requests=N with N >= 1")]
         return []
 
     @classmethod
-    def requests(cls, cfg: Any) -> list[Request]:
+    def requests(cls, cfg: RequestsConfig) -> list[Request]:
         import torch
 
         g = torch.Generator().manual_seed(cfg.seed)

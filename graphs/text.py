@@ -29,7 +29,7 @@ class TokenizeConfig:
 
 
 @register
-class Tokenize(NodeKind):
+class Tokenize(NodeKind[TokenizeConfig]):
     """CLIP tokenizer: prompt and negative prompt -> padded ids (77, truncated with a warning)."""
 
     kind = "text.tokenize"
@@ -39,7 +39,7 @@ class Tokenize(NodeKind):
     light = True
 
     @classmethod
-    def ports(cls, cfg: Any) -> tuple[tuple[Port, ...], tuple[Port, ...]]:
+    def ports(cls, cfg: TokenizeConfig) -> tuple[tuple[Port, ...], tuple[Port, ...]]:
         n = cfg.model.max_length
         return cls.inputs, (Port("ids", "int64", ("B", n)), Port("uncond_ids", "int64", ("B", n)))
 
@@ -81,7 +81,7 @@ class EncodeConfig:
 
 
 @register
-class Encode(NodeKind):
+class Encode(NodeKind[EncodeConfig]):
     """CLIP text encoder (conditional and unconditional embeddings in one batched call)."""
 
     kind = "text.encode"
@@ -89,7 +89,7 @@ class Encode(NodeKind):
     Config = EncodeConfig
 
     @classmethod
-    def ports(cls, cfg: Any) -> tuple[tuple[Port, ...], tuple[Port, ...]]:
+    def ports(cls, cfg: EncodeConfig) -> tuple[tuple[Port, ...], tuple[Port, ...]]:
         m = cfg.model
         n, d = m.max_length, m.text_hidden
         return (
@@ -127,7 +127,7 @@ class PromptsConfig:
 
 
 @register
-class Prompts(SourceKind):
+class Prompts(SourceKind[PromptsConfig]):
     """``prompt="..."`` or ``prompts=file.txt`` (one per line), each repeated
     ``num_images_per_prompt`` times; request n gets seed ``seed + n``, so any
     image can be made again on its own."""
@@ -138,7 +138,7 @@ class Prompts(SourceKind):
     fields = ("prompt", "negative_prompt")
 
     @classmethod
-    def _prompts(cls, cfg: Any) -> list[str]:
+    def _prompts(cls, cfg: PromptsConfig) -> list[str]:
         if cfg.file:
             from pathlib import Path
 
@@ -157,7 +157,7 @@ class Prompts(SourceKind):
         return [cfg.prompt] if cfg.prompt else []
 
     @classmethod
-    def check(cls, cfg: Any) -> list[tuple[str, str, str]]:
+    def check(cls, cfg: PromptsConfig) -> list[tuple[str, str, str]]:
         from pathlib import Path
 
         out = []
@@ -176,7 +176,7 @@ class Prompts(SourceKind):
         return out
 
     @classmethod
-    def requests(cls, cfg: Any) -> list[Request]:
+    def requests(cls, cfg: PromptsConfig) -> list[Request]:
         out = []
         for i, prompt in enumerate(cls._prompts(cfg)):
             for k in range(cfg.num_images_per_prompt):

@@ -23,7 +23,7 @@ class EncoderConfig:
 
 
 @register
-class Encoder(Weights, NodeKind):
+class Encoder(Weights, NodeKind[EncoderConfig]):
     """The Whisper audio encoder; splittable by layer (conv stem on the first piece)."""
 
     kind = "whisper.encoder"
@@ -32,7 +32,7 @@ class Encoder(Weights, NodeKind):
     splittable = True
 
     @classmethod
-    def ports(cls, cfg: Any) -> tuple[tuple[Port, ...], tuple[Port, ...]]:
+    def ports(cls, cfg: EncoderConfig) -> tuple[tuple[Port, ...], tuple[Port, ...]]:
         m = cfg.model
         return (
             (Port("features", "float32", ("B", m.n_mels, 3000)),),
@@ -40,11 +40,11 @@ class Encoder(Weights, NodeKind):
         )
 
     @classmethod
-    def num_parts(cls, cfg: Any) -> int:
+    def num_parts(cls, cfg: EncoderConfig) -> int:
         return int(cfg.model.encoder_layers)
 
     @classmethod
-    def part_costs(cls, cfg: Any) -> list[float]:
+    def part_costs(cls, cfg: EncoderConfig) -> list[float]:
         # Per output frame: a layer ~ 12 d^2 (+ attention 3000 d); the conv stem ~ 3 d^2 + 6 n_mels d.
         d, m = cfg.model.d_model, cfg.model.n_mels
         layer = 12 * d * d + 3000 * d
@@ -53,7 +53,7 @@ class Encoder(Weights, NodeKind):
         return costs
 
     @classmethod
-    def check(cls, cfg: Any) -> list[tuple[str, str, str]]:
+    def check(cls, cfg: EncoderConfig) -> list[tuple[str, str, str]]:
         return model_checks(cfg.model)
 
     def setup(self, device: Any, dtype: Any = None) -> None:
@@ -91,7 +91,7 @@ class AlignConfig:
 
 
 @register
-class Align(Weights, NodeKind):
+class Align(Weights, NodeKind[AlignConfig]):
     """Word timestamps: cross-attention alignment heads and DTW over the decoded tokens
     (openai-whisper's ``find_alignment``), one decoder forward per window. Windows without
     ``word_timestamps`` pass through untouched, so the node costs nothing when it is off."""
@@ -102,7 +102,7 @@ class Align(Weights, NodeKind):
     request_params = ("word_timestamps",)
 
     @classmethod
-    def ports(cls, cfg: Any) -> tuple[tuple[Port, ...], tuple[Port, ...]]:
+    def ports(cls, cfg: AlignConfig) -> tuple[tuple[Port, ...], tuple[Port, ...]]:
         return (
             (Port("tokens", "int64", ("B", "N"), collate="list"),
              Port("hidden", "float32", ("B", 1500, cfg.model.d_model)),
@@ -111,7 +111,7 @@ class Align(Weights, NodeKind):
         )
 
     @classmethod
-    def check(cls, cfg: Any) -> list[tuple[str, str, str]]:
+    def check(cls, cfg: AlignConfig) -> list[tuple[str, str, str]]:
         return model_checks(cfg.model)
 
     def setup(self, device: Any, dtype: Any = None) -> None:
@@ -154,7 +154,7 @@ class DetokenizeConfig:
 
 
 @register
-class Detokenize(Weights, NodeKind):
+class Detokenize(Weights, NodeKind[DetokenizeConfig]):
     """Token ids -> text, and segments (timed by timestamp tokens or words when decoding
     made them) carrying their window's decoding statistics."""
 

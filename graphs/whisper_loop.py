@@ -56,7 +56,7 @@ class DecodeConfig:
 REQUEST_PARAMS = tuple(f.name for f in dataclasses.fields(DecodeConfig) if f.name != "model")
 
 
-def decode_checks(cfg: Any) -> list[tuple[str, str, str]]:
+def decode_checks(cfg: DecodeConfig) -> list[tuple[str, str, str]]:
     """Every problem of a decode config (also used for per-request values)."""
     out = []
     if not 0 < cfg.max_new_tokens <= 440:
@@ -135,7 +135,7 @@ def options_of(cfg: DecodeConfig) -> Any:
 
 
 @register
-class Decode(Weights, LoopKind):
+class Decode(Weights, LoopKind[DecodeConfig]):
     """Autoregressive decoding with beam search, sampling and temperature fallback; the
     decoder layers split over stages, one KV-cache block per window, continuous batching."""
 
@@ -146,7 +146,7 @@ class Decode(Weights, LoopKind):
     request_params = REQUEST_PARAMS
 
     @classmethod
-    def ports(cls, cfg: Any) -> tuple[tuple[Port, ...], tuple[Port, ...]]:
+    def ports(cls, cfg: DecodeConfig) -> tuple[tuple[Port, ...], tuple[Port, ...]]:
         m = cfg.model
         return (
             (Port("hidden", "float32", ("B", 1500, m.d_model)),
@@ -156,11 +156,11 @@ class Decode(Weights, LoopKind):
         )
 
     @classmethod
-    def num_parts(cls, cfg: Any) -> int:
+    def num_parts(cls, cfg: DecodeConfig) -> int:
         return int(cfg.model.decoder_layers)
 
     @classmethod
-    def part_costs(cls, cfg: Any) -> list[float]:
+    def part_costs(cls, cfg: DecodeConfig) -> list[float]:
         # A decode step is memory-bound: a layer reads its weights (14 d^2) and, per window,
         # the cross-attention K/V (2 * 1500 d); the last part also reads the vocabulary
         # projection (V d) once per step. At ~8 windows per step that is ~1.8 layers' worth
@@ -171,7 +171,7 @@ class Decode(Weights, LoopKind):
         return costs
 
     @classmethod
-    def check(cls, cfg: Any) -> list[tuple[str, str, str]]:
+    def check(cls, cfg: DecodeConfig) -> list[tuple[str, str, str]]:
         return model_checks(cfg.model) + decode_checks(cfg)
 
     def setup(self, device: Any, dtype: Any = None) -> None:

@@ -9,19 +9,29 @@
   scratch folder and checked by ``mmpipe validate``.
 - ``python`` blocks: one whose first line is ``# NAME.py`` is saved as that file (a module
   for later blocks); any other is executed.
+- ``mmpipe serve`` commands start a server in the background (kept until the document's
+  blocks are done; it must answer ``/health`` before the next command), so the ``curl``
+  and ``openai`` examples after them run against it. The README's ports are mapped to free
+  ones, and ``curl`` gets ``--fail`` so that an HTTP error fails the test.
 """
 from __future__ import annotations
 
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import yaml
+
+pytestmark = pytest.mark.slow  # runs Whisper, Stable Diffusion (tiny) and servers as the README does
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ("README.md", "docs/recipes.md")
@@ -40,17 +50,29 @@ SKIP: dict[str, str] = {
         "two hosts",
     "mmpipe run whisper_stt input=talks/ output_dir=out/talks        # Ctrl-C half way...":
         "needs a Ctrl-C half way; tests/integration/test_interrupts.py interrupts and resumes",
+    "mmpipe serve whisper_stt model=base beam_size=1 --port 8003 # any override, as for `mmpipe run`":
+        "a fourth server, with Whisper base (slow to load on these CPUs); no later example uses it",
 }
-# Commands and Python blocks that talk to a running server, by their first words: a server
-# per block would cost minutes here; tests/integration/test_serve.py starts real servers and
-# makes these same calls (curl's routes and the openai client's) against them.
-SERVER = "needs a running `mmpipe serve`: tests/integration/test_serve.py runs servers and these calls"
-SKIP_PREFIXES: dict[str, str] = {"mmpipe serve ": SERVER, "curl ": SERVER}
-SKIP_PYTHON: dict[str, str] = {"from openai import OpenAI": SERVER}
 # Commands that should run but fail today because of a bug elsewhere: the block stops there
 # and xfails; once the bug is fixed the test fails until the entry is removed.
 KNOWN_BUGS: dict[str, str] = {}
-RUNNABLE = ("mmpipe ", "python ", "export ")
+RUNNABLE = ("mmpipe ", "python ", "export ", "curl ")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# The README's server ports -> free ones here (another test may hold 8000).
+PORTS = {readme: _free_port() for readme in (8000, 8001, 8002, 8003)}
+
+
+def localize(text: str) -> str:
+    for readme, port in PORTS.items():
+        text = re.sub(rf"\b{readme}\b", str(port), text)
+    return text
 
 
 @dataclass
@@ -111,10 +133,10 @@ def test_every_block_is_known():
 
 
 @pytest.fixture(scope="module")
-def scratch(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A folder per document, with the inputs its commands name (talks/, prompts.txt,
-    recipes/examples/hello.wav)."""
-    dirs = {}
+def scratch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    """A folder per document, with the inputs its commands name (talks/, talk.wav, clips/,
+    list.jsonl, prompts.txt, recipes/examples/hello.wav)."""
+    dirs: dict[str, Path] = {}
     for doc in DOCS:
         d = tmp_path_factory.mktemp(Path(doc).stem)
         (d / "talks").mkdir()
@@ -122,8 +144,44 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         shutil.copy(ROOT / "recipes/examples/hello.wav", d / "recipes/examples/hello.wav")
         shutil.copy(ROOT / "recipes/examples/hello.wav", d / "talks" / "hello.wav")
         (d / "prompts.txt").write_text("a red bicycle\na lighthouse at dusk\n")
+        shutil.copy(ROOT / "recipes/examples/hello.wav", d / "talk.wav")
+        shutil.copytree(ROOT / "tests/assets/speech", d / "clips", ignore=shutil.ignore_patterns("*.sh", "*.md", "stereo*"))
+        (d / "list.jsonl").write_text('{"audio": "talk.wav", "language": "en"}\n'
+                                      '{"audio": "clips/clip1.wav", "id": "c1", "language": "de", "task": "translate"}\n')
         dirs[doc] = d
-    return dirs
+    yield dirs
+    for proc in SERVERS:  # SIGTERM: the server drains and exits
+        proc.terminate()
+    for proc in SERVERS:
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    SERVERS.clear()
+
+
+SERVERS: list[subprocess.Popen[bytes]] = []
+
+
+def serve(cmd: str, cwd: Path) -> None:
+    """Start ``mmpipe serve ...`` in the background and wait until it answers /health."""
+    port = int(re.search(r"--port (\d+)", cmd).group(1))  # type: ignore[union-attr]
+    log = open(cwd / f"serve-{port}.log", "wb")
+    proc = subprocess.Popen(["bash", "-c", f"exec {cmd}"], cwd=cwd, env=env_for(cwd), stdout=log, stderr=subprocess.STDOUT)
+    SERVERS.append(proc)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"`{cmd}` exited {proc.returncode}:\n{(cwd / log.name).read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"`{cmd}` did not answer /health within 240 s:\n{(cwd / log.name).read_text()[-3000:]}")
 
 
 def env_for(cwd: Path) -> dict[str, str]:
@@ -152,21 +210,25 @@ def test_block(block: Block, scratch: dict[str, Path]) -> None:
             assert r.returncode == 0, f"{block.id}: {r.stdout}\n{r.stderr}"
         return
     if block.lang == "python":
-        if block.text.splitlines()[0] in SKIP_PYTHON:
-            pytest.skip(SKIP_PYTHON[block.text.splitlines()[0]])
         m = re.match(r"#\s*(\w+\.py)\b", block.text)
         if m:
             (cwd / m.group(1)).write_text(block.text)
             r = subprocess.run([sys.executable, "-c", f"import {m.group(1)[:-3]}"], cwd=cwd, env=env_for(cwd), capture_output=True, text=True)
         else:
-            r = subprocess.run([sys.executable, "-c", block.text], cwd=cwd, env=env_for(cwd), capture_output=True, text=True, timeout=300)
+            r = subprocess.run([sys.executable, "-c", localize(block.text)], cwd=cwd, env=env_for(cwd), capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, f"{block.id}: {r.stderr}"
         return
     for cmd in commands(block.text):
-        if cmd in SKIP or cmd.startswith(tuple(SKIP_PREFIXES)):
+        if cmd in SKIP:
             continue
         assert cmd.startswith(RUNNABLE), f"{block.id}: make `{cmd}` runnable here or add it to SKIP with a reason"
-        r = sh(cmd, cwd)
+        if cmd.startswith("mmpipe serve "):
+            serve(localize(cmd), cwd)
+            continue
+        run = localize(cmd)
+        if run.startswith("curl "):
+            run = "curl --fail " + run[len("curl "):]
+        r = sh(run, cwd)
         if cmd in KNOWN_BUGS:
             assert r.returncode != 0, f"`{cmd}` runs now: remove it from KNOWN_BUGS"
             pytest.xfail(KNOWN_BUGS[cmd])

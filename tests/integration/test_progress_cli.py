@@ -42,3 +42,12 @@ def test_single_request_shows_a_step_bar_and_quiet_shows_none(tmp_path: Path) ->
     assert "denoise:" in err and "requests:" not in err
     err = run("-q", f"output_dir={tmp_path / 'q'}", env={}).stderr
     assert "denoise:" not in err and "requests:" not in err
+
+
+@pytest.mark.slow  # real Whisper weights
+def test_decoding_shows_a_token_bar(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "mmpipe", "run", "whisper_stt", "beam_size=1", "temperature=0", f"output_dir={tmp_path}"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "MMPIPE_PROGRESS": "1"})
+    assert r.returncode == 0, r.stderr
+    err = r.stderr.replace("\r", "\n")
+    assert "decode:" in err and "tok/s" in err and "requests:" not in err  # one file: its token bar is its progress

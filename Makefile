@@ -7,7 +7,7 @@ PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.mmpipe-installed
 RECIPE ?= whisper_stt
 
-.PHONY: run test typecheck install bench mutation clean
+.PHONY: run test typecheck install bench mutation clean docs
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ typecheck: $(STAMP)
 	@for f in mmpipe/*.py; do ln -s "$$PWD/$$f" build/typecheck/$$f; done
 	@for d in dsl runtime graphs recipes; do ln -s "$$PWD/$$d" build/typecheck/mmpipe/$$d; done
 	cd build/typecheck && $(abspath $(PY)) -m mypy --config-file $(abspath pyproject.toml) -p mmpipe.dsl -p mmpipe.runtime
+
+# docs/kinds.md is generated from the kinds' declarations (tests/unit/test_docs.py checks it).
+docs: $(STAMP)
+	$(PY) -m mmpipe.describe > docs/kinds.md
 
 bench: $(STAMP)
 	$(PY) benchmarks/runtime.py --quick

@@ -26,6 +26,8 @@ copies used, again keeping Pareto fronts. Tested against brute force.
 """
 from __future__ import annotations
 
+from typing import Any
+
 from dataclasses import dataclass, field
 
 INF = float("inf")
@@ -98,10 +100,10 @@ class Infeasible(ValueError):
 
 
 # (slowest, memory, payload); fronts are sorted by slowest with strictly falling memory
-Front = list[tuple[float, float, object]]
+Front = list[tuple[float, float, Any]]
 
 
-def _pareto(points: list[tuple[float, float, object]]) -> Front:
+def _pareto(points: list[tuple[float, float, Any]]) -> Front:
     out: Front = []
     for t, m, p in sorted(points, key=lambda x: (x[0], x[1])):
         if not out or m < out[-1][1] - EPS:
@@ -136,8 +138,8 @@ def cut_fronts(seg: Segment, k: int, limit: float) -> Front:
             F[g][i] = _pareto(pts)
     out = []
     for t, m, cuts in F[k][n]:
-        bounds = list(cuts[1:]) + [n]  # type: ignore[index]
-        out.append((t, m, [[lo, hi] for lo, hi in zip(cuts, bounds)]))  # type: ignore[call-overload]
+        bounds = list(cuts[1:]) + [n]
+        out.append((t, m, [[lo, hi] for lo, hi in zip(cuts, bounds)]))
     return out
 
 
@@ -176,11 +178,11 @@ def solve(segs: list[Segment], res: Resources) -> Choice:
                         mem = m0 + m
                         if res.shared_memory and mem > res.memory:
                             continue
-                        nxt.setdefault(used + c, []).append((max(t0, t), mem, picks + (pick,)))  # type: ignore[operator]
+                        nxt.setdefault(used + c, []).append((max(t0, t), mem, picks + (pick,)))
         state = {c: _pareto(v) for c, v in nxt.items() if v}
         if not state:
             break
-    best: tuple | None = None
+    best: tuple[Any, ...] | None = None
     for copies, front in state.items():
         if copies < res.min_copies:
             continue
@@ -204,7 +206,7 @@ def solve(segs: list[Segment], res: Resources) -> Choice:
     return Choice(pieces, replicas, max(slowest, floor), slowest, floor, copies, mem)
 
 
-def _better(a: tuple, b: tuple) -> bool:
+def _better(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
     """Lexicographic with a relative tolerance on times (equal periods compare by copies)."""
     for x, y in zip(a, b):
         if isinstance(x, float) and isinstance(y, float):
@@ -213,6 +215,6 @@ def _better(a: tuple, b: tuple) -> bool:
             if x > y * (1 + 1e-9) + EPS:
                 return False
         elif x != y:
-            return x < y
+            return bool(x < y)
     return False
 

@@ -65,7 +65,7 @@ def predict(plan: Plan, auto: "Auto", microbatches: int | None = None) -> dict[s
             row["iterations"] = loop.iterations_per_mb
             row["per_iteration_s"] = t / loop.iterations_per_mb
         rows.append(row)
-    heavy = [r["per_copy_s"] for r in rows if r["heavy"]] or [0.0]
+    heavy_s: list[float] = [r["per_copy_s"] for r in rows if r["heavy"]] or [0.0]
     slowest = max(r["per_copy_s"] for r in rows) if rows else 0.0
     res = auto.resources
     share = float(costs.host.get("cpu_share", 1.0)) or 1.0  # as the balancer: the machine as if it were ours
@@ -75,7 +75,7 @@ def predict(plan: Plan, auto: "Auto", microbatches: int | None = None) -> dict[s
     size = int(plan.runtime.get("microbatch_size", 1))
     out: dict[str, Any] = {
         "source": auto.source, "profile": auto.profile_path or None, "measured": costs.measured, "stages": rows,
-        "balance_efficiency": (sum(heavy) / len(heavy)) / max(heavy) if max(heavy) > 0 else 1.0,
+        "balance_efficiency": (sum(heavy_s) / len(heavy_s)) / max(heavy_s) if max(heavy_s) > 0 else 1.0,
         "slowest_s": slowest, "floor_s": floor, "period_s": period, "latency_s": latency,
         "throughput_rps": size / period if costs.measured and period > 0 else None, "notes": list(auto.notes),
         "balance": dict(auto.machine),
@@ -99,7 +99,10 @@ def bubble_for(rows: list[dict[str, Any]], period: float, latency: float, m: int
 def format_prediction(pred: dict[str, Any], plan: Plan) -> str:
     """Lines for ``mmpipe plan``: per stage, then efficiency, throughput and bubble."""
     unit = "s" if pred.get("measured") else ""
-    ms = (lambda v: f"{1000 * v:.1f} ms") if unit else (lambda v: f"{v:.3f}")  # noqa: E731
+
+    def ms(v: float) -> str:
+        return f"{1000 * v:.1f} ms" if unit else f"{v:.3f}"
+
     lines = [f"predicted ({pred['source']}):"]
     rows = [("stage", "copies", "per micro-batch", "per copy", "memory/copy", "note")]
     for r in pred["stages"]:
@@ -168,7 +171,10 @@ def versus_measured(pred: dict[str, Any], stats: dict[str, Any], sim: dict[str, 
 
 def format_versus(cmp: dict[str, Any]) -> str:
     """Lines for the run's printed table: predicted vs measured per stage."""
-    unit_s = (lambda v: f"{1000 * v:.1f} ms" if v is not None else "-")  # noqa: E731
+
+    def unit_s(v: float | None) -> str:
+        return f"{1000 * v:.1f} ms" if v is not None else "-"
+
     lines = ["predicted vs measured (work per micro-batch, all copies):"]
     for r in cmp["stages"]:
         ratio = f"{r['ratio']:.2f}x" if r.get("ratio") is not None else "-"

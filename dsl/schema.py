@@ -287,13 +287,16 @@ def _check_top(top: Top, problems: Problems) -> None:
     if not top.nodes:
         problems.add("nodes", "the recipe has no nodes", "add at least one node under nodes:")
     bal = top.balance
-    for key, v in (("balance.stages", bal.stages), ("balance.memory_gb", bal.memory_gb), ("balance.cores", bal.cores),
-                   ("balance.latency_ms", bal.latency_ms)):
-        if v < 0:
-            problems.add(key, f"must not be negative, got {v}", f"set {key}=0 (0: automatic)", v, True)
-    for key, v in (("balance.hosts", bal.hosts), ("balance.bandwidth_gbs", bal.bandwidth_gbs), ("balance.local_bandwidth_gbs", bal.local_bandwidth_gbs)):
-        if v <= 0:
-            problems.add(key, f"must be positive, got {v}", f"e.g. {key}=1", v, True)
+    limits: tuple[tuple[str, float], ...] = (("balance.stages", bal.stages), ("balance.memory_gb", bal.memory_gb),
+                                             ("balance.cores", bal.cores), ("balance.latency_ms", bal.latency_ms))
+    for key, lim in limits:
+        if lim < 0:
+            problems.add(key, f"must not be negative, got {lim}", f"set {key}=0 (0: automatic)", lim, True)
+    links: tuple[tuple[str, float], ...] = (("balance.hosts", bal.hosts), ("balance.bandwidth_gbs", bal.bandwidth_gbs),
+                                            ("balance.local_bandwidth_gbs", bal.local_bandwidth_gbs))
+    for key, link in links:
+        if link <= 0:
+            problems.add(key, f"must be positive, got {link}", f"e.g. {key}=1", link, True)
     if top.resume and top.overwrite:
         problems.add("overwrite", "resume=true and overwrite=true contradict each other", "keep one of them", True, True)
 

@@ -73,9 +73,9 @@ class _Worker:
     copy: int
     time: float  # seconds per call (loop stages: per iteration)
     demand: float  # cores it keeps busy while computing
-    resource: tuple
-    inbox: deque = field(default_factory=deque)
-    back: deque = field(default_factory=deque)  # loop first stage: returning groups
+    resource: tuple[Any, ...]
+    inbox: deque[_Pkt] = field(default_factory=deque)
+    back: deque[_Pkt] = field(default_factory=deque)  # loop first stage: returning groups
     reserved: int = 0  # inbox slots promised to packets still in transfer
     busy: float = 0.0
     calls: int = 0
@@ -85,7 +85,7 @@ class _Worker:
     left: float = 0.0  # seconds of work left
     gil_left: float = 0.0  # seconds of the runtime's own (GIL-bound) work left, done first
     proc: int = 0  # the process (rank) whose GIL it holds
-    blocked: tuple | None = None  # (target worker, packet) it waits to put
+    blocked: tuple[Any, ...] | None = None  # (target worker, packet) it waits to put
     inflight: int = 0  # loop first stage: groups circulating
 
 
@@ -131,7 +131,7 @@ class Sim:
                     work = t * min(1.0, self.cores / (demand + profiled_bg)) if demand + profiled_bg > self.cores else t
                 self.w[(st.index, r)] = _Worker(st.index, r, work, demand, res, proc=pl.rank)
         loops = {lp.node: lp for lp in plan.loops}
-        self.loop_of = {s: loops[plan.stages[s].loop] for s in range(self.p) if plan.stages[s].loop}
+        self.loop_of = {s: loops[lp] for s in range(self.p) if (lp := plan.stages[s].loop)}
         mi = int(rt.get("max_inflight", 0))
         self.max_inflight = {n: (mi if mi > 0 else max(2, len(lp.stages))) for n, lp in loops.items()}
         self.trips: dict[int, dict[str, int]] = {}  # item -> loop -> trips left
@@ -213,7 +213,7 @@ class Sim:
             self.gid += 1
             return _Pkt(list(pkt.items), pkt.mb, self.gid)
         if w.back:
-            g = w.back.popleft()
+            g: _Pkt = w.back.popleft()
             while w.inbox and len(g.items) < self.max_batch:  # continuous batching: top up
                 head = w.inbox[0]
                 space = self.max_batch - len(g.items)
@@ -231,7 +231,8 @@ class Sim:
         lp = self.loop_of.get(w.stage)
         if lp is not None and lp.stages[-1] == w.stage:
             first = self.w[(lp.stages[0], w.copy)]
-            out, again = [], []
+            out: list[Any] = []
+            again: list[Any] = []
             for i in pkt.items:
                 self.trips[i][lp.node] -= 1
                 (out if self.trips[i][lp.node] <= 0 else again).append(i)
@@ -273,7 +274,10 @@ class Sim:
         if not running and not self.transit:
             return False
         rates = self.rates(running)
-        phase = lambda w: w.gil_left if w.gil_left > TINY else w.left  # noqa: E731
+
+        def phase(w: _Worker) -> float:
+            return w.gil_left if w.gil_left > TINY else w.left
+
         dt = min([phase(w) / rates[id(w)] for w in running if rates[id(w)] > 0] + [a - self.now for a, *_ in self.transit] + [math.inf])
         dt = max(dt, 0.0)
         self.now += dt
@@ -300,7 +304,7 @@ class Sim:
 
     def rates(self, running: list[_Worker]) -> dict[int, float]:
         """Progress per second of every running call (shared cores / shared devices)."""
-        by: dict[tuple, list[_Worker]] = {}
+        by: dict[tuple[Any, ...], list[_Worker]] = {}
         for w in running:
             by.setdefault(("gil", w.proc) if w.gil_left > TINY else w.resource, []).append(w)
         out = {}

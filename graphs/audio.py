@@ -78,6 +78,36 @@ def read_audio(path: str, sample_rate: int) -> Any:
     return wave.contiguous()
 
 
+@dataclass(frozen=True)
+class Waveform:
+    """Audio already in memory (from the Python API): samples and their rate. ``samples``:
+    a 1-D tensor, or 2-D with channels on the shorter axis (averaged to mono)."""
+
+    samples: Any
+    sample_rate: int
+
+    def __str__(self) -> str:  # what results.jsonl and error messages show for it
+        return f"<waveform: {self.samples.shape[-1] if self.samples.ndim else 0} samples at {self.sample_rate} Hz>"
+
+
+def load_audio(value: "str | Waveform", sample_rate: int) -> Any:
+    """A request's audio (a file path or a Waveform) as mono float32 at ``sample_rate``."""
+    if not isinstance(value, Waveform):
+        return read_audio(value, sample_rate)
+    import torch
+
+    wave = torch.as_tensor(value.samples).float()
+    if wave.ndim == 2:  # channels on the shorter axis, as both soundfile's and torchaudio's layouts have
+        wave = wave.mean(dim=0 if wave.shape[0] <= wave.shape[1] else 1)
+    if wave.ndim != 1 or wave.numel() == 0 or value.sample_rate <= 0:
+        raise AudioError(f"audio has no usable samples: {value} (give a 1-D or [channels, samples] array and its sample rate)")
+    if value.sample_rate != sample_rate:
+        import torchaudio.functional as AF
+
+        wave = AF.resample(wave, orig_freq=int(value.sample_rate), new_freq=sample_rate)
+    return wave.contiguous()
+
+
 # Recordings longer than this are not read whole: ``audio.load`` hands ``audio.log_mel`` a
 # ``LongAudio``, which reads one window at a time, and log_mel streams the windows on a few
 # at a time, so memory stays bounded however long the file is (a 2-hour file in RAM is
@@ -86,9 +116,12 @@ STREAM_AFTER_S = 600.0
 STREAM_WINDOWS = 4  # windows per streamed chunk
 
 
-def open_audio(path: str, sample_rate: int) -> Any:
-    """``read_audio``, or a ``LongAudio`` for files longer than ``STREAM_AFTER_S``."""
+def open_audio(path: "str | Waveform", sample_rate: int) -> Any:
+    """``load_audio``, or a ``LongAudio`` for files longer than ``STREAM_AFTER_S``."""
     import soundfile as sf
+
+    if isinstance(path, Waveform):
+        return load_audio(path, sample_rate)
 
     p = Path(path)
     if p.is_file() and p.stat().st_size > 0:
@@ -103,7 +136,7 @@ def open_audio(path: str, sample_rate: int) -> Any:
 
 @dataclass(kw_only=True)
 class LoadConfig:
-    sample_rate: int = 16000
+    sample_rate: int = 16000  # resampled to this rate (Hz)
 
 
 @register
@@ -129,8 +162,8 @@ class Load(NodeKind):
 
 @dataclass(kw_only=True)
 class LogMelConfig:
-    n_mels: int = 80
-    sample_rate: int = 16000
+    n_mels: int = 80  # mel bands: the model's (80, or 128 for large-v3)
+    sample_rate: int = 16000  # rate of the incoming waveform (Hz)
     chunk_s: float = 30.0  # longest window
     search_s: float = 8.0  # a long recording is cut at its quietest 0.2 s in the last search_s of a window
     silence_db: float = -40.0  # ... which counts as a pause when this far below the loudest 20 ms
@@ -294,7 +327,7 @@ WORD_PARAMS = ("word_timestamps",)
 
 @dataclass(kw_only=True)
 class FilesConfig:
-    path: str | None = None
+    path: str | None = None  # a file, a directory, a glob or a .jsonl manifest
     output_format: str = "all"  # txt | vtt | srt | tsv | json | all
 
 

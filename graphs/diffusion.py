@@ -23,29 +23,33 @@ SCHEDULERS = ("default", "ddim", "euler", "euler_a", "dpm++", "ddpm", "pndm", "l
 
 @dataclass(kw_only=True)
 class DenoiseConfig:
-    model: SDModel = field(default_factory=SDModel)
+    model: SDModel = field(default_factory=SDModel)  # the model group (model=...)
     scheduler: str = "default"  # a short name above or any diffusers scheduler class name
-    num_inference_steps: int = 20
+    num_inference_steps: int = 20  # denoising steps (a request may set its own)
     guidance_scale: float = 7.5  # <= 1: no classifier-free guidance (as diffusers)
-    guidance_rescale: float = 0.0
+    guidance_rescale: float = 0.0  # rescales guided noise (diffusers' guidance_rescale; 0: off)
     eta: float = 0.0  # DDIM's eta (schedulers that take it)
-    height: int = 64
-    width: int = 64
+    height: int = 64  # image height in pixels (a multiple of 8)
+    width: int = 64  # image width in pixels (a multiple of 8)
     # UNet convolutions in channels_last: faster on CPU (oneDNN) for wide UNets; not bit-exact.
     channels_last: bool = False
 
 
 @dataclass(kw_only=True)
 class UncondConfig:
-    model: DDPMModel = field(default_factory=DDPMModel)
-    scheduler: str = "default"
-    num_inference_steps: int = 50
-    eta: float = 0.0
-    channels_last: bool = False
+    model: DDPMModel = field(default_factory=DDPMModel)  # the model group (model=...)
+    scheduler: str = "default"  # a short name (default, ddim, ...) or a diffusers class name
+    num_inference_steps: int = 50  # denoising steps
+    eta: float = 0.0  # DDIM's eta (schedulers that take it)
+    channels_last: bool = False  # UNet convolutions in channels_last (faster on CPU, not bit-exact)
 
 
-# Per-item facts for results.jsonl, as plain ints (one per item).
-META_PORTS = (Port("seed", "int", None, collate="list"), Port("steps", "int", None, collate="list"))
+# Per-item facts for results.jsonl and the images' provenance, as plain values (one per item).
+META_PORTS = (Port("seed", "int", None, collate="list"), Port("steps", "int", None, collate="list"),
+              Port("guidance", "float32", None, collate="list", doc="guidance scale (None: unconditional)"),
+              Port("scheduler", "str", None, collate="list", doc="the scheduler's diffusers class"),
+              Port("size", "str", None, collate="list", doc="WIDTHxHEIGHT in pixels"),
+              Port("info", "any", None, collate="list", doc="all generation parameters (image.save writes them into the PNG)"))
 
 
 def _latent_shape(cfg: Any) -> tuple[int | str, ...]:
@@ -78,6 +82,10 @@ class Denoise(UNetLoop):
     kind = "diffusion.denoise"
     description = "Text embeddings -> denoised latents (any diffusers scheduler, CFG)."
     Config = DenoiseConfig
+    # Steps differ per item (each cohort keeps its own scheduler); the guidance scale is
+    # applied per item. Whether guidance runs at all (two UNet rows per item) is the
+    # recipe's choice, so a request may only change the scale on the recipe's side of 1.
+    request_params = ("num_inference_steps", "guidance_scale")
 
     @classmethod
     def ports(cls, cfg: Any) -> tuple[tuple[Port, ...], tuple[Port, ...]]:
@@ -130,11 +138,21 @@ class Denoise(UNetLoop):
             return cond[None]
         return torch.stack([x["uncond_embeds"][j].to(self.device, self.dtype), cond])
 
-    def _guide(self, eps: Any) -> Any:
+    def _guide(self, eps: Any, meta: list[ItemMeta]) -> Any:
+        import torch
+
+        scales = [float(self.param(m, "guidance_scale")) for m in meta]
         if self.k == 1:
+            if any(g > 1 for g in scales):  # no unconditional row was run for these items
+                raise UserError("params.guidance_scale", f"guidance_scale={max(scales)} needs classifier-free guidance, which this "
+                                f"recipe turned off (guidance_scale={self.cfg.guidance_scale})", "start it with guidance_scale > 1")
             return eps[:, 0]
         uncond, text = eps[:, 0], eps[:, 1]
-        noise = uncond + self.cfg.guidance_scale * (text - uncond)
+        if all(g == self.cfg.guidance_scale for g in scales):
+            g: Any = self.cfg.guidance_scale  # the recipe's value: a Python float, as diffusers
+        else:  # per item: the same arithmetic, one scale per row
+            g = torch.tensor(scales, dtype=text.dtype, device=text.device).view(-1, *([1] * (text.ndim - 1)))
+        noise = uncond + g * (text - uncond)
         r = self.cfg.guidance_rescale
         if r > 0:  # diffusers' rescale_noise_cfg, per item
             dims = list(range(1, text.ndim))
@@ -153,6 +171,7 @@ class DenoiseUncond(UNetLoop):
     kind = "diffusion.denoise_uncond"
     description = "Seeded noise -> images with an unconditional UNet2DModel (DDPM/DDIM...)."
     Config = UncondConfig
+    request_params = ("num_inference_steps",)
 
     @classmethod
     def ports(cls, cfg: Any) -> tuple[tuple[Port, ...], tuple[Port, ...]]:
@@ -186,9 +205,9 @@ class DenoiseUncond(UNetLoop):
 # ---------------------------------------------------------------------- VAE
 @dataclass(kw_only=True)
 class VaeConfig:
-    model: SDModel = field(default_factory=SDModel)
-    height: int = 64
-    width: int = 64
+    model: SDModel = field(default_factory=SDModel)  # the model group (model=...)
+    height: int = 64  # image height in pixels (as the denoise node's)
+    width: int = 64  # image width in pixels (as the denoise node's)
     # A TAESD (AutoencoderTiny) directory or hub id: a fast approximate decoder (one part).
     taesd: str = ""
 
@@ -273,8 +292,8 @@ class VaeDecode(NodeKind):
 # ---------------------------------------------------------------------- source
 @dataclass(kw_only=True)
 class SeedsConfig:
-    count: int = 4
-    seed: int = 0
+    count: int = 4  # how many images
+    seed: int = 0  # request n gets seed + n
 
 
 @register

@@ -32,22 +32,22 @@ NOISE_NOTE = ("random weights: makes NOISE images, not pictures; real images nee
 class SDModel:
     """Which Stable Diffusion-family weights to load, and their sizes (checked at load)."""
 
-    name: str = "tiny_random"
+    name: str = "tiny_random"  # the model group option's name
     # A local diffusers directory, a hub id, or ``builtin:NAME`` (built offline, seeded).
     path: str = "builtin:tiny_random"
-    note: str = ""
-    text_hidden: int = 32
-    max_length: int = 77
-    latent_channels: int = 4
-    vae_scale: int = 8
-    unet_down_blocks: int = 2
-    unet_up_blocks: int = 2
+    note: str = ""  # printed once when the model loads
+    text_hidden: int = 32  # CLIP hidden size
+    max_length: int = 77  # CLIP tokens per prompt
+    latent_channels: int = 4  # UNet latent channels
+    vae_scale: int = 8  # pixels per latent cell
+    unet_down_blocks: int = 2  # UNet down blocks
+    unet_up_blocks: int = 2  # UNet up blocks (with the mid block: the UNet's parts)
     # UNet block widths and which down blocks have attention: only used for the
     # stage-balancing cost estimate (``unet_costs`` overrides it when given).
     unet_channels: list[int] = field(default_factory=lambda: [32, 64])
-    unet_attention: list[bool] = field(default_factory=lambda: [False, True])
-    unet_costs: list[float] = field(default_factory=list)
-    vae_up_blocks: int = 2
+    unet_attention: list[bool] = field(default_factory=lambda: [False, True])  # down blocks with attention
+    unet_costs: list[float] = field(default_factory=list)  # relative cost per part (overrides the estimate)
+    vae_up_blocks: int = 2  # VAE decoder up blocks (the VAE's parts)
     # The scheduler's training timesteps (checked at load): no scheduler can take more
     # inference steps than this, so validate can say so before any weights load.
     num_train_timesteps: int = 1000
@@ -59,18 +59,18 @@ class SDModel:
 class DDPMModel:
     """An unconditional pixel-space UNet2DModel pipeline (DDPMPipeline layout)."""
 
-    name: str = "tiny_ddpm"
-    path: str = "builtin:tiny_ddpm"
-    note: str = ""
-    channels: int = 3
-    sample_size: int = 32
-    unet_down_blocks: int = 2
-    unet_up_blocks: int = 2
-    unet_channels: list[int] = field(default_factory=lambda: [32, 64])
-    unet_attention: list[bool] = field(default_factory=lambda: [False, True])
-    unet_costs: list[float] = field(default_factory=list)
+    name: str = "tiny_ddpm"  # the model group option's name
+    path: str = "builtin:tiny_ddpm"  # a local diffusers directory, a hub id, or builtin:NAME
+    note: str = ""  # printed once when the model loads
+    channels: int = 3  # image channels
+    sample_size: int = 32  # image side in pixels
+    unet_down_blocks: int = 2  # UNet down blocks
+    unet_up_blocks: int = 2  # UNet up blocks
+    unet_channels: list[int] = field(default_factory=lambda: [32, 64])  # UNet block widths (cost estimate only)
+    unet_attention: list[bool] = field(default_factory=lambda: [False, True])  # down blocks with attention (cost estimate only)
+    unet_costs: list[float] = field(default_factory=list)  # relative cost per part (overrides the estimate)
     num_train_timesteps: int = 1000  # as SDModel's
-    dtype: str = "auto"
+    dtype: str = "auto"  # "auto" follows runtime.dtype
 
 
 # ------------------------------------------------------------------ paths

@@ -226,6 +226,7 @@ class UNetLoop(LoopKind):
                 lane["uid"] = next(self._uid)
                 if self.is_last:
                     lane["seed"], lane["steps"] = self._seed(meta[j]), self._steps(meta[j])
+                    lane["info"] = self._info(meta[j], lane["steps"])
                 if self.unet.cross:
                     lane["ctx"] = self._context(x, j)
             if self.is_last:
@@ -281,8 +282,8 @@ class UNetLoop(LoopKind):
             out.update({f"res{i}": items(r, b) for i, r in enumerate(res)})
             return out
 
-    def _guide(self, eps: Any) -> Any:
-        """[B, k, C, H, W] model output -> [B, C, H, W] noise prediction."""
+    def _guide(self, eps: Any, meta: list[ItemMeta]) -> Any:
+        """[B, k, C, H, W] model output -> [B, C, H, W] noise prediction (``meta``: per-item values)."""
         return eps[:, 0]
 
     def _cohorts(self, lanes: list[dict]) -> list[tuple[Cohort, list[int]]]:
@@ -309,10 +310,11 @@ class UNetLoop(LoopKind):
         import torch
 
         with torch.inference_mode():
-            noise = self._guide(carry["eps"])
+            noise = self._guide(carry["eps"], meta)
             b = len(lanes)
             eta = self.cfg.eta if self.takes_eta else None
             xs, ts, lats, order, done = [], [], [], [], [False] * b
+            progress: list[Any] = [None] * b  # per item, to its submitter's on_progress (step bars, servers)
             hook = _on_step
             for c, pos in self._cohorts(lanes):
                 whole = len(pos) == b  # the usual case: one cohort, the whole call, in order
@@ -323,17 +325,30 @@ class UNetLoop(LoopKind):
                 order.append(pos)
                 for j in pos:
                     done[j] = finished
+                    progress[j] = {"step": c.i, "steps": c.total}
                 if hook is not None:
                     for j in pos:
                         hook(meta[j].request_id, c.i, c.total)
-            outs = self._outputs(_in_order(lats, order), lanes)
+            outs = {**self._outputs(_in_order(lats, order), lanes), "_progress": progress}
             return {"x": _in_order(xs, order), "t": _in_order(ts, order)}, done, outs
 
     def _outputs(self, latents: Any, lanes: list[dict]) -> Batch:
         raise NotImplementedError
 
     def _meta_outputs(self, lanes: list[dict]) -> Batch:
-        return {"seed": [lane["seed"] for lane in lanes], "steps": [lane["steps"] for lane in lanes]}
+        infos = [lane["info"] for lane in lanes]
+        return {"seed": [lane["seed"] for lane in lanes], "steps": [lane["steps"] for lane in lanes],
+                **{k: [i[k] for i in infos] for k in ("guidance", "scheduler", "size")}, "info": infos}
+
+    def _info(self, m: ItemMeta, steps: int) -> dict[str, Any]:
+        """The item's generation parameters, as SD tools record them with an image."""
+        h, w = self._shape()[-2:]
+        if hasattr(self.cfg, "height"):  # latent space: the image is vae_scale times larger
+            h, w = self.cfg.height, self.cfg.width
+        guidance = float(self.param(m, "guidance_scale")) if hasattr(self.cfg, "guidance_scale") else None
+        model = self.cfg.model
+        return {"seed": self._seed(m), "steps": steps, "guidance": guidance, "scheduler": type(self._template(steps)).__name__,
+                "size": f"{w}x{h}", "model": model.name if model.path.startswith("builtin:") else model.path}
 
     def finish(self, lanes: list[dict]) -> None:
         gone: dict[int, tuple[Cohort, set[int]]] = {}

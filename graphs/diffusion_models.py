@@ -167,7 +167,7 @@ def _atomic_build(dst: Path, fill: Callable[[Path], None], info: dict[str, Any])
             fill(tmp)
         (tmp / _BUILD_INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
 
-    if not build_dir(dst, build):
+    if not build_dir(dst, build, what=f"offline model {dst.name} (random weights, seeded)"):
         raise FileExistsError(errno.EEXIST, "destination already exists", str(dst))
     return dst
 

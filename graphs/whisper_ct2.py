@@ -222,7 +222,7 @@ def convert_ctranslate2(
                         "ct2_spec_revision": header["revision"]}, indent=2) + "\n"
         )
 
-    if not build_dir(dst, fill, overwrite=overwrite):
+    if not build_dir(dst, fill, overwrite=overwrite, what=f"Whisper model {src} (CTranslate2 -> transformers)"):
         raise FileExistsError(f"{dst} was created by someone else during the conversion")
     return dst
 

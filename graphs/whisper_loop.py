@@ -31,22 +31,22 @@ TEMPERATURES = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]  # openai-whisper's fallback sched
 
 @dataclass(kw_only=True)
 class DecodeConfig:
-    model: WhisperModel = field(default_factory=WhisperModel)
-    max_new_tokens: int = 128
-    timestamps: bool = False
+    model: WhisperModel = field(default_factory=WhisperModel)  # the model group (model=...)
+    max_new_tokens: int = 128  # most tokens per 30 s window
+    timestamps: bool = False  # decode timestamp tokens (timed segments)
     # word alignment (whisper.align) needs the timestamp tokens: on, they are decoded too
     word_timestamps: bool = False
     language: str | None = None  # None: detected per window (multilingual models)
-    task: str = "transcribe"
+    task: str = "transcribe"  # transcribe, or translate (to English; multilingual models)
     beam_size: int = 5  # 1: greedy
     best_of: int = 5  # samples per window at temperature > 0 (the best is kept)
-    temperature: float | list[float] = field(default_factory=lambda: list(TEMPERATURES))
+    temperature: float | list[float] = field(default_factory=lambda: list(TEMPERATURES))  # one value, or a fallback schedule tried in order
     top_k: int = 0  # sample among the k most likely tokens (0: all, as openai-whisper)
-    compression_ratio_threshold: float | None = 2.4
-    logprob_threshold: float | None = -1.0
-    no_speech_threshold: float | None = 0.6
+    compression_ratio_threshold: float | None = 2.4  # retry at the next temperature above this gzip ratio (None: never)
+    logprob_threshold: float | None = -1.0  # retry at the next temperature below this mean logprob (None: never)
+    no_speech_threshold: float | None = 0.6  # a window this likely silent (and below logprob_threshold) gives no text
     length_penalty: float = 1.0  # score = sum logprob / length ** length_penalty
-    initial_prompt: str | None = None
+    initial_prompt: str | None = None  # text that prompts the first window (spelling, names)
     # Prompt each window with its request's earlier text (openai-whisper's default; off here:
     # our windows overlap at cuts inside speech, and tiny models then tend to repeat the prompt).
     condition_on_previous_text: bool = False

@@ -148,6 +148,22 @@ class Search:
             return self.start(self.prefix)
         return Feed(self.prompt.tokens[1:], len(self.prompt.tokens) - 1, 1, [0])
 
+    def stable_tokens(self) -> list[int]:
+        """The generated tokens every hypothesis of this attempt agrees on (live beams and
+        finished ones): whatever wins this attempt starts with them. A temperature fallback
+        (a new attempt) can still replace them; ``attempt`` tells a listener when it did."""
+        if self.result is not None:
+            return list(self.result.tokens)
+        hyps = [h.tokens for h in self.live] + [h.tokens for h in self.done_rows if h.score > NEG / 2]
+        if self.prompt is None or self.prompt.detect or not hyps:
+            return []
+        n = min(len(t) for t in hyps)
+        first = hyps[0]
+        for i in range(n):
+            if any(t[i] != first[i] for t in hyps[1:]):
+                return list(first[:i])
+        return list(first[:n])
+
     def finish_silent(self) -> None:
         """A window without signal: empty, no model call."""
         self.result = Result([], self.temperature, 0.0, 0.0, 1.0, skipped=True)

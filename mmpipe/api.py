@@ -23,7 +23,7 @@ def compile(recipe: str | Path | Any, overrides: builtins.list[str] | None = Non
     from omegaconf import DictConfig, OmegaConf
 
     if isinstance(recipe, DictConfig):
-        cfg = recipe.copy()
+        cfg: Any = recipe.copy()
         if overrides:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
         loaded = Loaded(cfg=cfg, path=Path("<DictConfig>"), overrides=list(overrides or []), provenance=Provenance(recipe_file="<DictConfig>"), choices={})
@@ -61,6 +61,143 @@ def run(recipe: str | Path | Any, overrides: builtins.list[str] | None = None, r
     reqs = requests if requests is not None else requests_of(plan)
     ex = open_pipeline(plan)
     try:
-        return ex.run(reqs)
+        results: builtins.list[Any] = ex.run(reqs)
+        return results
     finally:
         ex.close()
+
+
+# ------------------------------------------------------------------ one-call pipelines
+def override_list(overrides: dict[str, Any]) -> builtins.list[str]:
+    """``{"beam_size": 1, "nodes.encoder.split": 2}`` -> Hydra overrides (strings stay free text)."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if v is None:
+            return "null"
+        if isinstance(v, (builtins.list, tuple)):
+            return "[" + ",".join(fmt(x) for x in v) + "]"
+        return str(v)
+
+    return [f"{k}={fmt(v)}" for k, v in overrides.items()]
+
+
+def as_audio(audio: Any, sample_rate: int | None = None) -> Any:
+    """A request's audio value from a path, a numpy array or torch tensor (with
+    ``sample_rate``), encoded bytes, or a binary file object (its own rate)."""
+    import io
+
+    from mmpipe.graphs.audio import Waveform
+    from mmpipe.graphs.base import UserError
+
+    if isinstance(audio, (str, Path)):
+        return str(audio)
+    if isinstance(audio, (bytes, bytearray, memoryview)):
+        audio = io.BytesIO(bytes(audio))
+    if hasattr(audio, "read"):
+        import soundfile as sf
+        import torch
+
+        try:
+            data, sr = sf.read(audio, dtype="float32", always_2d=True)
+        except Exception as exc:  # libsndfile names the problem, not the argument
+            raise UserError("audio", f"cannot decode the audio bytes: {exc}", "pass WAV/FLAC/OGG bytes, or an array with sample_rate=") from None
+        return Waveform(torch.from_numpy(data.T.copy()), int(sr))
+    if type(audio).__module__ in ("numpy", "torch"):
+        import numpy as np
+        import torch
+
+        if sample_rate is None:
+            raise UserError("sample_rate", "an audio array needs its sample rate", "call pipe(audio, sample_rate=16000)")
+        t = torch.as_tensor(audio)
+        if not t.is_floating_point():  # PCM integers -> [-1, 1], as soundfile reads them
+            t = t.float() / float(np.iinfo(np.dtype(str(t.dtype).replace("torch.", ""))).max + 1)
+        return Waveform(t.detach().cpu().float(), int(sample_rate))
+    raise UserError("audio", f"cannot read audio from a {type(audio).__name__}",
+                    "pass a path, a numpy array or torch tensor with sample_rate=, bytes, or a binary file object")
+
+
+class RecipePipeline:
+    """A recipe as a callable, shaped like a Hugging Face pipeline: models load once (on
+    the first call), each call runs its inputs as requests. See :func:`pipeline`."""
+
+    def __init__(self, recipe: str | Path, overrides: dict[str, Any] | None = None) -> None:
+        self.plan = compile(recipe, override_list(overrides or {}))
+        self.inputs = {name: spec.get("type") for name, spec in (self.plan.inputs or {}).items()}
+        self._ex: Any = None
+        self._count = 0  # request ids run on across calls, so image files never overwrite each other
+
+    def _id(self) -> str:
+        self._count += 1
+        return f"{self._count - 1:04d}"
+
+    def __call__(self, inputs: Any, sample_rate: int | None = None, **params: Any) -> Any:
+        """One input -> one result dict (a list if it makes several, e.g.
+        ``num_images_per_prompt=2``); a list of inputs -> a list of result dicts.
+        ``params``: the source's fields (``negative_prompt``, ``seed``, ...) and the
+        per-request values node kinds accept (``mmpipe ls KIND``: "per request")."""
+        single = not isinstance(inputs, builtins.list)
+        reqs = self.requests(builtins.list(inputs) if not single else [inputs], sample_rate, params)
+        if self._ex is None:
+            self._ex = open_pipeline(self.plan)
+        out = [self._result(r) for r in self._ex.run(reqs)]
+        return out[0] if single and len(out) == 1 else out
+
+    def requests(self, items: builtins.list[Any], sample_rate: int | None, params: dict[str, Any]) -> builtins.list[Request]:
+        """Requests for ``items``: audio converted in memory, text through the recipe's source."""
+        import dataclasses
+
+        if "audio" in self.inputs.values():
+            field = next(k for k, v in self.inputs.items() if v == "audio")
+            reqs = []
+            for item in items:
+                value = as_audio(item, sample_rate)
+                reqs.append(Request(id=self._id(), values={field: value}, input={field: str(value), **params}, params=dict(params)))
+            return reqs
+        cfg = source_config(self.plan)
+        known = {f.name for f in dataclasses.fields(cfg)}
+        if "prompt" not in known:
+            from mmpipe.graphs.base import UserError
+
+            raise UserError("inputs", f"recipe '{self.plan.recipe}' takes neither audio nor a prompt per call",
+                            "run its own requests with mmpipe.api.run(recipe, overrides)")
+        mine = {k: v for k, v in params.items() if k in known}
+        reqs = []
+        for item in items:
+            for r in get_source(self.plan.source["kind"]).requests(dataclasses.replace(cfg, **{**mine, "prompt": item, "file": None})):  # type: ignore[union-attr,index]
+                extra = {k: v for k, v in params.items() if k not in known}
+                reqs.append(Request(id=self._id(), values=r.values, input={**r.input, **extra}, params={**r.params, **extra}))
+        return reqs
+
+    def _result(self, r: Any) -> dict[str, Any]:
+        if not r.ok:
+            raise RuntimeError(f"request {r.id} failed in node {r.error.get('node')}: {r.error.get('message') or r.error}")
+        out = dict(r.outputs or {})
+        path = out.get("path")
+        if isinstance(path, str) and path.lower().endswith((".png", ".jpg", ".jpeg", ".webp")):
+            from PIL import Image
+
+            with Image.open(path) as im:
+                im.load()
+                out["image"] = im
+        return out
+
+    def close(self) -> None:
+        """Stop the pipeline's workers (a later call starts them again)."""
+        if self._ex is not None:
+            self._ex.close()
+            self._ex = None
+
+    def __enter__(self) -> "RecipePipeline":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def pipeline(recipe: str | Path, **overrides: Any) -> RecipePipeline:
+    """``mmpipe.pipeline("whisper_stt", beam_size=1)("talk.wav")["text"]``: a recipe as a
+    callable. Keyword arguments are overrides (``model="base"``, ``output_dir=...``;
+    dotted keys through ``**{"nodes.encoder.split": 2}``)."""
+    return RecipePipeline(recipe, overrides)

@@ -22,6 +22,8 @@ commands:
   validate RECIPE [overrides]   report every problem at once (exit 2 if any); loads no weights
   plan RECIPE [overrides]       print the compiled plan [--format text|json|mermaid|dot] [--schedule M]
                                 [--simulate]: predicted throughput, latency, busy %, bubble (needs profile=)
+  serve RECIPE [overrides]      OpenAI-compatible HTTP endpoints (/v1/audio/transcriptions, /v1/images/generations, ...)
+                                [--host 127.0.0.1] [--port 8000] [--max-queue 256] [--request-timeout 300] [--grace 30]
   profile RECIPE [overrides]    measure every part of every node; writes profile.json [--microbatches K] [--chart]
   ls [--kinds]                  shipped recipes with one-line descriptions (and node kinds)
   ls RECIPE | KIND              a recipe's variables, or a node kind's ports and parameters
@@ -65,12 +67,39 @@ class Args:
     force: bool = False
     names: bool = False  # ls --names / --keys: plain words for shell completion
     keys: bool = False
+    serve: dict[str, str] = field(default_factory=dict)  # serve's --host, --port, --max-queue, --request-timeout, --grace
     extra: list[str] = field(default_factory=list)
     raw: list[str] = field(default_factory=list)  # the command line itself (re-run by each rank)
 
 
 class UsageError(Exception):
     pass
+
+
+SERVE_OPTIONS = ("--host", "--port", "--max-queue", "--request-timeout", "--grace")
+
+
+def cmd_serve(a: Args) -> int:
+    """``mmpipe serve``: compile once, then serve until SIGTERM (``mmpipe/serve``)."""
+    if a.multirun or a.cfg:
+        raise UsageError("serve takes no -m or --cfg")
+    if set(a.serve) - {"host", "port", "max_queue", "request_timeout", "grace"}:
+        raise UsageError("serve's options: " + " ".join(SERVE_OPTIONS))
+    from mmpipe.serve import Settings, cmd_serve as serve
+
+    st = Settings()
+    try:
+        st.host = a.serve.get("host", st.host) or st.host
+        st.port = int(a.serve.get("port", st.port))
+        st.max_queue = int(a.serve.get("max_queue", st.max_queue))
+        st.timeout_s = float(a.serve.get("request_timeout", st.timeout_s))
+        st.grace_s = float(a.serve.get("grace", st.grace_s))
+    except ValueError as exc:
+        raise UsageError(f"serve: {exc} (--port, --max-queue: integers; --request-timeout, --grace: seconds)") from None
+    if not 0 <= st.port < 65536 or st.max_queue < 1 or st.timeout_s <= 0 or st.grace_s < 0:
+        raise UsageError("serve: --port 0..65535 (0: any free port), --max-queue >= 1, --request-timeout > 0, --grace >= 0")
+    _, plan = prepare(a, a.overrides)
+    return serve(plan, a.raw, st)
 
 
 def parse_args(argv: list[str]) -> Args:
@@ -123,13 +152,16 @@ def parse_args(argv: list[str]) -> Args:
             if not v.isdigit() or int(v) <= 0:
                 raise UsageError(f"--microbatches takes a positive number, got '{v}'")
             a.microbatches = int(v)
+        elif tok.split("=", 1)[0] in SERVE_OPTIONS:
+            name, _, v = tok.partition("=")
+            a.serve[name[2:].replace("-", "_")] = v if _ else next(it, "")
         elif tok.startswith("--"):
             raise UsageError(f"unknown option {tok}")
         else:
             positional.append(tok)
     if positional and a.command not in ("version", "info", "shell-completion"):
         a.command = positional.pop(0)
-    if a.command in ("run", "validate", "plan", "profile") and positional:
+    if a.command in ("run", "validate", "plan", "profile", "serve") and positional:
         a.recipe = positional.pop(0)
         a.overrides = positional
     elif a.command not in ("version", "info", "shell-completion"):
@@ -235,12 +267,14 @@ def dispatch(a: Args) -> int:
         return cmd_cp(a)
     if a.command == "convert":
         return cmd_convert(a)
-    if a.command not in ("run", "validate", "plan", "profile"):
+    if a.command not in ("run", "validate", "plan", "profile", "serve"):
         raise UsageError(f"unknown command '{a.command}'")
     if not a.recipe:
         raise UsageError(f"'{a.command}' needs a RECIPE (see mmpipe ls)")
     if a.help:
         return cmd_recipe_help(a)
+    if a.command == "serve":
+        return cmd_serve(a)
     if a.multirun:
         return cmd_multirun(a)
     return run_one(a, a.overrides)

@@ -7,8 +7,13 @@ recipe files); nothing loads weights. ``kind_reference`` also renders
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import io
 import shutil
+import textwrap
+import tokenize
 import typing
 from pathlib import Path
 from typing import Any
@@ -31,13 +36,50 @@ def _default(f: dataclasses.Field) -> str:  # type: ignore[type-arg]
     return "(required)"
 
 
+def field_docs(cls: type) -> dict[str, str]:
+    """A config dataclass's field docs: the comment on a field's line, else the comment
+    lines right above it (inherited fields from the base classes' source). Comments are
+    how fields are documented here: they read well in the source and cost nothing at run
+    time; ``field(metadata={"doc": ...})`` is honoured too, for generated classes."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            src = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):  # defined in a REPL or generated: no source to read
+            continue
+        comments: dict[int, str] = {}
+        code_lines: set[int] = set()
+        for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+            if tok.type == tokenize.COMMENT:
+                comments[tok.start[0]] = tok.string.lstrip("#").strip()
+            elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER):
+                code_lines.add(tok.start[0])
+        body = ast.parse(src).body[0]
+        assert isinstance(body, ast.ClassDef)
+        for node in body.body:
+            if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+                continue
+            doc = comments.get(node.end_lineno or node.lineno, "")
+            if not doc:  # the comment-only lines right above the field
+                above, ln = [], node.lineno - 1
+                while ln in comments and ln not in code_lines:
+                    above.insert(0, comments[ln])
+                    ln -= 1
+                doc = " ".join(above)
+            docs[node.target.id] = doc
+    return docs
+
+
 def config_rows(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
     """(name, type, default, doc) of every config field, nested ones as ``a.b``."""
     rows = []
     hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
     for f in dataclasses.fields(cls):
         tp = hints.get(f.name, Any)
-        rows.append((prefix + f.name, _type(tp), _default(f), str(f.metadata.get("doc", ""))))
+        rows.append((prefix + f.name, _type(tp), _default(f), str(f.metadata.get("doc", "")) or docs.get(f.name, "")))
         if dataclasses.is_dataclass(tp):
             rows += config_rows(tp, f"{prefix}{f.name}.")
     return rows
@@ -136,7 +178,8 @@ def fitting_options(loaded: Any, group: str) -> list[str]:
     the chosen option's (a Whisper recipe is not offered diffusion models)."""
     from mmpipe.dsl.load import recipes_dir
 
-    files = {q.stem: q for q in (recipes_dir() / group).glob("*.yaml")}
+    # ``model@image_model``: the group ``model`` placed under another key
+    files = {q.stem: q for q in (recipes_dir() / group.split("@")[0]).glob("*.yaml")}
     chosen = files.get(loaded.choices.get(group, ""))
 
     def keys(p: Path) -> set[str]:

@@ -9,10 +9,13 @@ that came from resolvers such as ``${oc.env:VAR}`` redacted.
 """
 from __future__ import annotations
 
+import inspect
 import json
+import os
 import re
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -76,7 +79,7 @@ def _run(plan: Any, loaded: Any, rd: Any, config: dict[str, Any], secrets: dict[
     out = ResultsFile(out_dir, rd.kept)
     if rd.done_ids and not quiet:
         print(f"resume: {len(everything) - len(requests)} of {len(everything)} requests already succeeded in {out_dir}", file=sys.stderr)
-    bar = _progress(len(requests), quiet)
+    bar: Any = None  # made once the models are loaded, so that its rate and ETA are the run's
     disk: list[str] = []
 
     def done(r: Any) -> None:
@@ -95,10 +98,14 @@ def _run(plan: Any, loaded: Any, rd: Any, config: dict[str, Any], secrets: dict[
     t_setup = time.perf_counter()
     ex = open_pipeline(plan, str(out_dir))
     setup_s = time.perf_counter() - t_setup
+    bar = _progress(len(requests), quiet)
+    steps = StepBars(quiet, position=1 if bar else 0)
+    # only the threads backend reports loop steps of unfinished items
+    kw = {"on_progress": steps.update} if "on_progress" in inspect.signature(ex.run).parameters else {}
     t0 = time.perf_counter()
     try:
         try:
-            results = ex.run(requests, progress=done)
+            results = ex.run(requests, progress=done, **kw)
         except KeyboardInterrupt as exc:
             interrupted = 143 if isinstance(exc, Terminated) else 130
             results = list(out.written)
@@ -115,6 +122,7 @@ def _run(plan: Any, loaded: Any, rd: Any, config: dict[str, Any], secrets: dict[
         lost = getattr(ex, "lost", None)
     finally:
         ex.close()
+        steps.close()
         if bar:
             bar.close()
     if interrupted is None:
@@ -268,14 +276,64 @@ def _resolved_paths(ex: Any) -> dict[str, str]:
     return out
 
 
+def _bars_off() -> bool | None:
+    """tqdm's ``disable``: None (only on a terminal), or False when MMPIPE_PROGRESS=1
+    asks for bars in a log file too."""
+    return False if os.environ.get("MMPIPE_PROGRESS") == "1" else None
+
+
 def _progress(n: int, quiet: bool) -> Any:
-    if quiet or n < 2:
+    if quiet or n < 2:  # one request: its loop-step bar is its progress
         return None
     try:
         from tqdm import tqdm
     except ImportError:
         return None
-    return tqdm(total=n, unit="req", file=sys.stderr, disable=None, leave=False)
+    return tqdm(total=n, desc="requests", unit="req", file=sys.stderr, disable=_bars_off(), leave=False)
+
+
+class StepBars:
+    """Per-step bars of the loops, fed by ``on_progress``: denoising steps (steps/s, with a
+    total once every item in flight has said its step count) and decoded tokens (tok/s).
+    A long single file shows here what its requests bar cannot."""
+
+    def __init__(self, quiet: bool, position: int) -> None:
+        self.quiet, self.position = quiet, position
+        self.bars: dict[str, Any] = {}
+        self.totals: dict[str, int] = {}
+        self.lock = threading.Lock()  # loop threads of several stages may report at once
+
+    def _bar(self, kind: str) -> Any:
+        if kind not in self.bars:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                self.bars[kind] = None
+                return None
+            unit = "step" if kind == "denoise" else "tok"
+            self.bars[kind] = tqdm(desc=kind, unit=unit, file=sys.stderr, disable=_bars_off(), leave=False,
+                                   position=self.position + len(self.bars))
+        return self.bars[kind]
+
+    def update(self, item: Any, p: Any) -> None:
+        if self.quiet or not isinstance(p, dict):
+            return
+        kind = "denoise" if "steps" in p else "decode"
+        with self.lock:
+            bar = self._bar(kind)
+            if bar is None:
+                return
+            if kind == "denoise" and p.get("step") == 1:
+                # a new item: its steps join the total, less the last (that one finishes the
+                # item, which then reports as a finished request, not as a step)
+                self.totals[kind] = self.totals.get(kind, 0) + int(p["steps"]) - 1
+                bar.total = self.totals[kind]
+            bar.update(1)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            if bar is not None:
+                bar.close()
 
 
 def _short(v: Any) -> str:

@@ -317,10 +317,10 @@ class DistributedPipeline(Pipeline):
         rec.remote = [WorkerLog.load(d) for k in sorted(got) for d in got[k][0]]
         rec.ranks = {0: rank_info(self.ranks.threads), **{k: got[k][1] for k in got}}
 
-    def stream(self, requests: Any) -> Any:
+    def stream(self, requests: Any, on_progress: Any = None) -> Any:
         if self.table.idle():
             self.ranks_reset()
-        return super().stream(requests)
+        return super().stream(requests, on_progress)
 
     def ranks_reset(self) -> None:
         """A new measurement: the other ranks clear their logs too."""

@@ -69,12 +69,7 @@ def timeline_png(data: dict[str, Any], path: str | Path, title: str = "") -> Pat
     bubble = 1 - busy_all / (len(rows) * end) if rows else 0.0
     ax.set_title((f"{title}: " if title else "") + f"{len(rows)} stage copies, bubble {100 * bubble:.0f}% (grey: idle, dark bars: transfers)\n"
                  "boxes: compute, coloured and numbered by micro-batch (loop rows: by loop group, one box per iteration)", fontsize=9)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, path)
 
 
 def timeline_path(trace: str | Path) -> Path:
@@ -89,7 +84,10 @@ def profile_chart(profile: Any, plan: Any | None, path: str | Path) -> Path:
     """Bars of per-part cost with the plan's cuts (see the module docstring)."""
     plt = _plt()
 
-    labels, heights, colors, where = [], [], [], {}
+    labels: list[str] = []
+    heights: list[float] = []
+    colors: list[Any] = []
+    where: dict[Any, Any] = {}
     cmap = plt.get_cmap("tab10")
     for n, (name, nc) in enumerate(profile.nodes.items()):
         for k, pc in enumerate(nc.parts):
@@ -117,6 +115,10 @@ def profile_chart(profile: Any, plan: Any | None, path: str | Path) -> Path:
         ax.set_ylim(0, top * 1.3)
     k = profile.key
     ax.set_title(f"profile of {k.recipe} ({k.device}, {k.dtype}, micro-batch {k.microbatch_size}, {k.threads} threads); dashed: stage cuts", fontsize=9)
+    return _save(plt, fig, path)
+
+
+def _save(plt: Any, fig: Any, path: str | Path) -> Path:
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -165,6 +165,23 @@ def loop_exit(plan: Plan, node: str, mb_items: list[ItemMeta], outs: dict[str, A
     return res
 
 
+def retire_done(plan: Plan, node: str, bodies: list[LoopBody], carry: dict[str, Any], items: list[ItemMeta], active: list[int],
+                done: list[bool], outs: dict[str, Any], finished: dict[int, dict[str, Any]]) -> tuple[dict[str, Any], list[int]]:
+    """One loop iteration's finished items, run in one thread (sequential executor, profiler):
+    their outputs go to ``finished`` (by index in the micro-batch), their lanes are freed and
+    they leave the carry. Returns the carry and the still-active indices."""
+    done_rows = [i for i, d in enumerate(done) if d]
+    for local, vals in loop_exit(plan, node, items, outs, done_rows).items():
+        finished[active[local]] = vals
+    if not done_rows:
+        return carry, active
+    gone = [items[i] for i in done_rows]
+    for b in bodies:
+        b.finish(gone)
+    keep = [i for i, d in enumerate(done) if not d]
+    return bodies[-1].inst.select(carry, keep), [active[i] for i in keep]
+
+
 def rows_to_batch(plan: Plan, items: list[ItemMeta], rows: list[dict[str, Any]]) -> MicroBatch:
     """Per-item value dicts -> a micro-batch (collated by each key's port spec)."""
     keys = rows[0].keys() if rows else []

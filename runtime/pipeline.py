@@ -113,14 +113,15 @@ class Pipeline:
         are dropped wherever they are (a loop frees their lanes on their next pass)."""
         self.table.fail([request_id], {"type": "Cancelled", "message": why, "stage": None, "node": None})
 
-    def stream(self, requests: Iterable[Request]) -> Iterator[Result]:
-        """Results in completion order. Ctrl-C closes the pipeline (finished results stay in ``completed``)."""
+    def stream(self, requests: Iterable[Request], on_progress: Callable[[ItemMeta, Any], None] | None = None) -> Iterator[Result]:
+        """Results in completion order. Ctrl-C closes the pipeline (finished results stay in ``completed``).
+        ``on_progress(item, progress)``: as for ``submit``, for every request."""
         reqs = list(requests)
         if self.table.idle():  # a new measurement starts when the pipeline is idle
             self.recorder.reset()
             self.table.reset_completed()
         done: "queue.SimpleQueue[Future[Result]]" = queue.SimpleQueue()
-        futures = self._submit(reqs, flush=True, on_done=done.put)
+        futures = self._submit(reqs, flush=True, on_done=done.put, on_progress=on_progress)
         try:
             for _ in futures:
                 while True:
@@ -134,11 +135,13 @@ class Pipeline:
             self.close()
             raise
 
-    def run(self, requests: list[Request], progress: Progress | None = None) -> list[Result]:
-        """Results in request order (like the sequential executor)."""
+    def run(self, requests: list[Request], progress: Progress | None = None,
+            on_progress: Callable[[ItemMeta, Any], None] | None = None) -> list[Result]:
+        """Results in request order (like the sequential executor); ``progress`` per finished
+        request, ``on_progress`` per loop step of an unfinished item (see ``submit``)."""
         by_id: dict[str, Result] = {}
         try:
-            for res in self.stream(requests):
+            for res in self.stream(requests, on_progress):
                 by_id[res.id] = res
                 if progress:
                     progress(res)

@@ -29,7 +29,7 @@ from mmpipe.dsl.costs import NodeCost, PartCost, Profile, config_digest, expecte
 from mmpipe.dsl.plan import Plan, Stage
 from mmpipe.graphs.base import LoopKind, NodeKind, Request
 from mmpipe.runtime.batch import MicroBatch, from_requests, to_device
-from mmpipe.runtime.execute import LoopBody, loop_exit, node_inputs, rows_to_batch, run_unit
+from mmpipe.runtime.execute import LoopBody, Stream, node_inputs, retire_done, rows_to_batch, run_unit
 from mmpipe.runtime.nodes import build_unit
 from mmpipe.runtime.routing import build_routes
 
@@ -108,7 +108,7 @@ class Profiler:
         self.output_dir = output_dir
         self.insts: dict[tuple[str, int], NodeKind] = {}
         self.acc: dict[tuple[str, int], _Acc] = {}
-        self.loops: dict[str, dict[str, float]] = {}
+        self.loops: dict[str, dict[str, Any]] = {}
         self.items: dict[str, list[int]] = {}
         self.in_bytes: dict[str, list[int]] = {}
         self.keys = build_routes(plan).input_keys
@@ -143,7 +143,10 @@ class Profiler:
                     self._note_node(u.node, len(mb.items), x_bytes)
                 base = _mem_start(dev)
                 t0, c0 = time.perf_counter(), time.process_time()
-                mb = run_unit(self.plan, u, self.insts[(u.node, u.piece)], mb, dev)
+                res = run_unit(self.plan, u, self.insts[(u.node, u.piece)], mb, dev)
+                # a streaming expansion's chunks are made as they are read: time them all, as one
+                chunks = list(res) if isinstance(res, Stream) else [res]
+                mb = MicroBatch.join(chunks) if chunks else mb.select([])
                 _sync(dev)
                 t1, c1 = time.perf_counter(), time.process_time()
                 out = mb.values.get(f"{u.node}#{u.piece}") if u.piece < node.split - 1 else \
@@ -203,18 +206,9 @@ class Profiler:
             iters += 1
             for i in active:
                 trips[i] += 1
-            done_rows = [i for i, d in enumerate(done) if d]
-            for local, vals in loop_exit(plan, node, items, outs, done_rows).items():
-                finished[active[local]] = vals
-            if done_rows:
-                gone = [items[i] for i in done_rows]
-                for b in bodies:
-                    b.finish(gone)
-                keep = [i for i, d in enumerate(done) if not d]
-                carry = bodies[-1].inst.select(carry, keep)
-                active = [active[i] for i in keep]
+            carry, active = retire_done(plan, node, bodies, carry, items, active, done, outs, finished)
         if self.recording:
-            lp = self.loops.setdefault(node, {"mbs": 0, "iters": 0, "trips": 0, "items": 0, "enter_s": 0.0, "enter_cpu": 0.0, "counts": []})
+            lp: dict[str, Any] = self.loops.setdefault(node, {"mbs": 0, "iters": 0, "trips": 0, "items": 0, "enter_s": 0.0, "enter_cpu": 0.0, "counts": []})
             lp["counts"] += trips
             lp["mbs"] += 1
             lp["iters"] += iters
@@ -387,9 +381,9 @@ def format_profile(p: Profile) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    k = p.key
-    lines.append(f"key: recipe={k.recipe} device={k.device} dtype={k.dtype} microbatch_size={k.microbatch_size} threads={k.threads}"
-                 + (f" models: {', '.join(f'{n}={m}' for n, m in k.models.items())}" if k.models else ""))
+    key = p.key
+    lines.append(f"key: recipe={key.recipe} device={key.device} dtype={key.dtype} microbatch_size={key.microbatch_size} threads={key.threads}"
+                 + (f" models: {', '.join(f'{n}={m}' for n, m in key.models.items())}" if key.models else ""))
     lines.append(f"{p.microbatches} timed micro-batch(es); memory: {p.memory_method}; load average {p.host.get('load_avg')}, "
                  f"a thread got {100 * float(p.host.get('cpu_share', 1.0)):.0f}% of a core (other processes: ~{p.host.get('background', 0)} busy threads)")
     return "\n".join(lines)

@@ -12,7 +12,7 @@ from typing import Any, Callable
 from mmpipe.dsl.plan import Plan, Stage
 from mmpipe.graphs.base import LoopKind, NodeKind, Request
 from mmpipe.runtime.batch import MicroBatch, from_requests, row, to_device
-from mmpipe.runtime.execute import LoopBody, NodeError, Stream, loop_exit, node_inputs, rows_to_batch, run_unit
+from mmpipe.runtime.execute import LoopBody, NodeError, Stream, node_inputs, retire_done, rows_to_batch, run_unit
 from mmpipe.runtime.nodes import build_unit
 from mmpipe.runtime.results import Result, assemble
 from mmpipe.runtime.trace import Recorder, WorkerInfo
@@ -129,16 +129,7 @@ class SequentialExecutor:
                     cur = s.index
                     carry = b.step(carry, items)
                 carry, done, outs = last.inst.end(carry, items, last.lanes_for(items))
-                done_rows = [i for i, d in enumerate(done) if d]
-                for local, vals in loop_exit(plan, node, items, outs, done_rows).items():
-                    finished[active[local]] = vals
-                if done_rows:
-                    gone = [items[i] for i in done_rows]
-                    for b in bodies:
-                        b.finish(gone)
-                    keep = [i for i, d in enumerate(done) if not d]
-                    carry = last.inst.select(carry, keep)
-                    active = [active[i] for i in keep]
+                carry, active = retire_done(plan, node, bodies, carry, items, active, done, outs, finished)
         except Exception as exc:
             for b in bodies:
                 b.finish(list(mb.items))

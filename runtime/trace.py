@@ -17,7 +17,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from mmpipe.runtime.results import percentile
 
@@ -208,7 +208,10 @@ class Recorder:
         the first span's start."""
         logs = self.all_logs()
         t0 = min((s[0] for g in logs for s in g.spans), default=self.origin)
-        rel = lambda spans: [[a - t0, b - t0, mb, n, name] for a, b, mb, n, name in spans]  # noqa: E731
+
+        def rel(spans: Iterable[Any]) -> list[list[Any]]:
+            return [[a - t0, b - t0, mb, n, name] for a, b, mb, n, name in spans]
+
         rows = [{**g.info.__dict__, "spans": rel(g.spans), "transfers": rel(g.transfers)} for g in logs]
         end = max((s[1] for r in rows for s in r["spans"]), default=0.0)
         return {"rows": rows, "end": end, "stages": self.num_stages}

@@ -206,10 +206,34 @@ def test_cli_run_writes_pngs_and_results(prompts_file: Path, tmp_path: Path) -> 
     assert "NOISE" in summary["models"]["denoise"]["note"]
 
 
+def test_cli_png_provenance(tmp_path: Path) -> None:
+    """Each PNG carries its generation parameters (tEXt, iTXt for non-Latin-1 text, and
+    A1111's ``parameters``), and results.jsonl has guidance, scheduler and size."""
+    r = mmpipe("run", "sd_txt2img", "prompt=a cat, oil painting", "negative_prompt=blurry, 猫", "num_inference_steps=2",
+               "guidance_scale=5.0", "scheduler=euler", "height=32", "width=48", "seed=7", f"output_dir={tmp_path}", "-q")
+    assert r.returncode == 0, r.stderr
+    line = json.loads((tmp_path / "results.jsonl").read_text())
+    out = line["outputs"]
+    assert (out["guidance"], out["scheduler"], out["size"], out["seed"], out["steps"]) == (5.0, "EulerDiscreteScheduler", "48x32", 7, 2)
+    from PIL import Image
+
+    text = Image.open(out["path"]).text
+    assert {k: text[k] for k in ("prompt", "negative_prompt", "seed", "steps", "guidance", "scheduler", "size", "model")} == {
+        "prompt": "a cat, oil painting", "negative_prompt": "blurry, 猫", "seed": "7", "steps": "2", "guidance": "5.0",
+        "scheduler": "EulerDiscreteScheduler", "size": "48x32", "model": "tiny_random"}
+    assert text["parameters"] == ("a cat, oil painting\nNegative prompt: blurry, 猫\nSteps: 2, Sampler: EulerDiscreteScheduler, "
+                                  "CFG scale: 5.0, Seed: 7, Size: 48x32, Model: tiny_random")
+
+
 def test_cli_ddpm_uncond(tmp_path: Path) -> None:
     r = mmpipe("run", "ddpm_uncond", "images=2", "num_inference_steps=2", "scheduler=ddim", f"output_dir={tmp_path}", "-q")
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["0000.png", "0001.png"]
+    from PIL import Image
+
+    text = Image.open(tmp_path / "0001.png").text
+    assert (text["seed"], text["steps"], text["scheduler"], text["size"], text["model"]) == ("1", "2", "DDIMScheduler", "32x32", "tiny_ddpm")
+    assert "guidance" not in text and "CFG scale" not in text["parameters"]
 
 
 def test_cli_user_errors_exit_2(tmp_path: Path) -> None:

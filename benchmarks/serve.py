@@ -1,0 +1,289 @@
+"""Serving throughput: ``mmpipe serve`` under 1, 4, 16, 64 concurrent clients, against
+(a) ``mmpipe run`` offline on the same files and (b) a minimal hand-written FastAPI server
+that calls transformers' ``generate`` once per request (what a user would write by hand).
+The same for sd_txt2img with 8 clients (hand-written: diffusers' StableDiffusionPipeline).
+
+    python benchmarks/serve.py                      # whisper (1, 4, 16, 64 clients) and sd (8 clients)
+    python benchmarks/serve.py --quick              # fewer requests, clients 1 and 16, sd with 8
+    python benchmarks/serve.py --only whisper --clients 1,4 --requests 16
+
+Every party is a process of its own: the server, the clients (one process per load level,
+a thread per client, each sending its next request when the last one answered), and each
+baseline. Servers are warmed up first; model loading is not timed. Whisper runs greedy
+(``beam_size=1 temperature=0``) everywhere, on the shipped speech clips cycled to the
+request count; SD runs the tiny offline model at 32x32 with 4 steps. Mean micro-batch size
+comes from the server's /metrics (micro-batches entering its first stage during the level).
+The script prints a table and decides nothing; numbers on a shared machine are noisy.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+CLIPS = sorted((ROOT / "tests" / "assets" / "speech").glob("clip*.wav")) + [ROOT / "recipes" / "examples" / "hello.wav"]
+GREEDY = ["beam_size=1", "temperature=0"]
+SD = ["num_inference_steps=4", "height=32", "width=32"]
+PROMPTS = ["a photo of a cat", "a lighthouse at dusk", "an astronaut riding a horse", "a bowl of fruit"]
+
+
+# ------------------------------------------------------------------ servers
+def start(cmd: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
+    """A server process printing 'on http://127.0.0.1:PORT'; (process, base url) once /health is 200."""
+    import urllib.request
+
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    port: list[int] = []
+    log: list[str] = []
+
+    def read() -> None:
+        assert p.stdout is not None
+        for line in p.stdout:
+            log.append(line)
+            m = re.search(r"on http://127\.0\.0\.1:(\d+)", line)
+            if m and not port:
+                port.append(int(m.group(1)))
+
+    threading.Thread(target=read, daemon=True).start()
+    deadline = time.monotonic() + 300
+    while True:
+        if p.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"server did not start: {''.join(log)[-3000:]}")
+        if port:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port[0]}/health", timeout=5) as r:
+                    if r.status == 200:
+                        return p, f"http://127.0.0.1:{port[0]}"
+            except OSError:
+                pass
+        time.sleep(0.3)
+
+
+def stop(p: subprocess.Popen[str]) -> None:
+    p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(60)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+
+
+def mb_totals(url: str) -> tuple[float, float]:
+    """(sum, count) of the server's micro-batch size histogram (0, 0 without one)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+            text = r.read().decode()
+    except OSError:
+        return 0.0, 0.0
+    vals = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if f.name == "mmpipe_microbatch_size"}
+    return vals.get("mmpipe_microbatch_size_sum", 0.0), vals.get("mmpipe_microbatch_size_count", 0.0)
+
+
+def load(url: str, kind: str, clients: int, requests: int) -> dict[str, Any]:
+    """One load level, from a client process of its own."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "r.json"
+        r = subprocess.run([sys.executable, __file__, "--client", url, "--kind", kind, "--concurrency", str(clients),
+                            "--requests", str(requests), "--out", str(out)], capture_output=True, text=True, timeout=3600)
+        if r.returncode:
+            raise RuntimeError(r.stderr[-3000:])
+        return dict(json.loads(out.read_text()))
+
+
+def client_main(a: argparse.Namespace) -> None:
+    """Closed-loop clients: ``concurrency`` threads share ``requests`` requests."""
+    import httpx
+
+    lat: list[float] = []
+    errors: list[str] = []
+    todo = list(range(a.requests))
+    lock = threading.Lock()
+
+    def worker() -> None:
+        with httpx.Client(base_url=a.client, timeout=600) as c:
+            while True:
+                with lock:
+                    if not todo:
+                        return
+                    i = todo.pop()
+                t0 = time.perf_counter()
+                if a.kind == "audio":
+                    clip = CLIPS[i % len(CLIPS)]
+                    r = c.post("/v1/audio/transcriptions", files={"file": (clip.name, clip.read_bytes(), "audio/wav")}, data={"model": "whisper-1"})
+                else:
+                    r = c.post("/v1/images/generations", json={"prompt": PROMPTS[i % len(PROMPTS)], "seed": i, "size": "32x32"})
+                dt = time.perf_counter() - t0
+                with lock:
+                    if r.status_code == 200:
+                        lat.append(dt)
+                    else:
+                        errors.append(f"{r.status_code}: {r.text[:200]}")
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(a.concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    lat.sort()
+    pick = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] if lat else float("nan")  # noqa: E731
+    Path(a.out).write_text(json.dumps({"wall_s": wall, "ok": len(lat), "errors": errors[:3], "n_errors": len(errors),
+                                       "p50_s": pick(0.5), "p95_s": pick(0.95)}))
+
+
+# ------------------------------------------------------------------ the hand-written baselines
+HANDWRITTEN_WHISPER = '''
+import io, soundfile as sf, torch, uvicorn
+from fastapi import FastAPI, UploadFile, File, Form
+from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperTokenizerFast
+from mmpipe.graphs.whisper_model import resolve_model_dir
+root = resolve_model_dir("package:tiny_en")
+model = WhisperForConditionalGeneration.from_pretrained(root).eval()
+fe, tok = WhisperFeatureExtractor.from_pretrained(root), WhisperTokenizerFast.from_pretrained(root)
+app = FastAPI()
+@app.get("/health")
+def health(): return {"status": "ok"}
+@app.post("/v1/audio/transcriptions")
+def transcribe(file: UploadFile = File(...), model_name: str = Form("whisper-1", alias="model")):
+    wave, sr = sf.read(io.BytesIO(file.file.read()), dtype="float32")
+    f = fe(wave, sampling_rate=sr, return_tensors="pt").input_features
+    with torch.inference_mode():
+        ids = model.generate(f, num_beams=1)
+    return {"text": tok.batch_decode(ids, skip_special_tokens=True)[0].strip()}
+print("on http://127.0.0.1:%d" % PORT, flush=True)
+uvicorn.run(app, host="127.0.0.1", port=PORT, log_level="warning")
+'''
+
+HANDWRITTEN_SD = '''
+import base64, io, torch, uvicorn
+from fastapi import FastAPI, Request
+from diffusers import StableDiffusionPipeline
+from mmpipe.graphs.diffusion_models import ensure_model
+pipe = StableDiffusionPipeline.from_pretrained(str(ensure_model("tiny_random")), safety_checker=None)
+pipe.set_progress_bar_config(disable=True)
+app = FastAPI()
+@app.get("/health")
+def health(): return {"status": "ok"}
+@app.post("/v1/images/generations")
+def generate(body: dict):
+    g = torch.Generator("cpu").manual_seed(int(body.get("seed", 0)))
+    img = pipe(body["prompt"], height=32, width=32, num_inference_steps=4, generator=g).images[0]
+    buf = io.BytesIO(); img.save(buf, format="PNG")
+    return {"data": [{"b64_json": base64.b64encode(buf.getvalue()).decode()}]}
+print("on http://127.0.0.1:%d" % PORT, flush=True)
+uvicorn.run(app, host="127.0.0.1", port=PORT, log_level="warning")
+'''
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def handwritten(source: str) -> tuple[subprocess.Popen[str], str]:
+    code = f"PORT = {free_port()}\n" + source
+    return start([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def offline(recipe: str, overrides: list[str], n: int, kind: str) -> float:
+    """``mmpipe run`` on the same n inputs in a process of its own: requests per second (run
+    time from its summary, model loading excluded, as for the servers)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        if kind == "audio":
+            (d / "in").mkdir()
+            for i in range(n):
+                (d / "in" / f"r{i:04d}.wav").symlink_to(CLIPS[i % len(CLIPS)])
+            inputs = [f"input={d / 'in'}"]
+        else:
+            (d / "prompts.txt").write_text("".join(PROMPTS[i % len(PROMPTS)] + "\n" for i in range(n)))
+            inputs = [f"prompts={d / 'prompts.txt'}"]
+        r = subprocess.run([sys.executable, "-m", "mmpipe", "run", recipe, *overrides, *inputs, f"output_dir={d / 'out'}", "-q"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=3600)
+        if r.returncode:
+            raise RuntimeError(r.stderr[-3000:])
+        s = json.loads((d / "out" / "summary.json").read_text())
+        return n / float(s["wall_s"])
+
+
+# ------------------------------------------------------------------ the driver
+def bench(name: str, recipe: str, overrides: list[str], kind: str, levels: list[int], requests: int, hand_src: str) -> list[tuple[str, ...]]:
+    rows: list[tuple[str, ...]] = [("method", "clients", "requests", "req/s", "p50 s", "p95 s", "mean micro-batch", "errors")]
+    print(f"[{name}] offline mmpipe run ...", file=sys.stderr)
+    rps = offline(recipe, overrides, requests, kind)
+    rows.append((f"(a) mmpipe run {recipe} (offline)", "-", str(requests), f"{rps:.2f}", "-", "-", "-", "0"))
+    server, url = start([sys.executable, "-m", "mmpipe", "serve", recipe, *overrides, "--port", "0"])
+    try:
+        load(url, kind, 4, 8)  # warm-up
+        for c in levels:
+            print(f"[{name}] mmpipe serve, {c} clients ...", file=sys.stderr)
+            s0, n0 = mb_totals(url)
+            r = load(url, kind, c, max(requests, c))
+            s1, n1 = mb_totals(url)
+            mb = f"{(s1 - s0) / (n1 - n0):.2f}" if n1 > n0 else "-"
+            rows.append((f"mmpipe serve {recipe}", str(c), str(r["ok"]), f"{r['ok'] / r['wall_s']:.2f}", f"{r['p50_s']:.3f}",
+                         f"{r['p95_s']:.3f}", mb, str(r["n_errors"])))
+    finally:
+        stop(server)
+    server, url = handwritten(hand_src)
+    try:
+        load(url, kind, 2, 4)
+        for c in levels:
+            print(f"[{name}] hand-written server, {c} clients ...", file=sys.stderr)
+            r = load(url, kind, c, max(requests, c))
+            rows.append(("(b) hand-written FastAPI + generate" if kind == "audio" else "(b) hand-written FastAPI + diffusers", str(c),
+                         str(r["ok"]), f"{r['ok'] / r['wall_s']:.2f}", f"{r['p50_s']:.3f}", f"{r['p95_s']:.3f}", "1 (per request)",
+                         str(r["n_errors"])))
+    finally:
+        stop(server)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--client", help=argparse.SUPPRESS)
+    ap.add_argument("--kind", default="audio", help=argparse.SUPPRESS)
+    ap.add_argument("--concurrency", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--requests", type=int, default=64, help="requests per load level (at least one per client)")
+    ap.add_argument("--clients", default="1,4,16,64", help="whisper's load levels")
+    ap.add_argument("--sd-clients", default="8")
+    ap.add_argument("--only", choices=["whisper", "sd"])
+    ap.add_argument("--quick", action="store_true", help="32 requests, clients 1 and 16; sd: 16 requests")
+    a = ap.parse_args()
+    if a.client:
+        return client_main(a)
+    from common import table
+
+    levels = [1, 16] if a.quick else [int(x) for x in a.clients.split(",")]
+    n = 32 if a.quick else a.requests
+    if a.only in (None, "whisper"):
+        print(table(bench("whisper", "whisper_stt", GREEDY, "audio", levels, n, HANDWRITTEN_WHISPER)))
+    if a.only in (None, "sd"):
+        sd_levels = [int(x) for x in a.sd_clients.split(",")]
+        print(table(bench("sd", "sd_txt2img", SD, "image", sd_levels, 16 if a.quick else max(16, n // 2), HANDWRITTEN_SD)))
+    print(f"(load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores: other processes share them)")
+
+
+if __name__ == "__main__":
+    main()

@@ -15,6 +15,7 @@ def test_non_editable_install_finds_recipes(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert (target / "mmpipe" / "recipes" / "model" / "tiny_en.yaml").is_file()
+    assert (target / "mmpipe" / "graphs" / "assets" / "clip" / "bpe_simple_vocab_16e6.txt.gz").is_file()  # the vendored CLIP vocabulary
     assert (target / "mmpipe" / "serve" / "app.py").is_file()  # mmpipe serve's package
     code = "import mmpipe.dsl.load as l; from mmpipe.dsl.compile import compile_recipe as c; p = c('whisper_stt'); print(l.recipes_dir()); print(p.num_stages)"
     env = {**os.environ, "PYTHONPATH": str(target)}

@@ -92,3 +92,20 @@ def test_a_segment_that_lost_its_first_words_starts_in_its_window_share() -> Non
     b = wt.WindowSegments([_seg(23.0, 35.0, "three four five six")], (27.0, 40.0), 4.0, False)
     segs = wt.gather_segments([a, b])
     assert [(s["start"], s["text"]) for s in segs] == [(0.0, "one two three"), (27.0, "four five six")]
+
+
+def test_two_halves_of_a_sentence_cut_by_the_overlap_become_one_segment() -> None:
+    """Timed windows: the first window's last segment lost its end to the overlap and the
+    second's first segment lost its start: they are one sentence, with the first's start."""
+    a = wt.WindowSegments([_seg(0.0, 20.0, "Please call me"), _seg(25.0, 30.0, "when you get")], (0.0, 27.0), 0.0, True)
+    b = wt.WindowSegments([_seg(24.0, 29.0, "me when you get home."), _seg(30.0, 32.0, "Bye.")], (27.0, 40.0), 6.0, True)
+    segs = wt.gather_segments([a, b])
+    assert [(s["start"], s["end"], s["text"]) for s in segs] == [
+        (0.0, 20.0, "Please call me"), (25.0, 29.0, "when you get home."), (30.0, 32.0, "Bye.")]
+
+
+def test_text_after_the_last_timestamp_runs_30_seconds_when_the_window_has_no_end() -> None:
+    ts = 100  # timestamp_begin: token 100 + k is k * 20 ms
+    text_of = lambda ids: " ".join(f"w{t}" for t in ids)  # noqa: E731
+    segs = wt.segments_of([ts + 50, 1, 2], text_of, eot=99, ts_begin=ts, window={"start": 60.0}, timed=True)
+    assert [(s["start"], s["end"], s["text"]) for s in segs] == [(61.0, 91.0, "w1 w2")]

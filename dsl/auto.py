@@ -142,11 +142,11 @@ def prepare(recipe: Recipe, nodes: dict[str, PlanNode], order: list[str], splitt
     _machine(auto, recipe, nodes)
     auto.segs = segments(nodes, order, auto.costs, recipe, auto.bandwidth, auto.latency)
     assert auto.resources is not None
-    need = sum(len(s.pieces) * (s.replicas or 1) if s.pieces is not None else (s.replicas or 1) for s in auto.segs)
-    if not recipe.top.balance.stages and auto.resources.budget < need:
+    least = sum(len(s.pieces) * (s.replicas or 1) if s.pieces is not None else (s.replicas or 1) for s in auto.segs)
+    if not recipe.top.balance.stages and auto.resources.budget < least:
         # an automatic budget never makes a plan impossible: every heavy node needs a stage
-        auto.resources.budget = need
-        auto.notes.append(f"balancer: the budget grows to {need} stage copies, one per heavy node at least")
+        auto.resources.budget = least
+        auto.notes.append(f"balancer: the budget grows to {least} stage copies, one per heavy node at least")
     try:
         auto.choice = solve(auto.segs, auto.resources)
     except Infeasible as exc:

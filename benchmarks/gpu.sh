@@ -48,13 +48,17 @@ step "pytest: CUDA transfer and placement tests" 300 $PY -m pytest -q -p no:cach
 step "pytest: distributed synthetic (gloo)" 300 $PY -m pytest -q -p no:cacheprovider tests/integration/test_distributed.py -k synthetic
 
 # ---- whisper_stt on cuda: parity (CPU, transformers) and timings
-W=(whisper_stt "input=$CLIPS/clip*.wav" "model.path=$WHISPER" overwrite=true -q)
+# greedy for the parity runs (generate's num_beams=1); beam 5 without fallback against generate(num_beams=5)
+W=(whisper_stt "input=$CLIPS/clip*.wav" "model.path=$WHISPER" overwrite=true -q beam_size=1 temperature=0)
 step "whisper cpu (reference)" 300 $MM run "${W[@]}" output_dir=$RUNS/w_cpu
 step "whisper cuda fp32" 300 $MM run "${W[@]}" placement=$DEV output_dir=$RUNS/w_cuda
 step "whisper cuda fp32, encoder/decoder split 2" 300 $MM run "${W[@]}" placement=$DEV nodes.encoder.split=2 nodes.decoder.split=2 output_dir=$RUNS/w_cuda_split
 step "whisper cuda fp16" 300 $MM run "${W[@]}" placement=$DEV runtime.dtype=float16 output_dir=$RUNS/w_cuda_fp16
 step "whisper distributed, 2 ranks on cuda:0 (host staging)" 300 $MM run "${W[@]}" placement=$DEV runtime=distributed runtime.nproc=2 \
   nodes.encoder.split=2 nodes.decoder.split=2 output_dir=$RUNS/w_dist
+step "whisper cuda fp32, beam 5 (no fallback)" 300 $MM run "${W[@]}" placement=$DEV beam_size=5 output_dir=$RUNS/w_cuda_beam5
+step "whisper cuda fp32, the recipe's defaults (beam 5 + temperature fallback)" 300 $MM run "${W[@]}" placement=$DEV beam_size=5 \
+  "temperature=[0.0,0.2,0.4,0.6,0.8,1.0]" output_dir=$RUNS/w_cuda_defaults
 step "whisper parity vs transformers generate on cuda" 300 $PY benchmarks/gpu_check.py whisper "$RUNS" "$CLIPS"
 
 # ---- profile on cuda, balance on it, predict: time/memory per part (max_memory_allocated), split: auto over

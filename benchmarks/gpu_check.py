@@ -66,6 +66,19 @@ def whisper(runs: Path, clips: Path) -> None:
     mine = rows(runs / "w_cuda")
     same = sum(mine.get(f.stem, {}).get("outputs", {}).get("text", "").strip() == t.strip() for f, t in zip(files, texts))
     print(f"transformers generate (cuda, batch {len(files)}, greedy): {same}/{len(files)} transcripts equal to mmpipe cuda; {dt:.3f} s")
+    if (runs / "w_cuda_beam5" / "results.jsonl").exists():
+        with torch.inference_mode():
+            sync()
+            t0 = time.perf_counter()
+            ids = model.generate(feats, num_beams=5, max_new_tokens=128)
+            sync()
+            dt = time.perf_counter() - t0
+        texts = tok.batch_decode(ids, skip_special_tokens=True)
+        mine = rows(runs / "w_cuda_beam5")
+        same = sum(mine.get(f.stem, {}).get("outputs", {}).get("text", "").strip() == t.strip() for f, t in zip(files, texts))
+        wall = summary(runs / "w_cuda_beam5")["wall_s"]
+        print(f"transformers generate (cuda, batch {len(files)}, num_beams=5): {same}/{len(files)} transcripts equal to mmpipe cuda beam 5; "
+              f"{dt:.3f} s vs mmpipe {wall:.3f} s -> {dt / wall:.2f}x")
 
 
 def sd(runs: Path) -> None:

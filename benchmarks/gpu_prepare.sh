@@ -12,7 +12,7 @@ ver() { "$PY" -c "import importlib.metadata as m; print(m.version('$1'))"; }
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .gpu/whl \
   "hydra-core==$(ver hydra-core)" "omegaconf==$(ver omegaconf)" "diffusers==$(ver diffusers)" \
-  "soundfile==$(ver soundfile)" "open-clip-torch==$(ver open-clip-torch)"
+  "soundfile==$(ver soundfile)"  # CLIP's vocabulary ships in graphs/assets
 "$PY" -m pip wheel -q --no-deps -w .gpu/whl "antlr4-python3-runtime==$(ver antlr4-python3-runtime)"  # sdist only on PyPI
 "$PY" - <<'PYEOF'
 from ctranslate2.converters import TransformersConverter

@@ -284,7 +284,7 @@ def expand_parts(resolved: dict[str, Resolved], order: list[str], values: dict[s
         out[name] = PlanNode(
             name=name, kind=r.kind.kind, target=r.spec.target, config=dataclasses.asdict(r.config), wires=dict(r.spec.wires),
             in_ports=ins, out_ports=outs, num_parts=n, split=split, pieces=balanced_ranges(costs, split), costs=costs,
-            loop=r.kind.loop, light=r.kind.light, expands=r.kind.expands, replicas=r.spec.replicas,
+            loop=r.kind.loop, light=r.kind.is_light(r.config), expands=r.kind.expands, replicas=r.spec.replicas,
         )
     return out
 

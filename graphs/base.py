@@ -95,6 +95,12 @@ class NodeKind(Generic[C]):
 
     # ---- declarations (class level, no weights) --------------------------
     @classmethod
+    def is_light(cls, cfg: C) -> bool:
+        """Whether this configuration of the kind is light (``light``, unless a kind's
+        cost depends on its config)."""
+        return cls.light
+
+    @classmethod
     def ports(cls, cfg: C) -> tuple[tuple[Port, ...], tuple[Port, ...]]:
         """Input and output ports for this config (override when they depend on it)."""
         return cls.inputs, cls.outputs

@@ -114,6 +114,12 @@ class Align(Weights, NodeKind[AlignConfig]):
     def check(cls, cfg: AlignConfig) -> list[tuple[str, str, str]]:
         return model_checks(cfg.model)
 
+    @classmethod
+    def is_light(cls, cfg: AlignConfig) -> bool:
+        # off (the default), windows pass through: no worker or balancer stage of its own
+        # (a request that asks for words still gets them, in the stage it shares)
+        return not cfg.word_timestamps
+
     def setup(self, device: Any, dtype: Any = None) -> None:
         super().setup(device, dtype)
         self._files()  # resolve (and convert) now: a bad model.path fails before any request

@@ -7,7 +7,9 @@
 """
 from __future__ import annotations
 
+import atexit
 import builtins
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +120,18 @@ def as_audio(audio: Any, sample_rate: int | None = None) -> Any:
                     "pass a path, a numpy array or torch tensor with sample_rate=, bytes, or a binary file object")
 
 
+# Pipelines started by RecipePipeline calls and not closed yet: closed at interpreter exit,
+# because worker threads still inside torch while Python finalizes can abort the process
+# ("terminate called without an active exception").
+_OPEN: "weakref.WeakSet[RecipePipeline]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_pipelines() -> None:
+    for p in builtins.list(_OPEN):
+        p.close()
+
+
 class RecipePipeline:
     """A recipe as a callable, shaped like a Hugging Face pipeline: models load once (on
     the first call), each call runs its inputs as requests. See :func:`pipeline`."""
@@ -141,6 +155,7 @@ class RecipePipeline:
         reqs = self.requests(builtins.list(inputs) if not single else [inputs], sample_rate, params)
         if self._ex is None:
             self._ex = open_pipeline(self.plan)
+            _OPEN.add(self)
         out = [self._result(r) for r in self._ex.run(reqs)]
         return out[0] if single and len(out) == 1 else out
 
@@ -188,6 +203,7 @@ class RecipePipeline:
         if self._ex is not None:
             self._ex.close()
             self._ex = None
+        _OPEN.discard(self)
 
     def __enter__(self) -> "RecipePipeline":
         return self

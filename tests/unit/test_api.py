@@ -79,3 +79,18 @@ def test_image_pipeline_returns_pil_images_and_paths(tmp_path: Path) -> None:
         assert len(list(tmp_path.glob("*.png"))) == 5  # ids run on across calls: nothing overwritten
     finally:
         pipe.close()
+
+
+def test_a_pipeline_left_open_is_closed_at_exit(tmp_path: Path) -> None:
+    """A script that never calls close() exits cleanly: its pipeline is closed before the
+    interpreter finalizes (worker threads inside torch used to abort it: "terminate called")."""
+    import subprocess
+    import sys
+
+    script = ("import mmpipe, mmpipe.api as api\n"
+              f"p = mmpipe.pipeline('sd_txt2img', num_inference_steps=2, height=32, width=32, output_dir={str(tmp_path)!r})\n"
+              "p('a cat', seed=1)\n"
+              "assert p in api._OPEN\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "terminate called" not in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr

@@ -25,7 +25,7 @@ run: $(STAMP)
 	$(VENV)/bin/mmpipe run $(RECIPE)
 
 test: $(STAMP) typecheck
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15
 
 # mypy --strict on dsl/ and runtime/ (config in pyproject.toml). The folders install as
 # mmpipe.dsl, mmpipe.runtime, ...: a tree of links gives mypy that layout.

@@ -4,7 +4,6 @@ request shows only that), and a first-time model build says what it does and how
 it took."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -14,8 +13,6 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("diffusers")
-if importlib.util.find_spec("open_clip") is None:
-    pytest.skip("needs the CLIP vocabulary: pip install --no-deps open-clip-torch", allow_module_level=True)
 
 
 def run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

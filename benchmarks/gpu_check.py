@@ -55,27 +55,25 @@ def whisper(runs: Path, clips: Path) -> None:
     files = sorted(clips.glob("clip*.wav"))
     waves = [read_audio(str(f), 16000).numpy() for f in files]
     feats = fe(waves, sampling_rate=16000, return_tensors="pt").input_features.to(DEV)
-    with torch.inference_mode():
-        model.generate(feats[:1], num_beams=1, max_new_tokens=8)  # warm up
-        sync()
-        t0 = time.perf_counter()
-        ids = model.generate(feats, num_beams=1, max_new_tokens=128)
-        sync()
-        dt = time.perf_counter() - t0
-    texts = tok.batch_decode(ids, skip_special_tokens=True)
-    mine = rows(runs / "w_cuda")
-    same = sum(mine.get(f.stem, {}).get("outputs", {}).get("text", "").strip() == t.strip() for f, t in zip(files, texts))
-    print(f"transformers generate (cuda, batch {len(files)}, greedy): {same}/{len(files)} transcripts equal to mmpipe cuda; {dt:.3f} s")
-    if (runs / "w_cuda_beam5" / "results.jsonl").exists():
+
+    def timed(num_beams: int, run: str) -> tuple[float, int]:
+        """generate on every clip at once: seconds, and how many texts equal mmpipe's ``run``."""
         with torch.inference_mode():
             sync()
             t0 = time.perf_counter()
-            ids = model.generate(feats, num_beams=5, max_new_tokens=128)
+            ids = model.generate(feats, num_beams=num_beams, max_new_tokens=128)
             sync()
             dt = time.perf_counter() - t0
+        mine = rows(runs / run)
         texts = tok.batch_decode(ids, skip_special_tokens=True)
-        mine = rows(runs / "w_cuda_beam5")
-        same = sum(mine.get(f.stem, {}).get("outputs", {}).get("text", "").strip() == t.strip() for f, t in zip(files, texts))
+        return dt, sum(mine.get(f.stem, {}).get("outputs", {}).get("text", "").strip() == t.strip() for f, t in zip(files, texts))
+
+    with torch.inference_mode():
+        model.generate(feats[:1], num_beams=1, max_new_tokens=8)  # warm up
+    dt, same = timed(1, "w_cuda")
+    print(f"transformers generate (cuda, batch {len(files)}, greedy): {same}/{len(files)} transcripts equal to mmpipe cuda; {dt:.3f} s")
+    if (runs / "w_cuda_beam5" / "results.jsonl").exists():
+        dt, same = timed(5, "w_cuda_beam5")
         wall = summary(runs / "w_cuda_beam5")["wall_s"]
         print(f"transformers generate (cuda, batch {len(files)}, num_beams=5): {same}/{len(files)} transcripts equal to mmpipe cuda beam 5; "
               f"{dt:.3f} s vs mmpipe {wall:.3f} s -> {dt / wall:.2f}x")

@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from mmpipe.dsl.balance import INF, Choice, Infeasible, Resources, Segment, solve
+from mmpipe.dsl.balance import INF, Choice, Infeasible, Resources, Segment, least_copies, solve
 from mmpipe.dsl.costs import NodeCost, Profile, expected_key, hint_costs, intra_op_threads, load_profile, mismatches
 from mmpipe.dsl.plan import Place, PlanNode, Stage
 from mmpipe.dsl.schema import Problems, Recipe
@@ -142,7 +142,7 @@ def prepare(recipe: Recipe, nodes: dict[str, PlanNode], order: list[str], splitt
     _machine(auto, recipe, nodes)
     auto.segs = segments(nodes, order, auto.costs, recipe, auto.bandwidth, auto.latency)
     assert auto.resources is not None
-    least = sum(len(s.pieces) * (s.replicas or 1) if s.pieces is not None else (s.replicas or 1) for s in auto.segs)
+    least = least_copies(auto.segs)
     if not recipe.top.balance.stages and auto.resources.budget < least:
         # an automatic budget never makes a plan impossible: every heavy node needs a stage
         auto.resources.budget = least

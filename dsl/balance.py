@@ -192,7 +192,7 @@ def solve(segs: list[Segment], res: Resources) -> Choice:
             if best is None or _better(rank, best[0]):
                 best = (rank, picks, copies, t, m)
     if best is None:
-        need = sum(len(s.pieces) * (s.replicas or 1) if s.pieces is not None else (s.replicas or 1) for s in segs)
+        need = least_copies(segs)
         if need > res.budget:
             raise Infeasible(f"the nodes need at least {need} stage copies, the budget is {res.budget}")
         if res.min_copies > res.budget:
@@ -204,6 +204,12 @@ def solve(segs: list[Segment], res: Resources) -> Choice:
     if not res.shared_memory:
         mem = max((s.stage_memory(lo, hi) for s in segs for lo, hi in pieces[s.name]), default=0.0)
     return Choice(pieces, replicas, max(slowest, floor), slowest, floor, copies, mem)
+
+
+def least_copies(segs: list[Segment]) -> int:
+    """The fewest stage copies any plan of ``segs`` needs (fixed cuts and copies as given,
+    one copy of one stage for the rest)."""
+    return sum(len(s.pieces) * (s.replicas or 1) if s.pieces is not None else (s.replicas or 1) for s in segs)
 
 
 def _better(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:

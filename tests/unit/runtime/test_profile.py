@@ -34,8 +34,8 @@ def test_parts_weights_and_boundary_bytes() -> None:
     assert "chain" in format_profile(prof)
 
 
-def test_loops_count_iterations_per_item(write_recipe, tmp_path: Path) -> None:
-    path = write_recipe("""
+# a loop with random trips per item (also used by test_profile_times.py)
+LOOPY = """
         defaults: [{placement: cpu}, {runtime: threads}, _self_]
         name: loopy
         inputs: {x: {type: tensor}, trips: {type: tensor}}
@@ -45,7 +45,11 @@ def test_loops_count_iterations_per_item(write_recipe, tmp_path: Path) -> None:
           body: {kind: synthetic.loop, in: {x: inputs.x, trips: inputs.trips}, parts: 2, split: 2, work: noop}
         runtime: {microbatch_size: 3}
         batching: {max_batch_size: 8}
-        """)
+        """
+
+
+def test_loops_count_iterations_per_item(write_recipe, tmp_path: Path) -> None:
+    path = write_recipe(LOOPY)
     plan = profile_plan(str(path), [])
     reqs = requests_of(plan)
     prof = measure(plan, reqs, microbatches=1, warmup=1)

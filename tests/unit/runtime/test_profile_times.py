@@ -7,6 +7,7 @@ from mmpipe.api import requests_of
 from mmpipe.dsl.compile import compile_loaded
 from mmpipe.dsl.load import load_recipe
 from mmpipe.runtime.profile import measure
+from tests.unit.runtime.test_profile import LOOPY
 
 
 def test_one_timed_micro_batch_of_sleeping_parts() -> None:
@@ -17,17 +18,7 @@ def test_one_timed_micro_batch_of_sleeping_parts() -> None:
 
 
 def test_loop_parts_time_their_iterations(write_recipe) -> None:
-    path = write_recipe("""
-        defaults: [{placement: cpu}, {runtime: threads}, _self_]
-        name: loopy
-        inputs: {x: {type: tensor}, trips: {type: tensor}}
-        outputs: {y: body.y}
-        source: {kind: synthetic.requests, count: 6, width: 4, max_trips: 5}
-        nodes:
-          body: {kind: synthetic.loop, in: {x: inputs.x, trips: inputs.trips}, parts: 2, split: 2, work: noop}
-        runtime: {microbatch_size: 3}
-        batching: {max_batch_size: 8}
-        """)
+    path = write_recipe(LOOPY)
     plan = compile_loaded(load_recipe(str(path), []), mode="profile")
     prof = measure(plan, requests_of(plan), microbatches=1, warmup=1)
     nc = prof.nodes["body"]

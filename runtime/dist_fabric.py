@@ -26,7 +26,7 @@ from mmpipe.runtime.dist_link import Credits, Link, PeerLost
 from mmpipe.runtime.fabric import Addr, Fabric
 
 RETIRE_BATCH, RETIRE_S = 64, 0.02
-WITH_CREDITS = "cr"  # (WITH_CREDITS, [(addr, n), ...], message): credits riding on a message
+ENVELOPE = "env"  # (ENVELOPE, [(addr, n), ...], [request id, ...], message): credits and retired requests riding on a message
 # message kinds
 PUT, BACK, STORE, RELEASE, COLLECT = "put", "back", "store", "release", "collect"
 FINISH, GROUP_DONE, FAIL, EMPTY, STALL, RETIRE, CREDIT = "finish", "group_done", "fail", "empty", "stall", "retire", "credit"
@@ -57,19 +57,25 @@ class DistFabric(Fabric):
         self.control: Callable[[int, Any], None] = lambda src, msg: None  # stats/stop/log, set by the pipeline
         self.collect_q: "queue.SimpleQueue[tuple[list[ItemMeta], dict[str, Any]] | None]" = queue.SimpleQueue()
         # Credits go back in batches (half an inbox at a time, or at once when it empties);
-        # finished requests are announced in batches too (failed ones at once).
+        # finished requests are announced in batches too (failed ones at once), riding on
+        # the next message to each rank, else sent within RETIRE_S.
         self.owed: dict[tuple[int, Addr], int] = {}
         self.owed_lock = threading.Lock()
-        self.retiring: list[str] = []
+        self.retiring: dict[int, list[str]] = {}  # per rank, on rank 0
         self.retire_cond = threading.Condition()
 
     # ------------------------------------------------------------ sending
     def _send(self, rank: int, msg: Any, device: str = "cpu") -> None:
-        """Send ``msg``; credits this rank owes ``rank`` ride along (no message of their own)."""
+        """Send ``msg``; credits this rank owes ``rank`` and (on rank 0) the requests that
+        finished since the last message to it ride along (no message of their own)."""
         assert self.link is not None
         owed = self._owed_to(rank)
-        if owed:
-            msg = (WITH_CREDITS, owed, msg)
+        retires: list[str] = []
+        if self.rank == 0 and self.retiring.get(rank):
+            with self.retire_cond:
+                retires, self.retiring[rank] = self.retiring.get(rank, []), []
+        if owed or retires:
+            msg = (ENVELOPE, owed, retires, msg)
         try:
             self.link.send(rank, msg, device)
         except PeerLost:
@@ -167,28 +173,36 @@ class DistFabric(Fabric):
             self.link.broadcast((RETIRE, rids, True))
             return
         with self.retire_cond:
-            self.retiring += rids
-            if len(self.retiring) >= RETIRE_BATCH:
+            for k in range(1, self.link.world):
+                self.retiring.setdefault(k, []).extend(rids)
+            if any(len(v) >= RETIRE_BATCH for v in self.retiring.values()):
                 self.retire_cond.notify_all()
 
     def run_retirer(self) -> None:
-        """Thread body on rank 0: announce finished requests every ``RETIRE_S`` (or per batch)."""
+        """Thread body on rank 0: announce finished requests that no other message took
+        along, every ``RETIRE_S`` (or per batch)."""
         while not self.stopping():
             with self.retire_cond:
                 self.retire_cond.wait(RETIRE_S)
-                rids, self.retiring = self.retiring, []
-            if rids and self.link is not None:
-                self.link.broadcast((RETIRE, rids, False))
+                due = [k for k, v in self.retiring.items() if v]
+            for k in due:
+                if self.link is not None and k not in self.link.lost:
+                    try:
+                        self._send(k, (CREDIT, None, 0))  # an envelope: the retired requests ride on it
+                    except (PeerLost, Stopped):
+                        pass
 
     # ------------------------------------------------------------ receiving
     def on_message(self, src: int, msg: Any) -> None:
         """Perform what another rank addressed to this one (a receiver thread; never blocks)."""
         kind = msg[0]
         self.progress()
-        if kind == WITH_CREDITS:
-            for addr, n in msg[1]:
+        if kind == ENVELOPE:
+            _, owed, retires, msg = msg
+            for addr, n in owed:
                 self.credits[addr].release(n)
-            msg = msg[2]
+            if retires:
+                Fabric.retired(self, retires, False)
             kind = msg[0]
         if kind == PUT:
             _, addr, pk, times, choices = msg
@@ -235,7 +249,7 @@ class DistFabric(Fabric):
                 self.dead.update(rids)
             Fabric.retired(self, rids, failed)
         elif kind == CREDIT:
-            pass  # an envelope for owed credits (released above)
+            pass  # an envelope for owed credits and retired requests (handled above)
         elif kind in CONTROL:
             self.control(src, msg)
         else:
@@ -248,12 +262,14 @@ class DistFabric(Fabric):
             self.assigner.merge(choices)
 
     def _credit(self, src: int, addr: Addr) -> None:
-        """A packet from ``src`` left ``addr``'s inbox: its credit goes back, with the next
-        message to ``src``, or on its own once half an inbox is owed or the inbox ran dry
-        (then the sender may be waiting for it)."""
+        """A packet from ``src`` left ``addr``'s inbox: its credit goes back with the next
+        message to ``src`` (a stage's output usually goes there soon), or on its own once
+        half an inbox is owed. No deadlock: a sender that waits holds no credit, so with
+        fewer than half owed, more than half an inbox of its packets are still on their
+        way here or queued, and taking them sends the credits."""
         with self.owed_lock:
             n = self.owed[(src, addr)] = self.owed.get((src, addr), 0) + 1
-            if n < max(1, self.depth // 2) and len(self.inboxes[addr]):
+            if n < max(1, self.depth // 2):
                 return
         try:
             self._send(src, (CREDIT, addr, 0))  # the owed credits ride on it

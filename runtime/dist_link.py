@@ -1,9 +1,14 @@
 """Point-to-point messages between ranks over torch.distributed, and dead-peer detection.
 
-``Link`` sends each message (``dist_wire`` frames) with ``dist.send`` under a
-per-peer lock, so the parts of one message stay together, and runs one
-receiver thread per peer that never blocks on anything but the network: it
-hands each message to ``on_message``. Rank 0 exchanges heartbeats with every
+``Link`` posts each message (``dist_wire`` frames) with ``dist.isend`` under a
+per-peer lock, so the parts of one message stay together and messages keep
+their order. A stage worker posts its own messages (no hand-off to another
+thread on the latency path; posting never waits for the peer) and a sender
+thread per peer waits for their completion; messages from the receiver
+threads, and those with NCCL parts, are posted by that sender thread (a
+receiver thread must never wait on a peer whose receiver may be waiting on
+it). One receiver thread per peer never blocks on anything but the network:
+it hands each message to ``on_message``. Rank 0 exchanges heartbeats with every
 rank; a peer whose connection breaks (a killed process: gloo's receive fails
 at once) or that stays silent for ``peer_timeout_s`` (a hung process or host) is
 reported once through ``on_lost``.
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import queue
 import re
+from collections import deque
 import threading
 import time
 from typing import Any, Callable
@@ -27,6 +33,8 @@ from mmpipe.runtime.channels import SLICE_S, Stopped
 from mmpipe.runtime.dist_wire import FRAME, GpuRecv, decode, encode, total_of
 
 HEARTBEAT_S = 1.0
+REAP_S = 0.005  # how often a sender thread collects the completions of posted messages ...
+PARK_AFTER = 20  # ... until this many rounds passed with nothing to collect (then it sleeps)
 THREAD_PREFIX = "mmpipe-link-"
 
 
@@ -48,7 +56,15 @@ class Link:
         self.nccl, self.nccl_peers = nccl, nccl_peers or set()
         self.peers = [k for k in range(world) if k != rank]
         self.locks = {k: threading.Lock() for k in self.peers}  # held while a message is on the wire
+        # per peer: (buf, gpu) for the sender thread to post, () to wake it up
         self.outbox: dict[int, queue.SimpleQueue[Any]] = {k: queue.SimpleQueue() for k in self.peers}
+        # per peer, in order: (works, buf) of messages posted by workers (buffers live until sent)
+        self.posted: dict[int, deque[tuple[list[Any], torch.Tensor]]] = {k: deque() for k in self.peers}
+        self.parked = {k: False for k in self.peers}  # the peer's sender thread sleeps until woken
+        self.unposted = {k: 0 for k in self.peers}  # "post" entries not yet posted (under the lock)
+        self.queued = {k: 0 for k in self.peers}  # entries put in the outbox (under the lock) ...
+        self.done = {k: 0 for k in self.peers}  # ... and finished (the sender thread only)
+        self.receivers: set[int] = set()  # thread idents of the receiver threads
         self.last_seen = {k: time.monotonic() for k in self.peers}
         self.lost: set[int] = set()
         self.closing = threading.Event()
@@ -82,40 +98,92 @@ class Link:
         return self.nccl[0] if src < dst else self.nccl[1]
 
     def send(self, peer: int, msg: Any, device: str = "cpu") -> None:
-        """Queue ``msg`` for ``peer`` (encoded here, sent by the peer's sender thread in
-        order, so the caller never waits for the network). ``device``: where the receiver
-        will use the message's tensors (GPU tensors go over NCCL when that is a GPU the
-        peer reaches that way)."""
+        """Send ``msg`` to ``peer``, in order, without waiting for the network. ``device``:
+        where the receiver will use the message's tensors (GPU tensors go over NCCL when
+        that is a GPU the peer reaches that way)."""
         if peer in self.lost:
             raise PeerLost(f"rank {peer} is gone")
         nccl_to = device if self.nccl is not None and peer in self.nccl_peers and device.startswith("cuda") else None
-        self.outbox[peer].put(encode(msg, nccl_to))
+        buf, gpu = encode(msg, nccl_to)
+        if not gpu and threading.get_ident() not in self.receivers:
+            with self.locks[peer]:
+                if not self.unposted[peer]:  # nothing queued ahead of it: post it here
+                    try:
+                        works = self._post(peer, buf)
+                    except Exception as exc:
+                        self._lost(peer, f"sending failed: {_short(exc)}")
+                        raise PeerLost(f"rank {peer}: {exc}") from exc
+                    self.queued[peer] += 1
+                    self.posted[peer].append((works, buf))
+                    if self.parked[peer]:
+                        self.outbox[peer].put(())
+                    return
+        with self.locks[peer]:
+            self.unposted[peer] += 1
+            self.queued[peer] += 1
+        self.outbox[peer].put((buf, gpu))
+
+    def _post(self, peer: int, buf: torch.Tensor) -> list[Any]:
+        """Post one message's parts (the caller holds the peer's lock)."""
+        total = buf.numel()
+        works = [dist.isend(buf[: min(total, FRAME)], peer)]
+        if total > FRAME:
+            works.append(dist.isend(buf[FRAME:], peer))
+        self.sent += 1
+        return works
 
     def _send_loop(self, peer: int) -> None:
-        """Thread body: one peer's messages, in order. A send to a hung peer may never
-        return: the heartbeat watch declares it lost meanwhile."""
-        box = self.outbox[peer]
+        """Thread body: post the queued messages of one peer, and collect the completions
+        of every message to it (every ``REAP_S`` while messages flow, so a stream of
+        messages costs no wake-up each). A send to a hung peer may never complete: the
+        heartbeat watch declares it lost meanwhile."""
+        box, idle = self.outbox[peer], 0
         while True:
-            got = box.get()
-            if got is None or peer in self.lost:
-                return
-            buf, gpu = got
-            total = buf.numel()
+            if idle >= PARK_AFTER:
+                self.parked[peer] = True  # then look once more (a poster reads the flag after appending)
+                got = box.get() if not self.posted[peer] else ()
+                self.parked[peer] = False
+            else:
+                try:
+                    got = box.get(timeout=REAP_S)
+                except queue.Empty:
+                    got = ()
             try:
-                with self.locks[peer]:
-                    dist.send(buf[: min(total, FRAME)], peer)
-                    if total > FRAME:
-                        dist.send(buf[FRAME:], peer)
-                    for t in gpu:
-                        dist.send(t, peer, group=self._group(self.rank, peer))
-                    self.sent += 1
+                reaped = self._reap(peer)
+                if got is None or peer in self.lost:
+                    return
+                idle = 0 if got or reaped else idle + 1
+                if got:
+                    buf, gpu = got
+                    with self.locks[peer]:
+                        self.unposted[peer] -= 1
+                        works = self._post(peer, buf)
+                        if gpu:  # NCCL parts follow their message's frames
+                            for w in works:
+                                w.wait()
+                            for t in gpu:
+                                dist.send(t, peer, group=self._group(self.rank, peer))
+                    for w in works:
+                        w.wait()
+                    self.done[peer] += 1
             except Exception as exc:
                 self._lost(peer, f"sending failed: {_short(exc)}")
                 return
 
+    def _reap(self, peer: int) -> int:
+        """Wait for the messages workers posted to ``peer``, oldest first; how many."""
+        dq, n = self.posted[peer], 0
+        while dq:
+            for w in dq[0][0]:
+                w.wait()
+            dq.popleft()
+            self.done[peer] += 1
+            n += 1
+        return n
+
     def busy(self, peer: int) -> bool:
         """Messages wait for this peer (a heartbeat adds nothing then)."""
-        return self.locks[peer].locked() or not self.outbox[peer].empty()
+        return self.done[peer] < self.queued[peer]
 
     def broadcast(self, msg: Any) -> None:
         """To every live peer; peers that are gone are skipped."""
@@ -128,6 +196,7 @@ class Link:
 
     # ------------------------------------------------------------ receiving
     def _receive(self, peer: int) -> None:
+        self.receivers.add(threading.get_ident())  # before the first message: its replies are queued
         frame = torch.empty(FRAME, dtype=torch.uint8)
         gpu_recv = self._gpu_receiver(peer) if self.nccl is not None and peer in self.nccl_peers else None
         while not self.closing.is_set():

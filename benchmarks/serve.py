@@ -4,15 +4,20 @@ that calls transformers' ``generate`` once per request (what a user would write 
 The same for sd_txt2img with 8 clients (hand-written: diffusers' StableDiffusionPipeline).
 
     python benchmarks/serve.py                      # whisper (1, 4, 16, 64 clients) and sd (8 clients)
-    python benchmarks/serve.py --quick              # fewer requests, clients 1 and 16, sd with 8
+    python benchmarks/serve.py --quick              # fewer requests, clients 1 and 16, sd with 8 (32 requests)
     python benchmarks/serve.py --only whisper --clients 1,4 --requests 16
 
 Every party is a process of its own: the server, the clients (one process per load level,
 a thread per client, each sending its next request when the last one answered), and each
 baseline. Servers are warmed up first; model loading is not timed. Whisper runs greedy
 (``beam_size=1 temperature=0``) everywhere, on the shipped speech clips cycled to the
-request count; SD runs the tiny offline model at 32x32 with 4 steps. Mean micro-batch size
+request count; SD runs the tiny offline model at 32x32 with 4 steps. Before each load level
+is timed, the same clients send two requests each untimed, so the level is measured in its
+steady state (closed-loop clients fall into waves that batch well only after a few
+rounds), for mmpipe and the hand-written servers alike. Mean micro-batch size
 comes from the server's /metrics (micro-batches entering its first stage during the level).
+The clients report their own CPU per request ("client CPU ms/req"): on a small machine
+the load generator takes cores the server would use; the offline run has no such cost.
 The script prints a table and decides nothing; numbers on a shared machine are noisy.
 """
 from __future__ import annotations
@@ -135,17 +140,19 @@ def client_main(a: argparse.Namespace) -> None:
                     else:
                         errors.append(f"{r.status_code}: {r.text[:200]}")
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     threads = [threading.Thread(target=worker) for _ in range(a.concurrency)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0  # the load generator's own CPU: it shares the cores with the server
     lat.sort()
     pick = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] if lat else float("nan")  # noqa: E731
     Path(a.out).write_text(json.dumps({"wall_s": wall, "ok": len(lat), "errors": errors[:3], "n_errors": len(errors),
-                                       "p50_s": pick(0.5), "p95_s": pick(0.95)}))
+                                       "p50_s": pick(0.5), "p95_s": pick(0.95),
+                                       "client_cpu_ms": 1000 * cpu / max(1, len(lat) + len(errors))}))
 
 
 # ------------------------------------------------------------------ the hand-written baselines
@@ -228,21 +235,22 @@ def offline(recipe: str, overrides: list[str], n: int, kind: str) -> float:
 
 # ------------------------------------------------------------------ the driver
 def bench(name: str, recipe: str, overrides: list[str], kind: str, levels: list[int], requests: int, hand_src: str) -> list[tuple[str, ...]]:
-    rows: list[tuple[str, ...]] = [("method", "clients", "requests", "req/s", "p50 s", "p95 s", "mean micro-batch", "errors")]
+    rows: list[tuple[str, ...]] = [("method", "clients", "requests", "req/s", "p50 s", "p95 s", "mean micro-batch", "client CPU ms/req", "errors")]
     print(f"[{name}] offline mmpipe run ...", file=sys.stderr)
     rps = offline(recipe, overrides, requests, kind)
-    rows.append((f"(a) mmpipe run {recipe} (offline)", "-", str(requests), f"{rps:.2f}", "-", "-", "-", "0"))
+    rows.append((f"(a) mmpipe run {recipe} (offline)", "-", str(requests), f"{rps:.2f}", "-", "-", "-", "-", "0"))
     server, url = start([sys.executable, "-m", "mmpipe", "serve", recipe, *overrides, "--port", "0"])
     try:
         load(url, kind, 4, 8)  # warm-up
         for c in levels:
             print(f"[{name}] mmpipe serve, {c} clients ...", file=sys.stderr)
+            load(url, kind, c, 2 * c)  # untimed: reach this level's steady state
             s0, n0 = mb_totals(url)
             r = load(url, kind, c, max(requests, c))
             s1, n1 = mb_totals(url)
             mb = f"{(s1 - s0) / (n1 - n0):.2f}" if n1 > n0 else "-"
             rows.append((f"mmpipe serve {recipe}", str(c), str(r["ok"]), f"{r['ok'] / r['wall_s']:.2f}", f"{r['p50_s']:.3f}",
-                         f"{r['p95_s']:.3f}", mb, str(r["n_errors"])))
+                         f"{r['p95_s']:.3f}", mb, f"{r['client_cpu_ms']:.1f}", str(r["n_errors"])))
     finally:
         stop(server)
     server, url = handwritten(hand_src)
@@ -250,10 +258,11 @@ def bench(name: str, recipe: str, overrides: list[str], kind: str, levels: list[
         load(url, kind, 2, 4)
         for c in levels:
             print(f"[{name}] hand-written server, {c} clients ...", file=sys.stderr)
+            load(url, kind, c, 2 * c)
             r = load(url, kind, c, max(requests, c))
             rows.append(("(b) hand-written FastAPI + generate" if kind == "audio" else "(b) hand-written FastAPI + diffusers", str(c),
                          str(r["ok"]), f"{r['ok'] / r['wall_s']:.2f}", f"{r['p50_s']:.3f}", f"{r['p95_s']:.3f}", "1 (per request)",
-                         str(r["n_errors"])))
+                         f"{r['client_cpu_ms']:.1f}", str(r["n_errors"])))
     finally:
         stop(server)
     return rows
@@ -269,7 +278,7 @@ def main() -> None:
     ap.add_argument("--clients", default="1,4,16,64", help="whisper's load levels")
     ap.add_argument("--sd-clients", default="8")
     ap.add_argument("--only", choices=["whisper", "sd"])
-    ap.add_argument("--quick", action="store_true", help="32 requests, clients 1 and 16; sd: 16 requests")
+    ap.add_argument("--quick", action="store_true", help="32 requests, clients 1 and 16; sd: 32 requests")
     a = ap.parse_args()
     if a.client:
         return client_main(a)
@@ -281,7 +290,7 @@ def main() -> None:
         print(table(bench("whisper", "whisper_stt", GREEDY, "audio", levels, n, HANDWRITTEN_WHISPER)))
     if a.only in (None, "sd"):
         sd_levels = [int(x) for x in a.sd_clients.split(",")]
-        print(table(bench("sd", "sd_txt2img", SD, "image", sd_levels, 16 if a.quick else max(16, n // 2), HANDWRITTEN_SD)))
+        print(table(bench("sd", "sd_txt2img", SD, "image", sd_levels, 32 if a.quick else max(64, n), HANDWRITTEN_SD)))
     print(f"(load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores: other processes share them)")
 
 

@@ -132,10 +132,13 @@ class RequestTable:
                 rec = self._live.pop(rid, None)
             if rec is not None:
                 gone.append(rec)
+        times: Times = {}
         if gone:  # forget what is held for them before anyone sees them resolved
+            times = self.times.take([rec.req.id for rec in gone])  # before retiring, which forgets them
             self.on_retired([rec.req.id for rec in gone], True)
         for rec in gone:
-            self._resolve(rec, Result(rec.req.id, rec.req.input, error=dict(error, requests=error.get("requests") or [rec.req.id])))
+            self._resolve(rec, Result(rec.req.id, rec.req.input, error=dict(error, requests=error.get("requests") or [rec.req.id])),
+                          times.get(rec.req.id, {}))
 
     def fail_all(self, error: dict[str, Any]) -> None:
         with self.lock:
@@ -205,12 +208,14 @@ class RequestTable:
         except Exception as exc:  # a gather hook failed: this request's error only
             res = Result(rid, rec.req.input, error={"type": type(exc).__name__, "message": str(exc), "stage": self.plan.num_stages,
                                                     "node": "outputs", "requests": [rid]})
+        per = self.times.take([rid]).get(rid, {})  # before retiring, which forgets them
         self.on_retired([rid], False)  # before the future resolves: a caller then finds nothing held for it
-        self._resolve(rec, res)
+        self._resolve(rec, res, per)
 
-    def _resolve(self, rec: _Live, res: Result) -> None:
+    def _resolve(self, rec: _Live, res: Result, per: dict[int, float] | None = None) -> None:
         lat = time.perf_counter() - rec.t0
-        per = self.times.take([rec.req.id]).get(rec.req.id, {})
+        if per is None:
+            per = self.times.take([rec.req.id]).get(rec.req.id, {})
         res.timings = {"stages_s": {f"stage{s}": round(v, 6) for s, v in sorted(per.items()) if v}, "latency_s": round(lat, 6)}
         self.on_resolved(rec.req.id, rec.t0, res.ok)
         if rec.keep:

@@ -88,6 +88,9 @@ def test_synthetic_over_ranks_equals_threads(synth: tuple[Path, dict[str, Any]],
     assert sorted(summary["ranks"]) == [str(k) for k in range(nproc)]
     assert {s["rank"] for s in summary["stages"]} == set(range(nproc))
     assert all((tmp_path / "logs" / f"rank{k}.log").exists() for k in range(nproc))
+    # each request's compute time per stage comes back from every rank it went through
+    booked = {k for r in results(tmp_path).values() for k in r["timings"]["stages_s"]}
+    assert booked == {f"stage{s['stage']}" for s in summary["stages"]}
 
 
 @pytest.fixture(scope="module")

@@ -42,6 +42,17 @@ def test_run_submit_and_stream_agree_with_the_oracle():
     assert set(t) == {"stages_s", "latency_s"} and set(t["stages_s"]) <= {f"stage{i}" for i in range(4)}
 
 
+def test_results_book_every_stage_time():
+    """A request's timings name each stage it went through (booked before the request is
+    retired, which forgets what was held for it)."""
+    plan = compile_recipe("synthetic", ["stages=3", "requests=4", "work=sleep", "stage_ms=2"])
+    with Pipeline(plan) as pipe:
+        results = pipe.run(requests_of(plan))
+    for r in results:
+        assert r.ok and set(r.timings["stages_s"]) == {"stage0", "stage1", "stage2"}
+        assert all(v > 0 for v in r.timings["stages_s"].values())
+
+
 def test_duplicate_request_ids_are_refused():
     plan = compile_recipe("synthetic", ["stages=2", "requests=3", "work=noop"])
     reqs = requests_of(plan)

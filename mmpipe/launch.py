@@ -7,6 +7,10 @@ command, and exits with rank 0's exit code; if a rank dies, the agent stops
 the others and this process names the rank. Under torchrun (the environment
 names a rank), the command runs as that rank: rank 0 is the driver (requests,
 results, summary, trace), the others serve their stage copies.
+
+``mmpipe serve`` launches with ``graceful=True``: SIGTERM and Ctrl-C sent to this
+process go to rank 0 alone, which stops accepting, finishes the requests in
+flight and then stops the other ranks; this process exits with rank 0's code.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import uuid
 from typing import Any, Callable
 
 RANK_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+DRIVER_PIDFILE = "MMPIPE_DRIVER_PIDFILE"  # where rank 0 writes its pid (graceful launches)
 
 
 def in_rank_process() -> bool:
@@ -32,8 +37,9 @@ def rank_overrides(overrides: list[str]) -> list[str]:
     return overrides
 
 
-def launch_local(plan: Any, argv: list[str]) -> int:
-    """Start ``plan.nproc`` local ranks running ``mmpipe`` with ``argv``; rank 0's exit code."""
+def launch_local(plan: Any, argv: list[str], graceful: bool = False) -> int:
+    """Start ``plan.nproc`` local ranks running ``mmpipe`` with ``argv``; rank 0's exit code.
+    ``graceful``: signals go to rank 0 alone (see the module docstring)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -51,7 +57,11 @@ def launch_local(plan: Any, argv: list[str]) -> int:
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2,
                           shutdown_timeout=15)  # room for rank 0 to save what finished after a signal
     try:
-        elastic_launch(config, entrypoint=sys.executable)("-m", "mmpipe", *argv)
+        launch = lambda: elastic_launch(config, entrypoint=sys.executable)("-m", "mmpipe", *argv)  # noqa: E731
+        if graceful:
+            _to_driver(launch)
+        else:
+            launch()
         return 0
     except ChildFailedError as exc:
         codes = {f.local_rank: f.exitcode for f in exc.failures.values()}
@@ -76,6 +86,71 @@ def launch_local(plan: Any, argv: list[str]) -> int:
         return 130
 
 
+def _to_driver(launch: Callable[[], Any]) -> None:
+    """Run ``launch`` in a helper thread (torch's agent then installs no signal handlers of
+    its own) while this main thread passes SIGTERM and SIGINT on to rank 0 alone."""
+    import tempfile
+    import threading
+
+    fd, pidfile = tempfile.mkstemp(prefix="mmpipe-driver-", suffix=".pid")
+    os.close(fd)
+    os.environ[DRIVER_PIDFILE] = pidfile
+    box: dict[str, BaseException] = {}
+
+    def body() -> None:
+        try:
+            launch()
+        except BaseException as exc:  # handed to the caller
+            box["error"] = exc
+
+    def forward(signum: int, frame: Any) -> None:
+        try:
+            pid = int(open(pidfile).read().strip() or 0)
+        except (OSError, ValueError):
+            pid = 0
+        for target in [pid] if pid else _children():  # before rank 0 started: every rank
+            try:
+                os.kill(target, signum)
+            except OSError:
+                pass
+
+    saved = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    t = threading.Thread(target=body, name="mmpipe-launch", daemon=True)
+    try:
+        t.start()
+        while t.is_alive():
+            t.join(0.2)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        os.environ.pop(DRIVER_PIDFILE, None)
+        try:
+            os.unlink(pidfile)
+        except OSError:
+            pass
+    if "error" in box:
+        raise box["error"]
+
+
+def _children() -> list[int]:
+    """This process's child processes (Linux /proc; empty elsewhere)."""
+    me, out = os.getpid(), []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return []
+    for name in names:
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == me:
+                out.append(int(name))
+    return out
+
+
 def run_as_rank(plan: Any, run_driver: Callable[[Any], int]) -> int:
     """This process is a rank: rank 0 drives (``run_driver(plan)``), others serve.
     Rank 0 shares its plan so every rank runs the very same one."""
@@ -89,6 +164,9 @@ def run_as_rank(plan: Any, run_driver: Callable[[Any], int]) -> int:
     interruptible(dist.broadcast_object_list, box, 0)
     plan = Plan.from_json(box[0])
     if dist.get_rank() == 0:
+        if os.environ.get(DRIVER_PIDFILE):
+            with open(os.environ[DRIVER_PIDFILE], "w") as f:
+                f.write(str(os.getpid()))
         return run_driver(plan)
     return serve_rank(plan, plan.output_dir)
 

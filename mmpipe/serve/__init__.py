@@ -29,7 +29,7 @@ def cmd_serve(plan: Any, raw_argv: list[str], settings: Settings) -> int:
 
         if in_rank_process():
             return run_as_rank(plan, lambda p: serve_plan(p, settings))
-        return launch_local(plan, raw_argv)
+        return launch_local(plan, raw_argv, graceful=True)
     return serve_plan(plan, settings)
 
 
@@ -49,7 +49,13 @@ def serve_plan(plan: Any, settings: Settings) -> int:
                             lifespan="on", access_log=False)
     server = uvicorn.Server(config)
     engine.on_load_failed = lambda: setattr(server, "should_exit", True)
-    logging.getLogger("mmpipe").info("serving %s on http://%s:%d (weights loading; GET /health says when ready)", plan.recipe, settings.host, port)
+    from mmpipe.launch import in_rank_process
+
+    line = f"serving {plan.recipe} on http://{settings.host}:{port} (weights loading; GET /health says when ready)"
+    if in_rank_process():  # a rank's console log is quiet: say where to connect anyway
+        print(f"mmpipe: {line}", file=sys.stderr, flush=True)
+    else:
+        logging.getLogger("mmpipe").info(line)
     # uvicorn handles SIGTERM/SIGINT while it serves (stop accepting, finish what is in flight)
     # and raises the signal again once done: record it then, instead of mmpipe run's handler
     # that would interrupt the clean exit with a KeyboardInterrupt

@@ -286,6 +286,45 @@ def test_pipelines_run_overload_timeout_failures_and_sigterm() -> None:
         s.stop()
 
 
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(d.name))
+        except (OSError, ValueError, IndexError):
+            pass
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_distributed_serving_answers_like_threads_and_stops_gracefully() -> None:
+    """runtime=distributed: rank 0 serves, stage 1 runs on rank 1; SIGTERM to the server
+    reaches rank 0 alone, which finishes the request in flight before every rank exits 0."""
+    s = Server("synthetic", ["stages=2", "work=sleep", "stage_ms=600", "width=4", "runtime=distributed", "runtime.nproc=2"])
+    try:
+        ranks = _children(s.proc.pid)
+        assert len(ranks) == 2, ranks
+        code, body, _ = s.post("/v1/pipelines/run", {"inputs": {"x": [1, 2, 3, 4]}})
+        assert code == 200 and body["outputs"]["y"] == [2.21875, 3.625, 5.03125, 6.4375], body  # as the threads backend
+        assert set(body["timings"]["stages_s"]) == {"stage0", "stage1"}  # one stage per rank
+        with ThreadPoolExecutor(1) as pool:
+            late = pool.submit(s.post, "/v1/pipelines/run", {"inputs": {"x": [1, 2, 3, 4]}})
+            time.sleep(0.3)  # in stage 0 on rank 0; it still needs rank 1 after the signal
+            s.proc.send_signal(signal.SIGTERM)
+            assert late.result()[0] == 200
+        assert s.proc.wait(60) == 0, "".join(s.log)
+        assert not [p for p in ranks if _alive(p)], "a rank outlived the server"
+    finally:
+        s.stop()
+
+
 def _gauge(s: Server, name: str) -> float:
     from prometheus_client.parser import text_string_to_metric_families
 

@@ -212,8 +212,9 @@ class _Ranks:
 
     def control(self, src: int, msg: Any) -> None:
         kind = msg[0]
-        if kind == "stats?":
-            logs = [lg.export(self.offset) for lg in self.core.recorder.logs]
+        if kind == "stats?":  # ("stats?", token[, since]): worker logs, only spans ended after ``since``
+            since = msg[2] if len(msg) > 2 else None
+            logs = [lg.export(self.offset, since) for lg in self.core.recorder.logs]
             self.fabric._send(src, ("stats", msg[1], logs, rank_info(self.threads)))
         elif kind == "stats":
             with self.stats_cond:
@@ -234,14 +235,15 @@ class _Ranks:
             with path.open("a") as f:
                 f.write(msg[1] + "\n")
 
-    def remote_stats(self, wait_s: float = STATS_WAIT_S) -> dict[int, Any]:
-        """Every other rank's worker logs and memory (rank 0 asks, they answer within ``wait_s``)."""
+    def remote_stats(self, wait_s: float = STATS_WAIT_S, since: float | None = None) -> dict[int, Any]:
+        """Every other rank's worker logs and memory (rank 0 asks, they answer within ``wait_s``);
+        ``since``: only spans that ended after it (this rank's clock)."""
         with self.stats_cond:
             self.stats_token += 1
             self.stats_got = {}
             token = self.stats_token
         assert self.fabric.link is not None
-        self.fabric.link.broadcast(("stats?", token))
+        self.fabric.link.broadcast(("stats?", token) if since is None else ("stats?", token, since))
         deadline = time.monotonic() + wait_s
         alive = [k for k in range(1, self.world) if k not in self.fabric.link.lost]
         with self.stats_cond:
@@ -316,6 +318,15 @@ class DistributedPipeline(Pipeline):
         got = self.ranks.remote_stats(wait_s)
         rec.remote = [WorkerLog.load(d) for k in sorted(got) for d in got[k][0]]
         rec.ranks = {0: rank_info(self.ranks.threads), **{k: got[k][1] for k in got}}
+
+    def recent_logs(self, since: float, wait_s: float = 2.0) -> list[WorkerLog]:
+        """Every stage copy's worker log with the spans that ended after ``since`` (this
+        clock): this process's own, and fresh copies from the other ranks."""
+        logs = list(self.recorder.logs)
+        if self._connected and self._started:
+            got = self.ranks.remote_stats(wait_s, since)
+            logs += [WorkerLog.load(d) for k in sorted(got) for d in got[k][0]]
+        return logs
 
     def stream(self, requests: Any, on_progress: Any = None) -> Any:
         if self.table.idle():

@@ -163,6 +163,11 @@ class Pipeline:
     def stats(self, wall_s: float) -> dict[str, Any]:
         return self.recorder.stats(wall_s)
 
+    def recent_logs(self, since: float) -> list[Any]:
+        """Every stage copy's worker log (``WorkerLog``; spans that end after ``since`` are
+        the ones that matter: the distributed driver fetches only those from other ranks)."""
+        return self.recorder.all_logs()
+
     def write_trace(self, path: str | Path) -> Path:
         """Chrome trace JSON of the spans recorded since the last ``run`` began."""
         return self.recorder.write_trace(path)

@@ -66,10 +66,13 @@ class WorkerLog:
         for k in self.loop:  # in place: the worker holds this dict
             self.loop[k] = 0
 
-    def export(self, offset: float = 0.0) -> dict[str, Any]:
-        """Plain data (for another process); times shifted by ``offset`` onto the driver's clock."""
+    def export(self, offset: float = 0.0, since: float | None = None) -> dict[str, Any]:
+        """Plain data (for another process); times shifted by ``offset`` onto the driver's clock.
+        ``since`` (driver clock): only the spans that ended after it."""
+        lo = -float("inf") if since is None else since - offset
+
         def shift(spans: deque[Span]) -> list[Span]:
-            return [(a + offset, b + offset, mb, n, name) for a, b, mb, n, name in spans]
+            return [(a + offset, b + offset, mb, n, name) for a, b, mb, n, name in list(spans) if b > lo]
 
         return {"info": self.info.__dict__, "spans": shift(self.spans), "transfers": shift(self.transfers),
                 "wait_sum": self.wait_sum, "wait_max": self.wait_max, "waits": self.waits, "loop": dict(self.loop)}

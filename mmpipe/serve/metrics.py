@@ -2,7 +2,8 @@
 
 HTTP side (counted by a middleware): requests by route and status, latency histogram.
 Pipeline side (read at scrape time from the runtime's worker logs, which every stage
-worker appends to anyway): per-stage-copy busy % over the last ``WINDOW_S`` seconds,
+worker appends to anyway; with ``runtime=distributed`` the other ranks send theirs, the
+last ``WINDOW_S`` seconds only): per-stage-copy busy % over the last ``WINDOW_S`` seconds,
 micro-batch sizes entering the first stage, items per loop step (loop group occupancy),
 requests in flight and the admission limit. Worker logs are bounded deques written by
 one worker each; a scrape only reads spans that ended after the previous scrape.
@@ -37,7 +38,7 @@ class Metrics:
                           ["stage", "replica", "runs"], registry=r)
         self.mb = Histogram("mmpipe_microbatch_size", "Items per micro-batch entering the first stage", buckets=SIZE_BUCKETS, registry=r)
         self.loop = Histogram("mmpipe_loop_step_items", "Items per loop step (loop group occupancy)", ["loop"], buckets=SIZE_BUCKETS, registry=r)
-        self._seen: dict[int, float] = {}  # worker log -> end time of the last span counted
+        self._seen: dict[tuple[int, int], float] = {}  # (stage, replica) -> end time of the last span counted
         self._lock = threading.Lock()
 
     def observe_http(self, route: str, status: int, seconds: float) -> None:
@@ -63,15 +64,16 @@ class Metrics:
         lo = now - WINDOW_S
         loops = {s: lp.node for lp in pipe.plan.loops for s in lp.stages}
         first_loop_stage = {lp.stages[-1] for lp in pipe.plan.loops}  # one count per step: its last body stage
-        for wlog in pipe.recorder.all_logs():
+        for wlog in pipe.recent_logs(lo):  # other ranks' too (distributed: fetched fresh)
             info = wlog.info
             spans = _copy(wlog.spans)
             busy = sum(max(0.0, min(b, now) - max(a, lo)) for a, b, *_ in spans if b > lo)
             self.busy.labels(str(info.stage), str(info.replica), info.runs).set(round(busy / WINDOW_S, 4))
-            seen = self._seen.get(id(wlog), float("-inf"))
+            key = (info.stage, info.replica)
+            seen = self._seen.get(key, float("-inf"))
             fresh = [s for s in spans if s[1] > seen]
             if fresh:
-                self._seen[id(wlog)] = max(s[1] for s in fresh)
+                self._seen[key] = max(s[1] for s in fresh)
             for _a, _b, _mb, n, name in fresh:
                 if info.stage == 0 and name in ("compute", "chunk"):
                     self.mb.observe(n)

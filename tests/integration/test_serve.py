@@ -314,6 +314,11 @@ def test_distributed_serving_answers_like_threads_and_stops_gracefully() -> None
         code, body, _ = s.post("/v1/pipelines/run", {"inputs": {"x": [1, 2, 3, 4]}})
         assert code == 200 and body["outputs"]["y"] == [2.21875, 3.625, 5.03125, 6.4375], body  # as the threads backend
         assert set(body["timings"]["stages_s"]) == {"stage0", "stage1"}  # one stage per rank
+        from prometheus_client.parser import text_string_to_metric_families
+
+        busy = {smp.labels["stage"]: smp.value for f in text_string_to_metric_families(s.get("/metrics")[1])
+                if f.name == "mmpipe_stage_busy_ratio" for smp in f.samples}
+        assert set(busy) == {"0", "1"} and busy["1"] > 0, busy  # rank 1's stage copy too
         with ThreadPoolExecutor(1) as pool:
             late = pool.submit(s.post, "/v1/pipelines/run", {"inputs": {"x": [1, 2, 3, 4]}})
             time.sleep(0.3)  # in stage 0 on rank 0; it still needs rank 1 after the signal

@@ -7,7 +7,8 @@
 # Writes $OUT/report.md (and logs) with: the machine; the CUDA tests; whisper_stt and
 # sd_txt2img on cuda (parity against CPU and against transformers/diffusers on the same
 # weights, fp32 and fp16, split vs unsplit, timings); the distributed backend on CUDA
-# (two ranks sharing the GPU, tensors staged through host memory). Each step has its own
+# (two ranks sharing the GPU, tensors staged through host memory); mmpipe serve on cuda against
+# offline and a hand-written server. Each step has its own
 # time limit, and a failed step is reported without stopping the others.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -84,4 +85,10 @@ step "sd distributed, 2 ranks on cuda:0 (host staging)" 300 $MM run "${S[@]}" pl
 step "sd parity vs diffusers on cuda, timings" 300 $PY benchmarks/gpu_check.py sd "$RUNS"
 
 step "summary of all runs" 60 $PY benchmarks/gpu_check.py summary "$RUNS"
+
+# ---- serving on cuda (after the summary: the report above stands if time runs out here): mmpipe serve
+# against mmpipe run offline and a hand-written FastAPI server with the model on the same device
+step "serve whisper on cuda: 1 and 16 clients" 240 $PY benchmarks/serve.py --quick --only whisper --set placement=$DEV \
+  --set "model.path=$WHISPER" --whisper-model "$WHISPER" --device $DEV
+step "serve sd on cuda: 8 clients" 180 $PY benchmarks/serve.py --quick --only sd --set placement=$DEV --device $DEV
 echo "report: $REPORT"

@@ -12,7 +12,12 @@ ver() { "$PY" -c "import importlib.metadata as m; print(m.version('$1'))"; }
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .gpu/whl \
   "hydra-core==$(ver hydra-core)" "omegaconf==$(ver omegaconf)" "diffusers==$(ver diffusers)" \
-  "soundfile==$(ver soundfile)"  # CLIP's vocabulary ships in graphs/assets
+  "soundfile==$(ver soundfile)" \
+  `# mmpipe serve and the hand-written baselines (the image has uvicorn's click/h11, httpx, prometheus-client)` \
+  "fastapi==$(ver fastapi)" "starlette==$(ver starlette)" "uvicorn==$(ver uvicorn)" "pydantic==$(ver pydantic)" \
+  "pydantic-core==$(ver pydantic-core)" "annotated-types==$(ver annotated-types)" "typing-inspection==$(ver typing-inspection)" \
+  "python-multipart==$(ver python-multipart)" "opentelemetry-api==$(ver opentelemetry-api)" "annotated-doc==$(ver annotated-doc)" \
+  "typing-extensions==$(ver typing-extensions)" "anyio==$(ver anyio)"  # CLIP's vocabulary ships in graphs/assets
 "$PY" -m pip wheel -q --no-deps -w .gpu/whl "antlr4-python3-runtime==$(ver antlr4-python3-runtime)"  # sdist only on PyPI
 "$PY" - <<'PYEOF'
 from ctranslate2.converters import TransformersConverter

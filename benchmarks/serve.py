@@ -6,6 +6,7 @@ The same for sd_txt2img with 8 clients (hand-written: diffusers' StableDiffusion
     python benchmarks/serve.py                      # whisper (1, 4, 16, 64 clients) and sd (8 clients)
     python benchmarks/serve.py --quick              # fewer requests, clients 1 and 16, sd with 8 (32 requests)
     python benchmarks/serve.py --only whisper --clients 1,4 --requests 16
+    python benchmarks/serve.py --quick --device cuda --set placement=cuda   # on a GPU (benchmarks/gpu.sh)
 
 Every party is a process of its own: the server, the clients (one process per load level,
 a thread per client, each sending its next request when the last one answered), and each
@@ -161,8 +162,8 @@ import io, soundfile as sf, torch, uvicorn
 from fastapi import FastAPI, UploadFile, File, Form
 from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperTokenizerFast
 from mmpipe.graphs.whisper_model import resolve_model_dir
-root = resolve_model_dir("package:tiny_en")
-model = WhisperForConditionalGeneration.from_pretrained(root).eval()
+root = resolve_model_dir(MODEL)
+model = WhisperForConditionalGeneration.from_pretrained(root).eval().to(DEVICE)
 fe, tok = WhisperFeatureExtractor.from_pretrained(root), WhisperTokenizerFast.from_pretrained(root)
 app = FastAPI()
 @app.get("/health")
@@ -170,7 +171,7 @@ def health(): return {"status": "ok"}
 @app.post("/v1/audio/transcriptions")
 def transcribe(file: UploadFile = File(...), model_name: str = Form("whisper-1", alias="model")):
     wave, sr = sf.read(io.BytesIO(file.file.read()), dtype="float32")
-    f = fe(wave, sampling_rate=sr, return_tensors="pt").input_features
+    f = fe(wave, sampling_rate=sr, return_tensors="pt").input_features.to(DEVICE)
     with torch.inference_mode():
         ids = model.generate(f, num_beams=1)
     return {"text": tok.batch_decode(ids, skip_special_tokens=True)[0].strip()}
@@ -183,7 +184,7 @@ import base64, io, torch, uvicorn
 from fastapi import FastAPI, Request
 from diffusers import StableDiffusionPipeline
 from mmpipe.graphs.diffusion_models import ensure_model
-pipe = StableDiffusionPipeline.from_pretrained(str(ensure_model("tiny_random")), safety_checker=None)
+pipe = StableDiffusionPipeline.from_pretrained(str(ensure_model("tiny_random")), safety_checker=None).to(DEVICE)
 pipe.set_progress_bar_config(disable=True)
 app = FastAPI()
 @app.get("/health")
@@ -207,8 +208,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def handwritten(source: str) -> tuple[subprocess.Popen[str], str]:
-    code = f"PORT = {free_port()}\n" + source
+def handwritten(source: str, device: str, model: str) -> tuple[subprocess.Popen[str], str]:
+    code = f"PORT, DEVICE, MODEL = {free_port()}, {device!r}, {model!r}\n" + source
     return start([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
@@ -234,7 +235,8 @@ def offline(recipe: str, overrides: list[str], n: int, kind: str) -> float:
 
 
 # ------------------------------------------------------------------ the driver
-def bench(name: str, recipe: str, overrides: list[str], kind: str, levels: list[int], requests: int, hand_src: str) -> list[tuple[str, ...]]:
+def bench(name: str, recipe: str, overrides: list[str], kind: str, levels: list[int], requests: int, hand_src: str,
+          device: str = "cpu", model: str = "package:tiny_en") -> list[tuple[str, ...]]:
     rows: list[tuple[str, ...]] = [("method", "clients", "requests", "req/s", "p50 s", "p95 s", "mean micro-batch", "client CPU ms/req", "errors")]
     print(f"[{name}] offline mmpipe run ...", file=sys.stderr)
     rps = offline(recipe, overrides, requests, kind)
@@ -253,7 +255,7 @@ def bench(name: str, recipe: str, overrides: list[str], kind: str, levels: list[
                          f"{r['p95_s']:.3f}", mb, f"{r['client_cpu_ms']:.1f}", str(r["n_errors"])))
     finally:
         stop(server)
-    server, url = handwritten(hand_src)
+    server, url = handwritten(hand_src, device, model)
     try:
         load(url, kind, 2, 4)
         for c in levels:
@@ -279,6 +281,10 @@ def main() -> None:
     ap.add_argument("--sd-clients", default="8")
     ap.add_argument("--only", choices=["whisper", "sd"])
     ap.add_argument("--quick", action="store_true", help="32 requests, clients 1 and 16; sd: 32 requests")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a recipe override for mmpipe (offline and served), e.g. placement=cuda; repeatable")
+    ap.add_argument("--device", default="cpu", help="where the hand-written servers run their model")
+    ap.add_argument("--whisper-model", default="package:tiny_en", help="the hand-written Whisper server's model (as model.path)")
     a = ap.parse_args()
     if a.client:
         return client_main(a)
@@ -287,10 +293,10 @@ def main() -> None:
     levels = [1, 16] if a.quick else [int(x) for x in a.clients.split(",")]
     n = 32 if a.quick else a.requests
     if a.only in (None, "whisper"):
-        print(table(bench("whisper", "whisper_stt", GREEDY, "audio", levels, n, HANDWRITTEN_WHISPER)))
+        print(table(bench("whisper", "whisper_stt", GREEDY + a.set, "audio", levels, n, HANDWRITTEN_WHISPER, a.device, a.whisper_model)))
     if a.only in (None, "sd"):
         sd_levels = [int(x) for x in a.sd_clients.split(",")]
-        print(table(bench("sd", "sd_txt2img", SD, "image", sd_levels, 32 if a.quick else max(64, n), HANDWRITTEN_SD)))
+        print(table(bench("sd", "sd_txt2img", SD + a.set, "image", sd_levels, 32 if a.quick else max(64, n), HANDWRITTEN_SD, a.device)))
     print(f"(load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores: other processes share them)")
 
 

@@ -184,13 +184,19 @@ class DistFabric(Fabric):
         while not self.stopping():
             with self.retire_cond:
                 self.retire_cond.wait(RETIRE_S)
-                due = [k for k, v in self.retiring.items() if v]
-            for k in due:
-                if self.link is not None and k not in self.link.lost:
-                    try:
-                        self._send(k, (CREDIT, None, 0))  # an envelope: the retired requests ride on it
-                    except (PeerLost, Stopped):
-                        pass
+            self.flush_retired()
+
+    def flush_retired(self) -> None:
+        """Announce every finished request not announced yet (rank 0; before a new run, so
+        a request id used again is never forgotten by a late announcement)."""
+        with self.retire_cond:
+            due = [k for k, v in self.retiring.items() if v]
+        for k in due:
+            if self.link is not None and k not in self.link.lost:
+                try:
+                    self._send(k, (CREDIT, None, 0))  # an envelope: the retired requests ride on it
+                except (PeerLost, Stopped):
+                    pass
 
     # ------------------------------------------------------------ receiving
     def on_message(self, src: int, msg: Any) -> None:

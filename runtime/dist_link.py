@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import queue
 import re
-from collections import deque
 import threading
 import time
+from collections import deque
 from typing import Any, Callable
 
 import torch
@@ -55,7 +55,7 @@ class Link:
         self.peer_timeout_s = peer_timeout_s
         self.nccl, self.nccl_peers = nccl, nccl_peers or set()
         self.peers = [k for k in range(world) if k != rank]
-        self.locks = {k: threading.Lock() for k in self.peers}  # held while a message is on the wire
+        self.locks = {k: threading.Lock() for k in self.peers}  # held while a message is posted (keeps the order)
         # per peer: (buf, gpu) for the sender thread to post, () to wake it up
         self.outbox: dict[int, queue.SimpleQueue[Any]] = {k: queue.SimpleQueue() for k in self.peers}
         # per peer, in order: (works, buf) of messages posted by workers (buffers live until sent)

@@ -337,6 +337,7 @@ class DistributedPipeline(Pipeline):
         """A new measurement: the other ranks clear their logs too."""
         link = self.fabric.link  # type: ignore[attr-defined]
         if link is not None and self._connected:
+            self.fabric.flush_retired()  # type: ignore[attr-defined]
             link.broadcast(("reset",))
 
     @property

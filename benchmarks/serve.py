@@ -2,6 +2,9 @@
 (a) ``mmpipe run`` offline on the same files and (b) a minimal hand-written FastAPI server
 that calls transformers' ``generate`` once per request (what a user would write by hand).
 The same for sd_txt2img with 8 clients (hand-written: diffusers' StableDiffusionPipeline).
+Per load level it also runs (a') the same closed loop of clients without HTTP (threads
+calling ``Pipeline.submit``): offline has every request in flight at once, a closed loop
+of C clients at most C, so (a') tells the cost of the concurrency from that of HTTP.
 
     python benchmarks/serve.py                      # whisper (1, 4, 16, 64 clients) and sd (8 clients)
     python benchmarks/serve.py --quick              # fewer requests, clients 1 and 16, sd with 8 (32 requests)
@@ -213,25 +216,65 @@ def handwritten(source: str, device: str, model: str) -> tuple[subprocess.Popen[
     return start([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
+def _inputs(d: Path, n: int, kind: str) -> list[str]:
+    """The overrides that give a recipe the same n inputs as the clients send."""
+    if kind == "audio":
+        (d / "in").mkdir()
+        for i in range(n):
+            (d / "in" / f"r{i:04d}.wav").symlink_to(CLIPS[i % len(CLIPS)])
+        return [f"input={d / 'in'}"]
+    (d / "prompts.txt").write_text("".join(PROMPTS[i % len(PROMPTS)] + "\n" for i in range(n)))
+    return [f"prompts={d / 'prompts.txt'}"]
+
+
 def offline(recipe: str, overrides: list[str], n: int, kind: str) -> float:
     """``mmpipe run`` on the same n inputs in a process of its own: requests per second (run
     time from its summary, model loading excluded, as for the servers)."""
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
-        if kind == "audio":
-            (d / "in").mkdir()
-            for i in range(n):
-                (d / "in" / f"r{i:04d}.wav").symlink_to(CLIPS[i % len(CLIPS)])
-            inputs = [f"input={d / 'in'}"]
-        else:
-            (d / "prompts.txt").write_text("".join(PROMPTS[i % len(PROMPTS)] + "\n" for i in range(n)))
-            inputs = [f"prompts={d / 'prompts.txt'}"]
-        r = subprocess.run([sys.executable, "-m", "mmpipe", "run", recipe, *overrides, *inputs, f"output_dir={d / 'out'}", "-q"],
+        r = subprocess.run([sys.executable, "-m", "mmpipe", "run", recipe, *overrides, *_inputs(d, n, kind), f"output_dir={d / 'out'}", "-q"],
                            cwd=ROOT, capture_output=True, text=True, timeout=3600)
         if r.returncode:
             raise RuntimeError(r.stderr[-3000:])
         s = json.loads((d / "out" / "summary.json").read_text())
         return n / float(s["wall_s"])
+
+
+CLOSED_LOOP = '''
+import json, sys, tempfile, threading, time
+from mmpipe.api import compile, open_pipeline, requests_of
+reqs = requests_of(plan := compile(RECIPE, OVERRIDES))
+with tempfile.TemporaryDirectory() as out, open_pipeline(plan, output_dir=out) as pipe:  # images are written, as the server does
+    def level(n):
+        todo, lock = list(range(n)), threading.Lock()
+        def client():
+            while True:
+                with lock:
+                    if not todo:
+                        return
+                    i = todo.pop(0)
+                assert pipe.submit(reqs[i % len(reqs)]).result().ok
+        threads = [threading.Thread(target=client) for _ in range(CLIENTS)]
+        t0 = time.perf_counter()
+        for t in threads: t.start()
+        for t in threads: t.join()
+        return n / (time.perf_counter() - t0)
+    level(2 * CLIENTS)  # untimed, as for the servers
+    print(json.dumps(level(len(reqs))))
+'''
+
+
+def closed_loop(recipe: str, overrides: list[str], n: int, kind: str, clients: int) -> float:
+    """The same closed loop of ``clients`` without HTTP: threads calling ``Pipeline.submit``
+    through the Python API, in a process of its own; requests per second. It separates what
+    the concurrency costs (fewer requests to batch than offline) from what HTTP costs."""
+    with tempfile.TemporaryDirectory() as tmp:
+        code = f"RECIPE, OVERRIDES, CLIENTS = {recipe!r}, {overrides + _inputs(Path(tmp), n, kind)!r}, {clients}\n" + CLOSED_LOOP
+        r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=3600,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+        if r.returncode:
+            raise RuntimeError(r.stderr[-3000:])
+        return float(r.stdout.strip().splitlines()[-1])
 
 
 # ------------------------------------------------------------------ the driver
@@ -241,6 +284,10 @@ def bench(name: str, recipe: str, overrides: list[str], kind: str, levels: list[
     print(f"[{name}] offline mmpipe run ...", file=sys.stderr)
     rps = offline(recipe, overrides, requests, kind)
     rows.append((f"(a) mmpipe run {recipe} (offline)", "-", str(requests), f"{rps:.2f}", "-", "-", "-", "-", "0"))
+    for c in levels:
+        print(f"[{name}] Python API, {c} closed-loop clients ...", file=sys.stderr)
+        rows.append(("(a') the same closed loop, no HTTP", str(c), str(max(requests, c)),
+                     f"{closed_loop(recipe, overrides, max(requests, c), kind, c):.2f}", "-", "-", "-", "-", "0"))
     server, url = start([sys.executable, "-m", "mmpipe", "serve", recipe, *overrides, "--port", "0"])
     try:
         load(url, kind, 4, 8)  # warm-up

@@ -164,7 +164,7 @@ def method(name: str, recipe: str, overrides: list[str], threads: int, repeat: i
             args += ["--direct"] if direct else []
             args += ["--"] + overrides
         if nproc > 1:
-            args = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] + args
+            args = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", f"--log-dir={tmp}/elastic"] + args
         r = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=1800)
         if r.returncode != 0 or not out.exists():
             raise RuntimeError(f"{name} failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")

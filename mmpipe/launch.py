@@ -40,7 +40,10 @@ def rank_overrides(overrides: list[str]) -> list[str]:
 def launch_local(plan: Any, argv: list[str], graceful: bool = False) -> int:
     """Start ``plan.nproc`` local ranks running ``mmpipe`` with ``argv``; rank 0's exit code.
     ``graceful``: signals go to rank 0 alone (see the module docstring)."""
-    from torch.distributed.elastic.multiprocessing.api import SignalException
+    import shutil
+    import tempfile
+
+    from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs, SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -53,9 +56,13 @@ def launch_local(plan: Any, argv: list[str], graceful: bool = False) -> int:
     for name in list(logging.root.manager.loggerDict):  # we name a failed rank ourselves
         if name.startswith("torch.distributed.elastic"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
+    # the agent's own files (error reports it reads before returning) go to a folder removed
+    # afterwards, not to a new /tmp/torchelastic_* per run; rank logs are in <output_dir>/logs
+    agent_dir = tempfile.mkdtemp(prefix="mmpipe-launch-")
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=f"mmpipe-{uuid.uuid4().hex[:8]}",
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2,
-                          shutdown_timeout=15)  # room for rank 0 to save what finished after a signal
+                          shutdown_timeout=15,  # room for rank 0 to save what finished after a signal
+                          logs_specs=DefaultLogsSpecs(log_dir=agent_dir))
     try:
         launch = lambda: elastic_launch(config, entrypoint=sys.executable)("-m", "mmpipe", *argv)  # noqa: E731
         if graceful:
@@ -84,6 +91,8 @@ def launch_local(plan: Any, argv: list[str], graceful: bool = False) -> int:
         return 143 if exc.sigval == signal.SIGTERM else 130
     except KeyboardInterrupt:
         return 130
+    finally:
+        shutil.rmtree(agent_dir, ignore_errors=True)
 
 
 def _to_driver(launch: Callable[[], Any]) -> None:

@@ -277,11 +277,12 @@ def offline(recipe: str, overrides: list[str], n: int, kind: str) -> float:
 
 
 CLOSED_LOOP = '''
-import json, sys, tempfile, threading, time
+import dataclasses, json, sys, tempfile, threading, time
 from mmpipe.api import compile, open_pipeline, requests_of
 reqs = requests_of(plan := compile(RECIPE, OVERRIDES))
 with tempfile.TemporaryDirectory() as out, open_pipeline(plan, output_dir=out) as pipe:  # images are written, as the server does
-    def level(n):
+    errors = []
+    def level(n, tag):
         todo, lock = list(range(n)), threading.Lock()
         def client():
             while True:
@@ -289,14 +290,18 @@ with tempfile.TemporaryDirectory() as out, open_pipeline(plan, output_dir=out) a
                     if not todo:
                         return
                     i = todo.pop(0)
-                assert pipe.submit(reqs[i % len(reqs)]).result().ok
+                r = reqs[i % len(reqs)]  # an id of its own: the same input may be in flight twice
+                if not pipe.submit(dataclasses.replace(r, id=f"{r.id}-{tag}{i}")).result().ok:
+                    errors.append(i)
         threads = [threading.Thread(target=client) for _ in range(CLIENTS)]
         t0 = time.perf_counter()
         for t in threads: t.start()
         for t in threads: t.join()
         return n / (time.perf_counter() - t0)
-    level(2 * CLIENTS)  # untimed, as for the servers
-    print(json.dumps(level(len(reqs))))
+    level(2 * CLIENTS, "w")  # untimed, as for the servers
+    rps = level(len(reqs), "t")
+    assert not errors, f"{len(errors)} requests failed"
+    print(json.dumps(rps))
 '''
 
 

@@ -152,7 +152,7 @@ class Prompts(SourceKind[PromptsConfig]):
                                 "(e.g. iconv -f latin1 -t utf-8 in.txt > out.txt)") from None
             if "\0" in text:
                 raise UserError("file", f"prompts file '{cfg.file}' holds NUL bytes: a binary file, not text",
-                                "give a text file with one prompt per line") from None
+                                "give a text file with one prompt per line")
             return [ln.strip() for ln in text.splitlines() if ln.strip()]
         return [cfg.prompt] if cfg.prompt else []
 

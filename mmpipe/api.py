@@ -178,10 +178,11 @@ class RecipePipeline:
             raise UserError("inputs", f"recipe '{self.plan.recipe}' takes neither audio nor a prompt per call",
                             "run its own requests with mmpipe.api.run(recipe, overrides)")
         mine = {k: v for k, v in params.items() if k in known}
+        extra = {k: v for k, v in params.items() if k not in known}
+        source = get_source(self.plan.source["kind"])  # type: ignore[index]
         reqs = []
         for item in items:
-            for r in get_source(self.plan.source["kind"]).requests(dataclasses.replace(cfg, **{**mine, "prompt": item, "file": None})):  # type: ignore[union-attr,index]
-                extra = {k: v for k, v in params.items() if k not in known}
+            for r in source.requests(dataclasses.replace(cfg, **{**mine, "prompt": item, "file": None})):  # type: ignore[union-attr]
                 reqs.append(Request(id=self._id(), values=r.values, input={**r.input, **extra}, params={**r.params, **extra}))
         return reqs
 

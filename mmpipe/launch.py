@@ -99,22 +99,17 @@ def _to_driver(launch: Callable[[], Any]) -> None:
     """Run ``launch`` in a helper thread (torch's agent then installs no signal handlers of
     its own) while this main thread passes SIGTERM and SIGINT on to rank 0 alone."""
     import tempfile
-    import threading
+    from pathlib import Path
+
+    from mmpipe.runtime.dist_pipeline import interruptible
 
     fd, pidfile = tempfile.mkstemp(prefix="mmpipe-driver-", suffix=".pid")
     os.close(fd)
     os.environ[DRIVER_PIDFILE] = pidfile
-    box: dict[str, BaseException] = {}
-
-    def body() -> None:
-        try:
-            launch()
-        except BaseException as exc:  # handed to the caller
-            box["error"] = exc
 
     def forward(signum: int, frame: Any) -> None:
         try:
-            pid = int(open(pidfile).read().strip() or 0)
+            pid = int(Path(pidfile).read_text().strip() or 0)
         except (OSError, ValueError):
             pid = 0
         for target in [pid] if pid else _children():  # before rank 0 started: every rank
@@ -124,11 +119,8 @@ def _to_driver(launch: Callable[[], Any]) -> None:
                 pass
 
     saved = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
-    t = threading.Thread(target=body, name="mmpipe-launch", daemon=True)
     try:
-        t.start()
-        while t.is_alive():
-            t.join(0.2)
+        interruptible(launch)
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
@@ -137,8 +129,6 @@ def _to_driver(launch: Callable[[], Any]) -> None:
             os.unlink(pidfile)
         except OSError:
             pass
-    if "error" in box:
-        raise box["error"]
 
 
 def _children() -> list[int]:

@@ -9,7 +9,6 @@ that came from resolvers such as ``${oc.env:VAR}`` redacted.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import re
@@ -100,8 +99,7 @@ def _run(plan: Any, loaded: Any, rd: Any, config: dict[str, Any], secrets: dict[
     setup_s = time.perf_counter() - t_setup
     bar = _progress(len(requests), quiet)
     steps = StepBars(quiet, position=1 if bar else 0)
-    # only the threads backend reports loop steps of unfinished items
-    kw = {"on_progress": steps.update} if "on_progress" in inspect.signature(ex.run).parameters else {}
+    kw = {} if quiet else {"on_progress": steps.update}  # loop steps of unfinished items (pipelines report them)
     t0 = time.perf_counter()
     try:
         try:

@@ -56,7 +56,7 @@ class DistFabric(Fabric):
         self.wait_stored_s = float(plan.runtime.get("timeout_s", 600))
         self.control: Callable[[int, Any], None] = lambda src, msg: None  # stats/stop/log, set by the pipeline
         self.collect_q: "queue.SimpleQueue[tuple[list[ItemMeta], dict[str, Any]] | None]" = queue.SimpleQueue()
-        # Credits go back in batches (half an inbox at a time, or at once when it empties);
+        # Credits go back with the next message to their sender, alone once half an inbox is owed;
         # finished requests are announced in batches too (failed ones at once), riding on
         # the next message to each rank, else sent within RETIRE_S.
         self.owed: dict[tuple[int, Addr], int] = {}

@@ -105,23 +105,21 @@ class Link:
             raise PeerLost(f"rank {peer} is gone")
         nccl_to = device if self.nccl is not None and peer in self.nccl_peers and device.startswith("cuda") else None
         buf, gpu = encode(msg, nccl_to)
-        if not gpu and threading.get_ident() not in self.receivers:
-            with self.locks[peer]:
-                if not self.unposted[peer]:  # nothing queued ahead of it: post it here
-                    try:
-                        works = self._post(peer, buf)
-                    except Exception as exc:
-                        self._lost(peer, f"sending failed: {_short(exc)}")
-                        raise PeerLost(f"rank {peer}: {exc}") from exc
-                    self.queued[peer] += 1
-                    self.posted[peer].append((works, buf))
-                    if self.parked[peer]:
-                        self.outbox[peer].put(())
-                    return
+        inline = not gpu and threading.get_ident() not in self.receivers
         with self.locks[peer]:
-            self.unposted[peer] += 1
             self.queued[peer] += 1
-        self.outbox[peer].put((buf, gpu))
+            if inline and not self.unposted[peer]:  # nothing queued ahead of it: post it here
+                try:
+                    works = self._post(peer, buf)
+                except Exception as exc:
+                    self._lost(peer, f"sending failed: {_short(exc)}")
+                    raise PeerLost(f"rank {peer}: {exc}") from exc
+                self.posted[peer].append((works, buf))
+                if self.parked[peer]:
+                    self.outbox[peer].put(())
+                return
+            self.unposted[peer] += 1
+            self.outbox[peer].put((buf, gpu))
 
     def _post(self, peer: int, buf: torch.Tensor) -> list[Any]:
         """Post one message's parts (the caller holds the peer's lock)."""

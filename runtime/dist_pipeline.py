@@ -212,9 +212,8 @@ class _Ranks:
 
     def control(self, src: int, msg: Any) -> None:
         kind = msg[0]
-        if kind == "stats?":  # ("stats?", token[, since]): worker logs, only spans ended after ``since``
-            since = msg[2] if len(msg) > 2 else None
-            logs = [lg.export(self.offset, since) for lg in self.core.recorder.logs]
+        if kind == "stats?":  # ("stats?", token, since): worker logs, only spans ended after ``since`` (None: all)
+            logs = [lg.export(self.offset, msg[2]) for lg in self.core.recorder.logs]
             self.fabric._send(src, ("stats", msg[1], logs, rank_info(self.threads)))
         elif kind == "stats":
             with self.stats_cond:
@@ -243,13 +242,18 @@ class _Ranks:
             self.stats_got = {}
             token = self.stats_token
         assert self.fabric.link is not None
-        self.fabric.link.broadcast(("stats?", token) if since is None else ("stats?", token, since))
+        self.fabric.link.broadcast(("stats?", token, since))
         deadline = time.monotonic() + wait_s
         alive = [k for k in range(1, self.world) if k not in self.fabric.link.lost]
         with self.stats_cond:
             while len(self.stats_got) < len(alive) and time.monotonic() < deadline:
                 self.stats_cond.wait(0.05)
             return dict(self.stats_got)
+
+
+def _logs_of(got: dict[int, Any]) -> list[WorkerLog]:
+    """The worker logs in ``remote_stats``'s answers, by rank."""
+    return [WorkerLog.load(d) for k in sorted(got) for d in got[k][0]]
 
 
 class LinkLogHandler(logging.Handler):
@@ -316,7 +320,7 @@ class DistributedPipeline(Pipeline):
             return
         rec = self.recorder
         got = self.ranks.remote_stats(wait_s)
-        rec.remote = [WorkerLog.load(d) for k in sorted(got) for d in got[k][0]]
+        rec.remote = _logs_of(got)
         rec.ranks = {0: rank_info(self.ranks.threads), **{k: got[k][1] for k in got}}
 
     def recent_logs(self, since: float, wait_s: float = 2.0) -> list[WorkerLog]:
@@ -324,8 +328,7 @@ class DistributedPipeline(Pipeline):
         clock): this process's own, and fresh copies from the other ranks."""
         logs = list(self.recorder.logs)
         if self._connected and self._started:
-            got = self.ranks.remote_stats(wait_s, since)
-            logs += [WorkerLog.load(d) for k in sorted(got) for d in got[k][0]]
+            logs += _logs_of(self.ranks.remote_stats(wait_s, since))
         return logs
 
     def stream(self, requests: Any, on_progress: Any = None) -> Any:

@@ -132,10 +132,7 @@ class RequestTable:
                 rec = self._live.pop(rid, None)
             if rec is not None:
                 gone.append(rec)
-        times: Times = {}
-        if gone:  # forget what is held for them before anyone sees them resolved
-            times = self.times.take([rec.req.id for rec in gone])  # before retiring, which forgets them
-            self.on_retired([rec.req.id for rec in gone], True)
+        times = self._retire([rec.req.id for rec in gone], True) if gone else {}
         for rec in gone:
             self._resolve(rec, Result(rec.req.id, rec.req.input, error=dict(error, requests=error.get("requests") or [rec.req.id])),
                           times.get(rec.req.id, {}))
@@ -208,14 +205,17 @@ class RequestTable:
         except Exception as exc:  # a gather hook failed: this request's error only
             res = Result(rid, rec.req.input, error={"type": type(exc).__name__, "message": str(exc), "stage": self.plan.num_stages,
                                                     "node": "outputs", "requests": [rid]})
-        per = self.times.take([rid]).get(rid, {})  # before retiring, which forgets them
-        self.on_retired([rid], False)  # before the future resolves: a caller then finds nothing held for it
-        self._resolve(rec, res, per)
+        self._resolve(rec, res, self._retire([rid], False).get(rid, {}))
 
-    def _resolve(self, rec: _Live, res: Result, per: dict[int, float] | None = None) -> None:
+    def _retire(self, rids: list[str], failed: bool) -> Times:
+        """Forget what is held for these requests before anyone sees them resolved (a caller
+        then finds nothing held for them); their booked stage times, taken first."""
+        times = self.times.take(rids)
+        self.on_retired(rids, failed)
+        return times
+
+    def _resolve(self, rec: _Live, res: Result, per: dict[int, float]) -> None:
         lat = time.perf_counter() - rec.t0
-        if per is None:
-            per = self.times.take([rec.req.id]).get(rec.req.id, {})
         res.timings = {"stages_s": {f"stage{s}": round(v, 6) for s, v in sorted(per.items()) if v}, "latency_s": round(lat, 6)}
         self.on_resolved(rec.req.id, rec.t0, res.ok)
         if rec.keep:

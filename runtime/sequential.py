@@ -49,7 +49,9 @@ class SequentialExecutor:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def run(self, requests: list[Request], progress: Progress | None = None) -> list[Result]:
+    def run(self, requests: list[Request], progress: Progress | None = None, on_progress: Any = None) -> list[Result]:
+        """Results in request order; ``on_progress`` is accepted for the pipelines' interface
+        and not called (one request at a time: no partial progress to report)."""
         if not self.insts:
             self.start()
         self.recorder.reset()

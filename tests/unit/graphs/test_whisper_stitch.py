@@ -35,8 +35,7 @@ def test_times_never_run_backwards_after_a_merge() -> None:
     b = wt.WindowSegments([_seg(23.0, 35.0, "five six seven"), _seg(35.0, 40.0, "eight")], (27.0, 40.0), 4.0, False)
     segs = wt.gather_segments([a, b])
     assert " ".join(s["text"] for s in segs) == "one two three four five six seven eight"
-    _assert_monotonic(segs)
-    assert segs[-2]["start"] >= 27.0 or segs[-2]["start"] >= segs[-3]["end"]
+    _assert_monotonic(segs)  # the kept half starts no earlier than the last kept segment ends
 
 
 def test_times_never_run_backwards_on_random_windows() -> None:

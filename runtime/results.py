@@ -1,12 +1,14 @@
 """Results per request, and the files ``mmpipe run`` writes (results.jsonl, summary.json)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from mmpipe.dsl.plan import Plan
 from mmpipe.graphs.base import ItemMeta
@@ -132,11 +134,14 @@ class ResultsFile:
             raise
 
     def write(self, r: Result) -> None:
-        """Append one line (a full disk: nothing of it stays, and the error is raised)."""
+        """Append one line (a full disk: nothing of it stays, and the error is raised). The
+        line and its record go together: Ctrl-C or SIGTERM waits until both are done, so
+        the summary of an interrupted run counts exactly the lines on disk."""
         line = json.dumps(r.to_json())
-        self._append(line + "\n")
-        self.lines[r.id] = line
-        self.written.append(r)
+        with _signals_held():
+            self._append(line + "\n")
+            self.lines[r.id] = line
+            self.written.append(r)
 
     def finish(self, order: list[str]) -> None:
         """The run completed: the same lines (a resumed run's too), in request order."""
@@ -149,6 +154,21 @@ class ResultsFile:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM are delivered after the block, not inside it (POSIX; this thread)."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    except (AttributeError, OSError, ValueError):  # no POSIX signal masks here
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def summarize(plan: Plan, results: list[Result], wall_s: float, stats: dict[str, Any], config: dict[str, Any] | None = None,

@@ -138,9 +138,13 @@ def model_of(node: PlanNode) -> str | None:
 
 
 def intra_op_threads(runtime: dict[str, Any], cores: int | None = None) -> int:
-    """The intra-op threads a stage runs with: ``runtime.threads_per_rank`` (or cores / local
-    ranks) when distributed; ``OMP_NUM_THREADS`` or the cores in one process."""
+    """The intra-op threads a stage runs with: ``runtime.threads_per_stage`` when set, else
+    ``runtime.threads_per_rank`` (or cores / local ranks) when distributed, else
+    ``OMP_NUM_THREADS`` or the cores in one process."""
     cores = cores or os.cpu_count() or 1
+    per_stage = int(runtime.get("threads_per_stage", 0))
+    if per_stage > 0:
+        return per_stage
     if runtime.get("backend") == "distributed":
         tpr = int(runtime.get("threads_per_rank", 0))
         return tpr if tpr > 0 else max(1, cores // max(1, int(runtime.get("nproc", 1))))

@@ -69,6 +69,10 @@ class RuntimeOptions:
     # Micro-batches allowed inside a loop at once (0: one per loop stage, min 2).
     max_inflight: int = 0
     dtype: str = "float32"
+    # Intra-op threads of each stage worker (0: the process's, i.e. OMP_NUM_THREADS or
+    # the cores; distributed: the rank's). Stages busy at the same time each use them,
+    # so k busy stages on C cores want about C / k.
+    threads_per_stage: int = 0
     # runtime=distributed: processes (ranks) in all, intra-op threads per rank
     # (0: this host's cores divided by its local ranks), how long a silent peer
     # counts as alive, and how tensors travel between ranks.
@@ -276,6 +280,8 @@ def _check_top(top: Top, problems: Problems) -> None:
         problems.add("runtime.nproc", f"must be positive, got {r.nproc}", "e.g. runtime.nproc=2", r.nproc, True)
     elif r.nproc > 1 and r.backend != "distributed":
         problems.add("runtime.nproc", f"runtime.nproc={r.nproc} needs the distributed backend", "add runtime=distributed (or set runtime.nproc=1)", r.nproc, True)
+    if r.threads_per_stage < 0:
+        problems.add("runtime.threads_per_stage", f"must not be negative, got {r.threads_per_stage}", "0 keeps the process's intra-op threads", r.threads_per_stage, True)
     if r.threads_per_rank < 0:
         problems.add("runtime.threads_per_rank", f"must not be negative, got {r.threads_per_rank}", "0 picks cores / local ranks", r.threads_per_rank, True)
     if r.peer_timeout_s <= 0:

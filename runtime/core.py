@@ -11,6 +11,8 @@ import threading
 import time
 from typing import Any, Callable
 
+import torch
+
 from mmpipe.graphs.base import NodeKind
 from mmpipe.runtime.deliver import Outlet
 from mmpipe.runtime.execute import LoopBody
@@ -57,10 +59,12 @@ class Core:
                 if bodies:
                     fabric.loops[(lp.node, r)] = LoopLocal(fabric, lp.node, r, lp.stages, bodies)
         self.workers = []
+        process_threads = torch.get_num_threads()
+        per_stage = int(plan.runtime.get("threads_per_stage", 0))
         for log, (s, r) in zip(self.recorder.logs, self.addrs):
             st = plan.stages[s]
             spec = WorkerSpec(fabric, (s, r), fabric.device_of((s, r)), [(u, self.insts[(s, r, u.node, u.piece)]) for u in st.units],
-                              Outlet(fabric, fabric.routes, s, r, fabric.device_of((s, r)), log), log, Slot())
+                              Outlet(fabric, fabric.routes, s, r, fabric.device_of((s, r)), log), log, Slot(), threads=per_stage)
             self.workers.append(LoopWorker(spec, fabric.loops[(st.loop, r)]) if st.loop else StageWorker(spec))
         targets = [(w.run, f"stage{w.s}" + (f".{w.r}" if w.r else "")) for w in self.workers] + extra
         targets.append((Watchdog(fabric, self.workers, in_flight).run, "watchdog"))
@@ -68,6 +72,12 @@ class Core:
         self.threads = [threading.Thread(target=fn, name=THREAD_PREFIX + name, daemon=True) for fn, name in targets]
         for t in self.threads:
             t.start()
+        if per_stage > 0 and per_stage != process_threads:
+            # a worker's set_num_threads also changed what threads set up later start with
+            # (the caller's own, for one): back to the process's count once all have set theirs
+            for w in self.workers:
+                w.spec.started.wait(30)
+            torch.set_num_threads(process_threads)
 
     def stop(self, grace_s: float) -> list[str]:
         """Stop and join every thread (a node call cannot be interrupted: a hanging one

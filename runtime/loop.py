@@ -34,7 +34,7 @@ from mmpipe.runtime.channels import Packet, Stopped
 from mmpipe.runtime.execute import LoopBody, NodeError, loop_exit, node_inputs, rows_to_batch
 from mmpipe.runtime.fabric import Fabric
 from mmpipe.runtime.stage import StageWorker, WorkerSpec
-from mmpipe.runtime.transfer import bind_cuda_device, wait_ready
+from mmpipe.runtime.transfer import wait_ready
 
 Finish = tuple[list[ItemMeta], list[int] | None]
 
@@ -91,7 +91,7 @@ class LoopWorker(StageWorker):
 
     def run(self) -> None:
         try:
-            bind_cuda_device(self.device)
+            self.enter_thread()
             idle = lambda: self.loop.drain(self.j)  # noqa: E731
             inbox = self.fabric.inbox(self.addr)
             while True:

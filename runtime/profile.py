@@ -287,8 +287,8 @@ def measure(plan: Plan, requests: list[Request], microbatches: int = 3, warmup: 
 
     if not requests:
         raise ValueError("profiling needs at least one request")
-    if plan.runtime.get("backend") == "distributed":  # as each rank does (the threads backend keeps torch's default)
-        torch.set_num_threads(intra_op_threads(plan.runtime))
+    if plan.runtime.get("backend") == "distributed" or int(plan.runtime.get("threads_per_stage", 0)) > 0:
+        torch.set_num_threads(intra_op_threads(plan.runtime))  # as the stage workers will (else torch's default)
     size = max(1, int(plan.runtime.get("microbatch_size", 1)))
     need = (warmup + microbatches) * size
     reqs = [r if i < len(requests) else Request(f"{r.id}~{i // len(requests)}", r.values, r.input, r.params)

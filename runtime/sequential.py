@@ -9,12 +9,15 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
+import torch
+
 from mmpipe.dsl.plan import Plan, Stage
 from mmpipe.graphs.base import LoopKind, NodeKind, Request
 from mmpipe.runtime.batch import MicroBatch, from_requests, row, to_device
 from mmpipe.runtime.execute import LoopBody, NodeError, Stream, node_inputs, retire_done, rows_to_batch, run_unit
 from mmpipe.runtime.nodes import build_unit
 from mmpipe.runtime.results import Result, assemble
+from mmpipe.runtime.stage import use_threads
 from mmpipe.runtime.trace import Recorder, WorkerInfo
 
 Progress = Callable[[Result], None]
@@ -55,6 +58,17 @@ class SequentialExecutor:
         if not self.insts:
             self.start()
         self.recorder.reset()
+        before = torch.get_num_threads()
+        threads = use_threads(int(self.plan.runtime.get("threads_per_stage", 0)))  # as a pipeline's stage workers
+        for log in self.recorder.logs:
+            log.info.threads = threads
+        try:
+            return self._run_all(requests, progress)
+        finally:
+            if threads != before:
+                torch.set_num_threads(before)
+
+    def _run_all(self, requests: list[Request], progress: Progress | None) -> list[Result]:
         results = []
         for n, req in enumerate(requests):
             t0 = time.perf_counter()

@@ -9,9 +9,12 @@ memory) does not take its neighbours down.
 """
 from __future__ import annotations
 
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
+
+import torch
 
 from mmpipe.dsl.plan import Unit
 from mmpipe.graphs.base import NodeKind, select_rows
@@ -49,6 +52,22 @@ class WorkerSpec:
     outlet: Outlet
     log: WorkerLog
     slot: Slot
+    threads: int = 0  # intra-op threads of this worker (0: the process's)
+    started: threading.Event = field(default_factory=threading.Event)  # set once the worker set its threads
+
+
+def use_threads(n: int) -> int:
+    """Give the calling thread ``n`` intra-op threads (0: keep its count); the count it now has.
+
+    torch keeps the count per thread (OpenMP and MKL settings are per thread), but a
+    thread's first parallel op resets it to the process-wide value: ``get_num_threads``
+    runs that set-up first. ``set_num_threads`` also changes the process-wide value that
+    threads set up later start with; the caller restores it (``Core.start``)."""
+    have = torch.get_num_threads()
+    if n > 0 and n != have:
+        torch.set_num_threads(n)
+        have = torch.get_num_threads()
+    return have
 
 
 class StageWorker:
@@ -65,12 +84,20 @@ class StageWorker:
     def run(self) -> None:
         """Serve the inbox until the pipeline stops."""
         try:
-            bind_cuda_device(self.device)  # this thread's current stream is on our GPU
+            self.enter_thread()
             self.serve()
         except Stopped:
             pass
         except BaseException as exc:  # a runtime bug: fail loudly but never hang the callers
             self.fabric.stall(self.s, "", f"stage {self.s} worker crashed: {type(exc).__name__}: {exc}", kind="RuntimeError")
+
+    def enter_thread(self) -> None:
+        """First thing in the worker's thread: its GPU and its intra-op threads."""
+        try:
+            bind_cuda_device(self.device)  # this thread's current stream is on our GPU
+            self.log.info.threads = use_threads(self.spec.threads)
+        finally:
+            self.spec.started.set()
 
     def serve(self) -> None:
         """Take packets from the inbox and handle them, one at a time."""

@@ -38,6 +38,7 @@ class WorkerInfo:
     device: str
     runs: str
     loop: str | None = None
+    threads: int = 0  # intra-op threads the worker ran with (written by the worker; 0: not known)
 
 
 @dataclass
@@ -135,7 +136,7 @@ class Recorder:
             busy = sum(s[1] - s[0] for s in log.spans)
             busy_total += busy
             stages.append({
-                "stage": w.stage, "replica": w.replica, "rank": w.rank, "runs": w.runs, "device": w.device,
+                "stage": w.stage, "replica": w.replica, "rank": w.rank, "runs": w.runs, "device": w.device, "threads": w.threads,
                 "busy_s": round(busy, 6), "busy_pct": round(100 * busy / wall_s, 2) if wall_s > 0 else 0.0,
                 "calls": len(log.spans), "items": sum(s[3] for s in log.spans),
                 "queue_wait_ms": round(1000 * log.wait_sum / log.waits, 3) if log.waits else 0.0,

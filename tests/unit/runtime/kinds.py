@@ -215,3 +215,24 @@ class KeyedLoop(Loop):
     def end(self, carry: Batch, meta: list[ItemMeta], lanes: list[dict]) -> Any:
         nxt, done, outs = super().end(carry, meta, lanes)
         return nxt, done, {**outs, "_progress": [int(n) for n in nxt["n"].tolist()]}
+
+
+@dataclass(kw_only=True)
+class ThreadsConfig:
+    pass
+
+
+class Threads(NodeKind):
+    """Identity that records the intra-op threads torch gives the thread running it."""
+
+    kind = "testing.threads"
+    Config = ThreadsConfig
+    inputs = (Port("x", "float32", ("B", "D")),)
+    outputs = (Port("y", "float32", ("B", "D")),)
+    seen: list[int] = []  # torch.get_num_threads() per forward call, shared by all instances
+
+    def forward(self, x: Batch, meta: list[ItemMeta]) -> Batch:
+        import torch
+
+        Threads.seen.append(torch.get_num_threads())
+        return {"y": x["x"] * 2}

@@ -143,10 +143,10 @@ def prepare(recipe: Recipe, nodes: dict[str, PlanNode], order: list[str], splitt
     auto.segs = segments(nodes, order, auto.costs, recipe, auto.bandwidth, auto.latency)
     assert auto.resources is not None
     least = least_copies(auto.segs)
-    if not recipe.top.balance.stages and auto.resources.budget < least:
-        # an automatic budget never makes a plan impossible: every heavy node needs a stage
+    grown = not recipe.top.balance.stages and auto.resources.budget < least
+    if grown:  # an automatic budget never makes a plan impossible: every heavy node needs a stage
         auto.resources.budget = least
-        auto.notes.append(f"balancer: the budget grows to {least} stage copies, one per heavy node at least")
+    auto.notes.append(_machine_note(auto, grown))
     try:
         auto.choice = solve(auto.segs, auto.resources)
     except Infeasible as exc:
@@ -196,10 +196,18 @@ def _machine(auto: Auto, recipe: Recipe, nodes: dict[str, PlanNode]) -> None:
     if crossing:
         gbs = bal.bandwidth_gbs if distributed and bal.hosts > 1 else bal.local_bandwidth_gbs
         auto.bandwidth, auto.latency = gbs * 1e9, bal.latency_ms / 1000.0
-    unit = "s" if prof.measured else "(relative)"
-    auto.notes.append(f"balancer: at most {res.budget} stage copies" + (f", {res.cores:g} cores shared" if res.cores else "")
-                      + (f", {res.memory / 2**30:.1f} GiB {'per device' if not res.shared_memory else 'for all copies'}" if res.memory < INF else "")
-                      + (f", transfers at {auto.bandwidth / 1e9:g} GB/s + {1000 * auto.latency:g} ms" if auto.bandwidth else "") + f"; times in {unit}")
+
+
+def _machine_note(auto: Auto, grown: bool) -> str:
+    """What the balancer planned for, as ``mmpipe plan`` says it (``grown``: the automatic
+    budget was raised to one stage copy per heavy node)."""
+    res = auto.resources
+    assert res is not None
+    unit = "s" if auto.costs.measured else "(relative)"
+    return (f"balancer: at most {res.budget} stage copies" + (" (one per heavy node: the automatic budget was smaller)" if grown else "")
+            + (f", {res.cores:g} cores shared" if res.cores else "")
+            + (f", {res.memory / 2**30:.1f} GiB {'per device' if not res.shared_memory else 'for all copies'}" if res.memory < INF else "")
+            + (f", transfers at {auto.bandwidth / 1e9:g} GB/s + {1000 * auto.latency:g} ms" if auto.bandwidth else "") + f"; times in {unit}")
 
 
 def segments(nodes: dict[str, PlanNode], order: list[str], costs: Profile, recipe: Recipe, bandwidth: float, latency: float) -> list[Segment]:

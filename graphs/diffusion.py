@@ -130,6 +130,12 @@ class Denoise(UNetLoop[DenoiseConfig]):
         m = self.cfg.model
         return (m.latent_channels, self.cfg.height // m.vae_scale, self.cfg.width // m.vae_scale)
 
+    def _image_size(self) -> tuple[int, int]:
+        return self.cfg.width, self.cfg.height  # the VAE's output, vae_scale times the latents
+
+    def _guidance(self, m: ItemMeta) -> float | None:
+        return float(self.param(m, "guidance_scale"))
+
     def _context(self, x: Batch, j: int) -> Any:
         import torch
 

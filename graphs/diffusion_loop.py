@@ -239,7 +239,7 @@ class UNetLoop(LoopKind[CU]):
                 lane["uid"] = next(self._uid)
                 if self.is_last:
                     lane["seed"], lane["steps"] = self._seed(meta[j]), self._steps(meta[j])
-                    lane["info"] = self._info(meta[j], lane["steps"])
+                    lane["info"] = self._info(meta[j], lane["seed"], lane["steps"])
                 if self.unet.cross:
                     lane["ctx"] = self._context(x, j)
             if self.is_last:
@@ -342,7 +342,9 @@ class UNetLoop(LoopKind[CU]):
                 if hook is not None:
                     for j in pos:
                         hook(meta[j].request_id, c.i, c.total)
-            outs = {**self._outputs(_in_order(lats, order), lanes), "_progress": progress}
+            outs: Batch = {"_progress": progress}
+            if any(done):  # the runtime reads the outputs of finished items only
+                outs.update(self._outputs(_in_order(lats, order), lanes))
             return {"x": _in_order(xs, order), "t": _in_order(ts, order)}, done, outs
 
     def _outputs(self, latents: Any, lanes: list[dict]) -> Batch:
@@ -353,15 +355,21 @@ class UNetLoop(LoopKind[CU]):
         return {"seed": [lane["seed"] for lane in lanes], "steps": [lane["steps"] for lane in lanes],
                 **{k: [i[k] for i in infos] for k in ("guidance", "scheduler", "size")}, "info": infos}
 
-    def _info(self, m: ItemMeta, steps: int) -> dict[str, Any]:
+    def _info(self, m: ItemMeta, seed: int, steps: int) -> dict[str, Any]:
         """The item's generation parameters, as SD tools record them with an image."""
-        h, w = self._shape()[-2:]
-        if hasattr(self.cfg, "height"):  # latent space: the image is vae_scale times larger
-            h, w = getattr(self.cfg, "height"), getattr(self.cfg, "width")
-        guidance = float(self.param(m, "guidance_scale")) if hasattr(self.cfg, "guidance_scale") else None
+        w, h = self._image_size()
         model = self.cfg.model
-        return {"seed": self._seed(m), "steps": steps, "guidance": guidance, "scheduler": type(self._template(steps)).__name__,
+        return {"seed": seed, "steps": steps, "guidance": self._guidance(m), "scheduler": type(self._template(steps)).__name__,
                 "size": f"{w}x{h}", "model": model.name if model.path.startswith("builtin:") else model.path}
+
+    def _image_size(self) -> tuple[int, int]:
+        """(width, height) of the image this loop makes (default: the sample's own size)."""
+        h, w = self._shape()[-2:]
+        return w, h
+
+    def _guidance(self, m: ItemMeta) -> float | None:
+        """The item's guidance scale (None: this loop has no guidance)."""
+        return None
 
     def finish(self, lanes: list[dict]) -> None:
         gone: dict[int, tuple[Cohort, set[int]]] = {}

@@ -147,3 +147,14 @@ def test_a_profile_of_mixed_devices_matches_the_same_placement(tmp_path: Path) -
     assert plan.predicted["measured"] and [st.device for st in plan.stages] == ["cpu", "cuda:0"]
     with pytest.raises(RecipeError, match="device is cpu\\+cuda there, cpu here"):
         compile_recipe("synthetic", ["stages=2", f"profile={p}"])
+
+
+def test_the_automatic_budget_grows_to_one_stage_per_heavy_node_and_says_so_once() -> None:
+    """2 x 1 core / 4 threads gives an automatic budget of 1 stage copy; whisper_stt has two
+    heavy nodes, so the budget becomes 2, and the one balancer note says both."""
+    over = ["nodes.encoder.split=auto", "nodes.decoder.split=auto", "balance.cores=1", "runtime.threads_per_stage=4"]
+    plan = compile_recipe("whisper_stt", over)
+    notes = [n for n in plan.predicted["notes"] if n.startswith("balancer:")]
+    assert len(notes) == 1 and "at most 2 stage copies (one per heavy node" in notes[0]
+    plain = [n for n in compile_recipe("whisper_stt", over[:2] + ["balance.stages=2"]).predicted["notes"] if n.startswith("balancer:")]
+    assert len(plain) == 1 and "one per heavy node" not in plain[0] and "at most 2 stage copies" in plain[0]

@@ -10,7 +10,8 @@ each method warms up inside its process before it is timed.
 
 1. Two compute-bound matmul stages (``synthetic work=matmul``: one dim x dim product per
    stage per micro-batch, micro-batch = 1 request): sequential with 1 and with 2 torch
-   threads, the threads backend, the distributed backend (2 ranks x 1 thread) and
+   threads, the threads backend (with the process's 2 threads in each stage, and with
+   ``runtime.threads_per_stage=1``), the distributed backend (2 ranks x 1 thread) and
    ``torch.distributed.pipelining`` (``PipelineStage`` + ``ScheduleGPipe``, the same two
    stages and micro-batches, 2 ranks x 1 thread). Speed-up against sequential, 1 thread.
 2. whisper_stt on 16 clips: threads backend; distributed over 2 ranks; distributed with
@@ -42,6 +43,7 @@ def matmul(quick: bool) -> None:
         "sequential, 1 thread": dict(recipe="synthetic", overrides=syn + ["runtime=sequential"], threads=1, repeat=3),
         "sequential, 2 threads": dict(recipe="synthetic", overrides=syn + ["runtime=sequential"], threads=2, repeat=3),
         "threads backend (2 torch threads)": dict(recipe="synthetic", overrides=syn, threads=2, repeat=3),
+        "threads backend, 1 thread per stage": dict(recipe="synthetic", overrides=syn + ["runtime.threads_per_stage=1"], threads=2, repeat=3),
         "distributed, 2 ranks x 1 thread": dict(recipe="synthetic", overrides=syn + ["runtime=distributed", "runtime.nproc=2", "runtime.threads_per_rank=1"],
                                                 threads=1, repeat=3, nproc=2),
         "torch.distributed.pipelining GPipe, 2 ranks x 1 thread": dict(recipe="", overrides=[], threads=1, repeat=3, nproc=2,

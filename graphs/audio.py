@@ -14,32 +14,20 @@ from pathlib import Path
 from typing import Any
 
 from mmpipe.graphs import register
-from mmpipe.graphs.audio_stream import LongAudio
+from mmpipe.graphs.audio_stream import AudioError, LongAudio, check_file_finite, nonfinite, to_mono
 from mmpipe.graphs.base import Batch, ItemMeta, NodeKind, Port, Request, SourceError, SourceKind
 
 WHISPER_FRAMES = 3000  # Whisper's encoder always sees 30 s of features
 N_FFT, HOP = 400, 160
 
 
-class AudioError(ValueError):
-    """A request's audio file cannot be used (missing, empty, corrupt, unsupported)."""
-
-
-def _check_finite(wave: Any, path: str) -> None:
-    """Float files can hold NaN or inf, which would turn every feature into NaN."""
-    bad = int((~wave.isfinite()).sum())
-    if bad:
-        raise AudioError(f"audio file holds {bad} NaN or infinite samples: {path}")
-
-
 # WAV format tags libsndfile decodes (PCM, ADPCM, float, A-law, mu-law, IMA, GSM, extensible).
 _WAV_CODECS = {0x0001, 0x0002, 0x0003, 0x0006, 0x0007, 0x0011, 0x0031, 0xFFFE}
 
 
-def _unsupported_codec(p: Path) -> str | None:
-    """Name a container or codec libsndfile cannot read (it calls them "malformed")."""
-    with open(p, "rb") as f:
-        head = f.read(64)
+def _unsupported_codec(head: bytes) -> str | None:
+    """Name a container or codec libsndfile cannot read (it calls them "malformed"), from
+    the first 64 bytes."""
     if head[4:8] == b"ftyp":
         return "an MP4/M4A container (AAC/ALAC)"
     fmt_size = int.from_bytes(head[16:20], "little")
@@ -50,32 +38,47 @@ def _unsupported_codec(p: Path) -> str | None:
     return None
 
 
-def read_audio(path: str, sample_rate: int) -> Any:
-    """The file as a mono float32 tensor at ``sample_rate`` (channels averaged)."""
+def decode_audio(src: "str | bytes", name: str) -> tuple[Any, int]:
+    """A file's (a path) or encoded bytes' samples as a float32 [frames, channels] tensor,
+    and their rate. Each check raises ``AudioError`` naming ``name``: missing, empty,
+    undecodable (with the codec when libsndfile cannot read it), no samples, NaN/inf."""
+    import io
+
     import soundfile as sf
     import torch
 
-    p = Path(path)
-    if not p.is_file():
-        raise AudioError(f"audio file not found: {path}")
-    if p.stat().st_size == 0:
-        raise AudioError(f"audio file is empty (0 bytes): {path}")
+    if isinstance(src, str):
+        p = Path(src)
+        if not p.is_file():
+            raise AudioError(f"audio file not found: {name}")
+        empty, target = p.stat().st_size == 0, str(p)
+    else:
+        empty, target = len(src) == 0, io.BytesIO(src)
+    if empty:
+        raise AudioError(f"audio file is empty (0 bytes): {name}")
     try:
-        data, sr = sf.read(str(p), dtype="float32", always_2d=True)
+        data, sr = sf.read(target, dtype="float32", always_2d=True)
     except Exception as e:  # libsndfile's errors name the problem but not always the file
-        codec = _unsupported_codec(p)
+        if isinstance(src, str):
+            with open(src, "rb") as f:
+                head = f.read(64)
+        else:
+            head = src[:64]
+        codec = _unsupported_codec(head)
         if codec:
-            raise AudioError(f"unsupported audio codec in {path}: {codec}; convert it first, e.g. ffmpeg -i IN -ar 16000 OUT.wav") from None
-        raise AudioError(f"cannot decode audio file {path}: {e} (readable: {', '.join(sorted(sf.available_formats()))[:200]})") from None
+            raise AudioError(f"unsupported audio codec in {name}: {codec}; convert it first, e.g. ffmpeg -i IN -ar 16000 OUT.wav") from None
+        raise AudioError(f"cannot decode audio file {name}: {e} (readable: {', '.join(sorted(sf.available_formats()))[:200]})") from None
     if data.shape[0] == 0:
-        raise AudioError(f"audio file has no samples: {path}")
-    wave = torch.from_numpy(data).mean(dim=1)
-    _check_finite(wave, path)
-    if sr != sample_rate:
-        import torchaudio.functional as AF
+        raise AudioError(f"audio file has no samples: {name}")
+    samples = torch.from_numpy(data)
+    check_file_finite(nonfinite(samples, channel_dim=1), name)
+    return samples, int(sr)
 
-        wave = AF.resample(wave, orig_freq=int(sr), new_freq=sample_rate)
-    return wave.contiguous()
+
+def read_audio(path: str, sample_rate: int) -> Any:
+    """The file as a mono float32 tensor at ``sample_rate`` (channels averaged)."""
+    samples, sr = decode_audio(path, path)
+    return to_mono(samples, 1, sr, sample_rate).contiguous()
 
 
 @dataclass(frozen=True)
@@ -90,22 +93,19 @@ class Waveform:
         return f"<waveform: {self.samples.shape[-1] if self.samples.ndim else 0} samples at {self.sample_rate} Hz>"
 
 
-def load_audio(value: "str | Waveform", sample_rate: int) -> Any:
-    """A request's audio (a file path or a Waveform) as mono float32 at ``sample_rate``."""
-    if not isinstance(value, Waveform):
-        return read_audio(value, sample_rate)
+def load_audio(value: Waveform, sample_rate: int) -> Any:
+    """A request's in-memory audio as mono float32 at ``sample_rate``."""
     import torch
 
     wave = torch.as_tensor(value.samples).float()
-    if wave.ndim == 2:  # channels on the shorter axis, as both soundfile's and torchaudio's layouts have
-        wave = wave.mean(dim=0 if wave.shape[0] <= wave.shape[1] else 1)
-    if wave.ndim != 1 or wave.numel() == 0 or value.sample_rate <= 0:
+    # channels on the shorter axis, as both soundfile's and torchaudio's layouts have
+    channels = (0 if wave.shape[0] <= wave.shape[1] else 1) if wave.ndim == 2 else None
+    if wave.ndim not in (1, 2) or wave.numel() == 0 or value.sample_rate <= 0:
         raise AudioError(f"audio has no usable samples: {value} (give a 1-D or [channels, samples] array and its sample rate)")
-    if value.sample_rate != sample_rate:
-        import torchaudio.functional as AF
-
-        wave = AF.resample(wave, orig_freq=int(value.sample_rate), new_freq=sample_rate)
-    return wave.contiguous()
+    bad = nonfinite(wave, channels)
+    if bad:  # arrays skip decode_audio, so they are checked here
+        raise AudioError(f"audio holds {bad} NaN or infinite samples: {value} (replace them, e.g. with numpy.nan_to_num)")
+    return to_mono(wave, channels, int(value.sample_rate), sample_rate).contiguous()
 
 
 # Recordings longer than this are not read whole: ``audio.load`` hands ``audio.log_mel`` a
@@ -306,11 +306,8 @@ class LogMel(NodeKind[LogMelConfig]):
         waves, parents, windows = [], [], []
         for i, win in plans:
             w = audio[i]
-            if isinstance(w, LongAudio):
-                piece = w.read(win["start"], win["end"])
-                _check_finite(piece, w.path)  # checked per window: the file is never whole in memory
-            else:
-                piece = w[win["start"]:win["end"]]
+            # A LongAudio's samples were checked for NaN/inf in frame_stats, before planning.
+            piece = w.read(win["start"], win["end"]) if isinstance(w, LongAudio) else w[win["start"]:win["end"]]
             waves.append(piece)
             parents.append(i)
             windows.append({"start": win["start"] / sr, "end": win["end"] / sr, "keep": (win["keep0"] / sr, win["keep1"] / sr),

@@ -1,8 +1,11 @@
-"""``LongAudio``: a recording too long to hold in memory, read one window at a time.
+"""Sample-level audio helpers shared by ``audio.py``: ``AudioError``, the non-finite
+check, ``to_mono`` (the one mono + resample step), and ``LongAudio``, a recording too
+long to hold in memory, read one window at a time.
 
-``audio.load`` returns one for files longer than ``STREAM_AFTER_S`` (``audio.py``);
-``audio.log_mel`` plans windows from its per-frame statistics (one streaming pass)
-and reads each window's samples when it makes that window's features.
+``audio.load`` returns a ``LongAudio`` for files longer than ``STREAM_AFTER_S``
+(``audio.py``); ``audio.log_mel`` plans windows from its per-frame statistics (one
+streaming pass, which also rejects NaN/inf samples) and reads each window's samples
+when it makes that window's features.
 """
 from __future__ import annotations
 
@@ -10,6 +13,36 @@ import math
 from typing import Any
 
 _BLOCK_S = 30  # seconds read per block in the one pass over the file
+
+
+class AudioError(ValueError):
+    """A request's audio file cannot be used (missing, empty, corrupt, unsupported)."""
+
+
+def nonfinite(wave: Any, channel_dim: int | None = None) -> int:
+    """Frames of ``wave`` with NaN or inf in any channel (each carries into the channels'
+    average, as when the mono mix was counted), which would turn every feature NaN."""
+    bad = ~wave.isfinite()
+    return int((bad.any(dim=channel_dim) if channel_dim is not None else bad).sum())
+
+
+def check_file_finite(bad: int, path: str) -> None:
+    """Float files can hold NaN or inf: fail the request, naming the file."""
+    if bad:
+        raise AudioError(f"audio file holds {bad} NaN or infinite samples: {path}")
+
+
+def to_mono(wave: Any, channel_dim: int | None, src_rate: int, sample_rate: int) -> Any:
+    """Float32 samples (channels on ``channel_dim``; None: already mono) averaged to mono,
+    then resampled from ``src_rate`` to ``sample_rate`` with torchaudio's defaults. Every
+    reader goes through here so files, streamed windows and in-memory audio match bit for bit."""
+    if channel_dim is not None:
+        wave = wave.mean(dim=channel_dim)
+    if src_rate != sample_rate:
+        import torchaudio.functional as AF
+
+        wave = AF.resample(wave, orig_freq=int(src_rate), new_freq=sample_rate)
+    return wave
 
 
 class LongAudio:
@@ -41,12 +74,7 @@ class LongAudio:
         with sf.SoundFile(self.path) as f:
             f.seek(s0)
             data = f.read(s1 - s0, dtype="float32", always_2d=True)
-        wave = torch.from_numpy(data).mean(dim=1)
-        if self.src_rate != self.sample_rate:
-            import torchaudio.functional as AF
-
-            wave = AF.resample(wave, orig_freq=self.src_rate, new_freq=self.sample_rate)
-        return wave
+        return to_mono(torch.from_numpy(data), 1, self.src_rate, self.sample_rate)
 
     def read(self, start: int, end: int) -> Any:
         """Samples [start, end) at the target rate (zeros past the end, as slicing would not)."""
@@ -65,7 +93,9 @@ class LongAudio:
 
     def frame_stats(self, frame: int) -> tuple[Any, Any]:
         """Per ``frame`` samples: RMS (whole frames only, as ``plan_windows`` on a tensor)
-        and peak (the last partial frame too), from one pass over the file in blocks."""
+        and peak (the last partial frame too), from one pass over the file in blocks.
+        Raises ``AudioError`` if any sample is NaN or inf: this pass is the first to see
+        every sample, and a NaN would make the loudness NaN and the window plan wrong."""
         import torch
 
         if frame not in self._stats:
@@ -75,14 +105,17 @@ class LongAudio:
             # Written in place: small per-block results allocated between the blocks'
             # large temporaries fragment the heap, and RSS grew with the file's length.
             rms, peak = torch.empty(whole), torch.empty(-(-self.n // frame))
+            bad = 0
             for a in range(0, self.n, block):
                 w = self.read(a, min(self.n, a + block))
+                bad += nonfinite(w)  # at the target rate: resampling spreads a NaN to its neighbours
                 i, k = a // frame, w.shape[0] // frame
                 f = w[: k * frame].view(k, frame)
                 torch.sqrt(f.square().mean(1), out=rms[i:i + k])
                 torch.amax(f.abs(), 1, out=peak[i:i + k])
                 if w.shape[0] > k * frame:  # the file's last, partial frame
                     peak[i + k] = w[k * frame:].abs().max()
+            check_file_finite(bad, self.path)  # the whole count, before any stats are kept
             self._stats[frame] = (rms, peak)
         return self._stats[frame]
 

@@ -88,24 +88,23 @@ def override_list(overrides: dict[str, Any]) -> builtins.list[str]:
 def as_audio(audio: Any, sample_rate: int | None = None) -> Any:
     """A request's audio value from a path, a numpy array or torch tensor (with
     ``sample_rate``), encoded bytes, or a binary file object (its own rate)."""
-    import io
-
-    from mmpipe.graphs.audio import Waveform
+    from mmpipe.graphs.audio import AudioError, Waveform, decode_audio
     from mmpipe.graphs.base import UserError
 
     if isinstance(audio, (str, Path)):
         return str(audio)
-    if isinstance(audio, (bytes, bytearray, memoryview)):
-        audio = io.BytesIO(bytes(audio))
-    if hasattr(audio, "read"):
-        import soundfile as sf
-        import torch
-
+    if isinstance(audio, (bytes, bytearray, memoryview)) or hasattr(audio, "read"):
+        # Decoded by the same code as files, so bytes get the same checks and diagnoses.
+        name = getattr(audio, "name", None)
+        name = name if isinstance(name, str) else "<audio bytes>"
+        raw = audio.read() if hasattr(audio, "read") else bytes(audio)  # from where it stands, as soundfile read it
+        if not isinstance(raw, (bytes, bytearray)):
+            raise UserError("audio", f"the file object {name} gave {type(raw).__name__}, not bytes", "open it in binary mode: open(path, 'rb')")
         try:
-            data, sr = sf.read(audio, dtype="float32", always_2d=True)
-        except Exception as exc:  # libsndfile names the problem, not the argument
-            raise UserError("audio", f"cannot decode the audio bytes: {exc}", "pass WAV/FLAC/OGG bytes, or an array with sample_rate=") from None
-        return Waveform(torch.from_numpy(data.T.copy()), int(sr))
+            samples, sr = decode_audio(bytes(raw), name)
+        except AudioError as exc:
+            raise UserError("audio", str(exc), "pass WAV/FLAC/OGG/MP3 bytes with finite samples, or an array with sample_rate=") from None
+        return Waveform(samples.T.contiguous(), sr)
     if type(audio).__module__ in ("numpy", "torch"):
         import numpy as np
         import torch

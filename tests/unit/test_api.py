@@ -42,6 +42,40 @@ def test_as_audio_accepts_arrays_bytes_files_and_paths():
         as_audio(b"not audio")
 
 
+MP4 = b"\x00\x00\x00\x18ftypM4A " + bytes(200)  # an AAC container: libsndfile cannot read it
+
+
+def test_as_audio_bytes_get_the_same_checks_and_diagnoses_as_files(tmp_path: Path) -> None:
+    """Bytes and file objects are decoded by ``decode_audio``, like files: the codec
+    diagnosis, the empty and NaN checks, with the argument named instead of a path."""
+    import numpy as np
+    import soundfile as sf
+
+    from mmpipe.graphs.audio import AudioError, read_audio
+
+    nan = tmp_path / "nan.wav"
+    sf.write(nan, np.where(np.arange(1600) % 7 == 0, np.nan, 0.1).astype(np.float32), 16000, subtype="FLOAT")
+    mp4 = tmp_path / "talk.m4a"
+    mp4.write_bytes(MP4)
+    for p, fragment in ((mp4, "unsupported audio codec in"), (nan, "holds 229 NaN or infinite samples")):
+        with pytest.raises(AudioError) as from_file:
+            read_audio(str(p), 16000)
+        assert fragment in str(from_file.value)
+        with pytest.raises(UserError) as from_bytes:
+            as_audio(p.read_bytes())
+        assert from_bytes.value.key == "audio" and from_bytes.value.message == str(from_file.value).replace(str(p), "<audio bytes>")
+        with open(p, "rb") as f, pytest.raises(UserError) as from_object:
+            as_audio(f)
+        assert from_object.value.message == str(from_file.value)  # a file object named by its path
+    with pytest.raises(UserError, match=r"^audio file is empty \(0 bytes\): <audio bytes>$"):
+        as_audio(b"")
+    with pytest.raises(UserError, match="^cannot decode audio file <audio bytes>: "):
+        as_audio(bytearray(b"not audio"))
+    with open(HELLO, encoding="latin-1") as text, pytest.raises(UserError, match="not bytes") as e:
+        as_audio(text)
+    assert "'rb'" in e.value.fix
+
+
 def test_pipeline_on_a_recipe_without_per_call_inputs_says_what_to_use():
     with pytest.raises(UserError, match="neither audio nor a prompt") as e:
         mmpipe.pipeline("synthetic", work="noop")([1])

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from mmpipe.graphs.audio import AudioError, Files, FilesConfig, Load, LoadConfig, LogMel, LogMelConfig, log_mel, plan_windows, read_audio
+from mmpipe.graphs.audio import (AudioError, Files, FilesConfig, Load, LoadConfig, LogMel, LogMelConfig, Waveform, load_audio, log_mel,
+                                 plan_windows, read_audio)
+from mmpipe.graphs.audio_stream import LongAudio
 from mmpipe.graphs.base import ItemMeta
 from mmpipe.runtime.results import Result
 
@@ -72,6 +74,48 @@ def test_load_errors_are_clear(tmp_path, case):
     msg = str(e.value)
     assert str(p) in msg
     assert {"missing": "not found", "empty": "empty", "corrupt": "cannot decode", "text": "cannot decode", "no_samples": "no samples"}[case] in msg
+
+
+def test_mono_and_resample_are_one_step_with_the_old_numerics():
+    """Files, streamed reads and in-memory audio all average then resample through
+    ``to_mono``; each is bit-equal to the expression it replaced (copied here)."""
+    import torchaudio.functional as AF
+
+    from mmpipe.graphs.audio_stream import to_mono
+
+    path = SPEECH / "stereo44k.wav"
+    data, sr = sf.read(path, dtype="float32", always_2d=True)
+    assert sr == 44100 and data.shape[1] == 2
+    old_file = AF.resample(torch.from_numpy(data).mean(dim=1), orig_freq=int(sr), new_freq=SR).contiguous()
+    assert torch.equal(to_mono(torch.from_numpy(data), 1, sr, SR), old_file)
+    assert torch.equal(read_audio(str(path), SR), old_file)
+    assert torch.equal(LongAudio(str(path), SR, sr, data.shape[0])._read_src(0, data.shape[0]), old_file)
+    for samples in (torch.from_numpy(data.T.copy()), torch.from_numpy(data)):  # [channels, n] and [n, channels]
+        wave = torch.as_tensor(samples).float()
+        old = AF.resample(wave.mean(dim=0 if wave.shape[0] <= wave.shape[1] else 1), orig_freq=sr, new_freq=SR).contiguous()
+        assert torch.equal(load_audio(Waveform(samples, sr), SR), old)
+
+
+def test_non_finite_samples_are_counted_per_frame_as_before(tmp_path):
+    """A frame with NaN in both channels is one bad sample, as when the mono mix was counted."""
+    x = np.full((16000, 2), 0.1, np.float32)
+    x[100] = np.nan
+    x[200, 1] = np.inf
+    p = tmp_path / "bad.wav"
+    sf.write(p, x, SR, subtype="FLOAT")
+    with pytest.raises(AudioError, match=f"^audio file holds 2 NaN or infinite samples: {p}$"):
+        read_audio(str(p), SR)
+
+
+@pytest.mark.parametrize("layout", ["mono", "channels_first", "channels_last"])
+def test_waveforms_with_nan_fail_naming_the_input(layout):
+    x = torch.full((2, 16000), 0.1)
+    x[1, 500] = float("nan")
+    samples = {"mono": x[1], "channels_first": x, "channels_last": x.T}[layout]
+    value = Waveform(samples, SR)
+    with pytest.raises(AudioError, match="audio holds 1 NaN or infinite samples") as e:
+        Load(LoadConfig()).forward({"path": [value]}, [ItemMeta("r")])
+    assert str(value) in str(e.value) and "nan_to_num" in str(e.value)
 
 
 # ---------------------------------------------------------------- audio.log_mel

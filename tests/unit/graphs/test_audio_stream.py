@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mmpipe.graphs import audio
-from mmpipe.graphs.audio import LogMel, LogMelConfig, open_audio, plan_windows, read_audio
+from mmpipe.graphs.audio import AudioError, LogMel, LogMelConfig, open_audio, plan_windows, read_audio
 from mmpipe.graphs.audio_stream import LongAudio
 from mmpipe.graphs.base import ItemMeta
 
@@ -91,3 +91,23 @@ def test_a_resampled_long_file_reads_close_to_the_whole_file(tmp_path: Path) -> 
     n = whole.shape[0] // 320
     assert rms.shape == (n,)
     assert torch.allclose(rms, whole[: n * 320].view(-1, 320).pow(2).mean(1).sqrt(), atol=2e-3)
+
+
+def test_a_nan_in_a_long_recording_fails_before_windows_are_planned(tmp_path: Path) -> None:
+    """The planning pass sees every sample first: a NaN there made the loudness NaN, every
+    window after the first was dropped as silent, and the run "succeeded" on 25 s of 100."""
+    x = _speechy(100.0, SR)
+    x[70 * SR] = np.nan
+    x[80 * SR] = np.inf
+    p = tmp_path / "long_nan.wav"
+    sf.write(p, x, SR, subtype="FLOAT")
+    lazy = LongAudio(str(p), SR, SR, len(x))
+    cfg = LogMelConfig()
+    msg = f"^audio file holds 2 NaN or infinite samples: {p}$"  # the whole file's count, as read_audio gives
+    with pytest.raises(AudioError, match=msg):
+        plan_windows(lazy, cfg)
+    assert lazy._stats == {}  # nothing planned from the bad samples
+    with pytest.raises(AudioError, match=msg):  # raised by the call, before any window is handed on
+        LogMel(cfg).forward({"audio": [lazy]}, [ItemMeta("r")])
+    with pytest.raises(AudioError, match=msg):
+        read_audio(str(p), SR)

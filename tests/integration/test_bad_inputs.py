@@ -16,14 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.integration.cli import mmpipe
+
 sf = pytest.importorskip("soundfile")
 pytest.importorskip("torch")
 ROOT = Path(__file__).resolve().parents[2]
 HELLO = ROOT / "recipes" / "examples" / "hello.wav"
-
-
-def mmpipe(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "mmpipe", *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout)
 
 
 def rows(out: Path) -> dict[str, dict]:

@@ -10,12 +10,9 @@ import pytest
 import yaml
 
 from mmpipe.dsl.plan import Plan
+from tests.integration.cli import mmpipe
 
 FAST = ["work=noop", "requests=6", "-q"]
-
-
-def mmpipe(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mmpipe", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
 def test_ls_lists_recipes_with_descriptions():

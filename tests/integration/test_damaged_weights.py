@@ -14,13 +14,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.cli import mmpipe
+
 pytest.importorskip("torch")
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def mmpipe(cache: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "MMPIPE_CACHE": str(cache)}
-    return subprocess.run([sys.executable, "-m", "mmpipe", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+def mmpipe_cached(cache: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``mmpipe ARGS`` with its model cache in ``cache`` (this test's own, damaged on purpose)."""
+    return mmpipe(*args, env={"MMPIPE_CACHE": str(cache)})
 
 
 def truncate(f: Path, size: int) -> None:
@@ -45,13 +47,13 @@ def test_truncated_cached_diffusion_weights(tmp_path: Path) -> None:
     unet = next((model / "unet").glob("*.safetensors"))
     truncate(unet, unet.stat().st_size // 2)
     args = ("run", "sd_txt2img", "num_inference_steps=2", "-q")
-    r = mmpipe(cache, *args, f"output_dir={tmp_path}/a")
+    r = mmpipe_cached(cache, *args, f"output_dir={tmp_path}/a")
     assert_user_error(r, str(model), "delete the cache directory")
     m = re.search(r"rm -r '([^']+)'", r.stderr)
     assert m and Path(m.group(1)) == model
     # The fix works: the deleted entry is rebuilt and the run succeeds.
     subprocess.run(["rm", "-r", m.group(1)], check=True)
-    r = mmpipe(cache, *args, f"output_dir={tmp_path}/b")
+    r = mmpipe_cached(cache, *args, f"output_dir={tmp_path}/b")
     assert r.returncode == 0, r.stderr
 
 
@@ -59,11 +61,11 @@ def test_truncated_cached_diffusion_weights(tmp_path: Path) -> None:
 def test_truncated_converted_whisper_weights(tmp_path: Path, cut: str) -> None:
     pytest.importorskip("transformers")
     cache = tmp_path / "cache"
-    r = mmpipe(cache, "run", "whisper_stt", f"output_dir={tmp_path}/a", "-q")  # converts tiny.en into the cache
+    r = mmpipe_cached(cache, "run", "whisper_stt", f"output_dir={tmp_path}/a", "-q")  # converts tiny.en into the cache
     assert r.returncode == 0, r.stderr
     (st,) = (cache / "whisper-hf").glob("*/model.safetensors")
     truncate(st, 6 if cut == "header" else st.stat().st_size // 2)
-    r = mmpipe(cache, "run", "whisper_stt", f"output_dir={tmp_path}/b")
+    r = mmpipe_cached(cache, "run", "whisper_stt", f"output_dir={tmp_path}/b")
     assert_user_error(r, str(st), f"rm -r '{st.parent}'")
 
 
@@ -73,7 +75,7 @@ def test_foreign_ctranslate2_model_bin(tmp_path: Path) -> None:
     (src / "config.json").write_text("{}")
     for i, blob in enumerate([os.urandom(4096), b"\x06\x00\x00\x00" + os.urandom(64), b""]):
         (src / "model.bin").write_bytes(blob)  # random bytes; a plausible version then junk; empty
-        r = mmpipe(tmp_path / "cache", "run", "whisper_stt", f"model.path={src}", f"output_dir={tmp_path}/{i}")
+        r = mmpipe_cached(tmp_path / "cache", "run", "whisper_stt", f"model.path={src}", f"output_dir={tmp_path}/{i}")
         assert_user_error(r, str(src / "model.bin"), "re-download or re-save")
 
 
@@ -83,5 +85,5 @@ def test_not_a_safetensors_file_in_a_user_directory(tmp_path: Path) -> None:
     d.mkdir()
     (d / "config.json").write_text('{"d_model": 384, "encoder_layers": 4, "decoder_layers": 4, "num_mel_bins": 80}')
     (d / "model.safetensors").write_text("<html>404 Not Found</html>")
-    r = mmpipe(tmp_path / "cache", "run", "whisper_stt", f"model.path={d}", f"output_dir={tmp_path}/o")
+    r = mmpipe_cached(tmp_path / "cache", "run", "whisper_stt", f"model.path={d}", f"output_dir={tmp_path}/o")
     assert_user_error(r, str(d / "model.safetensors"), "re-download or re-save")

@@ -19,13 +19,15 @@ from typing import Any
 
 import pytest
 
+from tests.integration.cli import mmpipe
+
 ROOT = Path(__file__).resolve().parents[2]
 CLIPS = ROOT / "tests" / "assets" / "speech"
 
 
-def mmpipe(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    e = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "mmpipe", *args], capture_output=True, text=True, timeout=timeout, env=e, cwd=ROOT)
+# The ranks (torch's launcher starts them) import tests.unit.runtime.kinds, SYNTH's allow_targets,
+# from this checkout; one intra-op thread per process keeps results bit-equal (see above).
+RANK_ENV = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
 def results(out: Path) -> dict[str, dict[str, Any]]:
@@ -38,7 +40,7 @@ def outputs(out: Path) -> dict[str, Any]:
 
 
 def run_ok(*args: str, out: Path) -> subprocess.CompletedProcess:
-    r = mmpipe("run", *args, f"output_dir={out}", "-q")
+    r = mmpipe("run", *args, f"output_dir={out}", "-q", env=RANK_ENV)
     assert r.returncode == 0, r.stdout + r.stderr
     return r
 
@@ -223,7 +225,7 @@ def test_a_hung_rank_is_named_after_the_peer_timeout(tmp_path: Path) -> None:
 
 def test_a_node_error_fails_only_its_request(tmp_path: Path) -> None:
     r = mmpipe("run", "synthetic", *DIST, "runtime.nproc=2", "stages=2", "work=noop", "requests=20",
-               "+nodes.chain.fail_ids=[r0007]", f"output_dir={tmp_path}", "-q")
+               "+nodes.chain.fail_ids=[r0007]", f"output_dir={tmp_path}", "-q", env=RANK_ENV)
     assert r.returncode == 1, r.stderr
     rows = results(tmp_path)
     failed = {k: v["error"] for k, v in rows.items() if "error" in v}
@@ -237,7 +239,7 @@ def test_a_device_missing_on_a_rank_is_a_user_error(tmp_path: Path) -> None:
     if torch.cuda.device_count() > 4:
         pytest.skip("this machine has that GPU")
     r = mmpipe("run", "synthetic", *DIST, "runtime.nproc=2", "stages=2", "work=noop", "placement.chain.1=rank1:cuda:4",
-               f"output_dir={tmp_path}", "-q", timeout=120)
+               f"output_dir={tmp_path}", "-q", env=RANK_ENV, timeout=120)
     assert r.returncode == 2, r.stdout + r.stderr
     assert "placement.chain" in r.stderr and "rank 1" in r.stderr and "cuda:4" in r.stderr
     assert "Traceback" not in r.stderr

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.cli import mmpipe
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -56,8 +58,7 @@ def test_a_signal_keeps_every_finished_result(tmp_path: Path, sig: int, code: in
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["interrupted"] is True and summary["requests"] == len(rows)
     # what was cut short runs on resume; what finished is not run again
-    r = subprocess.run([sys.executable, "-m", "mmpipe", "run", "synthetic", "work=noop", "requests=80", f"output_dir={tmp_path}", "resume=true", "-q"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    r = mmpipe("run", "synthetic", "work=noop", "requests=80", f"output_dir={tmp_path}", "resume=true", "-q", timeout=120)
     assert r.returncode == 0, r.stderr
     again = lines(tmp_path)
     assert [x["id"] for x in again] == [f"r{i:04d}" for i in range(80)]
@@ -105,8 +106,7 @@ def test_output_problems_are_found_before_any_work(tmp_path: Path) -> None:
     if os.geteuid() != 0:  # root writes anywhere
         cases.append(([f"output_dir={ro}/sub"], "cannot create"))
     for overrides, words in cases:
-        r = subprocess.run([sys.executable, "-m", "mmpipe", "run", "synthetic", "work=noop", *overrides], capture_output=True, text=True,
-                           cwd=ROOT, timeout=120)
+        r = mmpipe("run", "synthetic", "work=noop", *overrides, timeout=120)
         assert r.returncode == 2, r.stderr
         assert words in r.stderr and "fix:" in r.stderr and "Traceback" not in r.stderr
 
@@ -115,13 +115,11 @@ def test_two_runs_on_one_output_dir(tmp_path: Path) -> None:
     """The second run is refused while the first one holds the directory, and after it too."""
     p = start(tmp_path)
     wait_for(tmp_path, 1)
-    r = subprocess.run([sys.executable, "-m", "mmpipe", "run", "synthetic", "work=noop", f"output_dir={tmp_path}"], capture_output=True,
-                       text=True, cwd=ROOT, timeout=120)
+    r = mmpipe("run", "synthetic", "work=noop", f"output_dir={tmp_path}", timeout=120)
     assert r.returncode == 2 and "another mmpipe run" in r.stderr and f"pid {p.pid}" in r.stderr, r.stderr
     p.communicate(timeout=120)
     assert p.returncode == 0
-    r = subprocess.run([sys.executable, "-m", "mmpipe", "run", "synthetic", "work=noop", f"output_dir={tmp_path}"], capture_output=True,
-                       text=True, cwd=ROOT, timeout=120)
+    r = mmpipe("run", "synthetic", "work=noop", f"output_dir={tmp_path}", timeout=120)
     assert r.returncode == 2 and "already holds the results" in r.stderr and "resume=true" in r.stderr
     assert len(lines(tmp_path)) == 80  # untouched
 
@@ -135,8 +133,7 @@ def test_a_full_disk_keeps_what_was_written(tmp_path: Path) -> None:
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32k", "tmpfs", str(mnt)], capture_output=True).returncode:
         pytest.skip("cannot mount tmpfs here")
     try:
-        r = subprocess.run([sys.executable, "-m", "mmpipe", "run", "synthetic", "work=noop", "requests=400", "width=64", f"output_dir={mnt}/out", "-q"],
-                           capture_output=True, text=True, cwd=ROOT, timeout=120)
+        r = mmpipe("run", "synthetic", "work=noop", "requests=400", "width=64", f"output_dir={mnt}/out", "-q", timeout=120)
         assert r.returncode == 1, r.stderr
         assert "No space left on device" in r.stderr and "Traceback" not in r.stderr
         rows = [json.loads(x) for x in (mnt / "out" / "results.jsonl").read_text().splitlines()]  # no torn line

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.integration.test_cli import mmpipe
+from tests.integration.cli import mmpipe
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -4,20 +4,23 @@ request shows only that), and a first-time model build says what it does and how
 it took."""
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.integration.cli import mmpipe
+
 pytest.importorskip("diffusers")
 
 
+PROGRESS = {"MMPIPE_PROGRESS": "1"}  # bars even though stderr is a pipe here
+
+
 def run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run([sys.executable, "-m", "mmpipe", "run", "sd_txt2img", "num_inference_steps=4", "height=32", "width=32", *args],
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "MMPIPE_PROGRESS": "1", **env})
+    """A small, successful sd_txt2img run with progress bars on."""
+    r = mmpipe("run", "sd_txt2img", "num_inference_steps=4", "height=32", "width=32", *args, env={**PROGRESS, **env})
     assert r.returncode == 0, r.stderr
     return r
 
@@ -43,8 +46,7 @@ def test_single_request_shows_a_step_bar_and_quiet_shows_none(tmp_path: Path) ->
 
 @pytest.mark.slow  # real Whisper weights
 def test_decoding_shows_a_token_bar(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "mmpipe", "run", "whisper_stt", "beam_size=1", "temperature=0", f"output_dir={tmp_path}"],
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "MMPIPE_PROGRESS": "1"})
+    r = mmpipe("run", "whisper_stt", "beam_size=1", "temperature=0", f"output_dir={tmp_path}", env=PROGRESS)
     assert r.returncode == 0, r.stderr
     err = r.stderr.replace("\r", "\n")
     assert "decode:" in err and "tok/s" in err and "requests:" not in err  # one file: its token bar is its progress

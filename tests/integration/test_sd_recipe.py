@@ -11,9 +11,6 @@ random-weight ones (built once into the mmpipe cache).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +21,13 @@ pytest.importorskip("diffusers")
 
 from mmpipe.api import compile, open_pipeline, requests_of  # noqa: E402
 from mmpipe.graphs.diffusion_models import ensure_model  # noqa: E402
+from tests.integration.cli import mmpipe  # noqa: E402
 
 ATOL = 1e-4
 PROMPTS = ["a photo of a cat", "an astronaut riding a horse on the moon", "a lighthouse", "x"]
 STEPS, SIZE = 3, 32
 SCHEDULERS = {"ddim": ("DDIMScheduler", {}), "euler": ("EulerDiscreteScheduler", {}),
               "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"})}
-MMPIPE = [sys.executable, "-m", "mmpipe"]
 
 
 @pytest.fixture(scope="module")
@@ -182,10 +179,6 @@ def test_ddpm_parity_with_diffusers(tmp_path: Path, sched: str) -> None:
 
 
 # ---------------------------------------------------------------------- the CLI
-def mmpipe(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*MMPIPE, *args], capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
-
-
 def test_cli_run_writes_pngs_and_results(prompts_file: Path, tmp_path: Path) -> None:
     r = mmpipe("run", "sd_txt2img", f"prompts={prompts_file}", "num_images_per_prompt=2", "num_inference_steps=2",
                "height=32", "width=32", "seed=10", f"output_dir={tmp_path}", "-q")

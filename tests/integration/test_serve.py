@@ -12,7 +12,6 @@ import json
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -23,6 +22,8 @@ from typing import Any, Iterator
 
 import pytest
 
+from tests.integration.cli import MMPIPE, mmpipe
+
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("prometheus_client")
@@ -32,7 +33,6 @@ pytestmark = pytest.mark.slow  # real weights
 ROOT = Path(__file__).resolve().parents[2]
 HELLO = ROOT / "recipes" / "examples" / "hello.wav"
 CLIPS = [ROOT / "tests" / "assets" / "speech" / f"clip{i}.wav" for i in range(1, 7)]
-MMPIPE = [sys.executable, "-m", "mmpipe"]
 GREEDY = ["beam_size=1", "temperature=0", "max_new_tokens=48"]  # streams token by token; fast
 SD = ["num_inference_steps=3", "height=32", "width=32"]
 
@@ -104,7 +104,7 @@ def stt() -> Iterator[Server]:
 def mmpipe_run(tmp: Path, recipe: str, *overrides: str) -> tuple[dict[str, dict[str, Any]], Path]:
     """``mmpipe run`` -> (results by id, output dir)."""
     out = tmp / "run"
-    p = subprocess.run([*MMPIPE, "run", recipe, *overrides, f"output_dir={out}", "-q"], cwd=ROOT, capture_output=True, text=True)
+    p = mmpipe("run", recipe, *overrides, f"output_dir={out}", "-q", timeout=None)  # as long as the offline reference takes
     assert p.returncode == 0, p.stderr
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     return {r["id"]: r for r in rows}, out

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +14,7 @@ import pytest
 pytest.importorskip("diffusers")
 
 from mmpipe.api import compile, open_pipeline, requests_of  # noqa: E402
+from tests.integration.cli import mmpipe  # noqa: E402
 
 pytestmark = pytest.mark.slow  # real Whisper weights
 
@@ -78,8 +77,7 @@ def test_equals_whisper_then_sd(variant: list[str], clips: Path, reference: dict
 def test_cli_speech_to_image(clips: Path, tmp_path: Path) -> None:
     from PIL import Image
 
-    r = subprocess.run([sys.executable, "-m", "mmpipe", "run", "speech_to_image", f"input={clips / 'clip2.wav'}", *COMMON,
-                        f"output_dir={tmp_path}", "-q"], capture_output=True, text=True, timeout=300)
+    r = mmpipe("run", "speech_to_image", f"input={clips / 'clip2.wav'}", *COMMON, f"output_dir={tmp_path}", "-q")
     assert r.returncode == 0, r.stderr
     line = json.loads((tmp_path / "results.jsonl").read_text())
     assert line["outputs"]["text"] == "I would like a cup of coffee with milk."

@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ import pytest
 import torch
 
 from mmpipe.api import compile, open_pipeline, requests_of
+from tests.integration.cli import mmpipe
 
 pytestmark = pytest.mark.slow  # real weights
 
@@ -290,8 +289,7 @@ def test_every_output_format_is_written_and_parses(tmp_path):
     inp.mkdir()
     shutil.copy(HELLO, inp / "hello.wav")
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "mmpipe", "run", "whisper_stt", f"input={inp}", f"output_dir={out}", "word_timestamps=true",
-                        "timestamps=true"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    r = mmpipe("run", "whisper_stt", f"input={inp}", f"output_dir={out}", "word_timestamps=true", "timestamps=true")
     assert r.returncode == 0, r.stderr
     result = json.loads((out / "hello.json").read_text())
     segs = result["segments"]

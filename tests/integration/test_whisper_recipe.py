@@ -14,8 +14,6 @@ import difflib
 import json
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ import pytest
 import torch
 
 from mmpipe.api import compile, open_pipeline, requests_of
+from tests.integration.cli import mmpipe
 
 pytestmark = pytest.mark.slow  # real weights
 
@@ -221,10 +220,6 @@ def test_base_mixes_languages_and_tasks_per_request(tmp_path):
 
 
 # ---------------------------------------------------------------- the CLI
-def mmpipe(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mmpipe", *args], capture_output=True, text=True, timeout=300, cwd=ROOT)
-
-
 def test_cli_writes_files_and_fails_only_bad_inputs(tmp_path):
     inp = tmp_path / "in"
     inp.mkdir()

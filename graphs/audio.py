@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from mmpipe.graphs import register
-from mmpipe.graphs.audio_stream import AudioError, LongAudio, check_file_finite, nonfinite, to_mono
+from mmpipe.graphs.audio_stream import AudioError as AudioError  # re-exported: callers import it from here
+from mmpipe.graphs.audio_stream import LongAudio, check_file_finite, nonfinite, to_mono
 from mmpipe.graphs.base import Batch, ItemMeta, NodeKind, Port, Request, SourceError, SourceKind
 
 WHISPER_FRAMES = 3000  # Whisper's encoder always sees 30 s of features

@@ -128,7 +128,7 @@ def create_app(engine: Engine) -> FastAPI:
             res = await engine.run(req, request.is_disconnected)
         finally:
             path.unlink(missing_ok=True)
-        body, media = oa.transcript_response(engine.check_result(res), f, task, duration)
+        body, media = oa.transcript_response(engine.check_result(res, "file"), f, task, duration)
         return Response(body, media_type=media)
 
     @app.post("/v1/audio/transcriptions")
@@ -242,7 +242,7 @@ async def _stream(engine: Engine, req: PipeRequest, fut: "asyncio.Future[Any]", 
                 delta, sent = text[len(sent):], text
                 yield oa.sse({"type": "transcript.text.delta", "delta": delta})
         try:
-            out = engine.check_result(task.result())
+            out = engine.check_result(task.result(), "file")
         except ApiError as exc:
             yield oa.sse({"type": "error", **exc.body()})
             return

@@ -132,14 +132,16 @@ class Engine:
         return await self.wait(request, self.submit(request), disconnected)
 
     @staticmethod
-    def check_result(res: Any) -> dict[str, Any]:
+    def check_result(res: Any, audio_field: str | None = None) -> dict[str, Any]:
         """A result's outputs, or the error as an HTTP error: 400 for the client's mistakes,
-        500 naming the stage and node for failures inside the pipeline."""
+        500 naming the stage and node for failures inside the pipeline. ``audio_field``: the
+        request field that carried the audio (named by a 400 about the audio itself)."""
         if res.ok:
             return dict(res.outputs or {})
         err = res.error or {}
         if err.get("type") in CLIENT_ERRORS:
-            raise ApiError(400, str(err.get("message")), "invalid_request_error", _param_of(err))
+            param = audio_field if err.get("type") == "AudioError" else _param_of(err)
+            raise ApiError(400, str(err.get("message")), "invalid_request_error", param)
         if err.get("type") == "Cancelled":  # by the timer of ``submit`` (a client gone hears nothing)
             raise ApiError(504, str(err.get("message")), "timeout")
         where = f"stage {err.get('stage')}, node {err.get('node')}"

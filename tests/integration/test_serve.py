@@ -150,18 +150,24 @@ def test_streamed_deltas_concatenate_to_the_text(stt: Server, offline: Any) -> N
 
 
 def test_bad_audio_requests_get_openai_400s(stt: Server) -> None:
+    import numpy as np
+    import soundfile as sf
+
     c = stt.client()
-    cases = [({"file": ("notes.txt", b"this is not audio")}, "file"),
-             ({"file": HELLO.open("rb"), "temperature": "hot"}, "temperature"),  # type: ignore[dict-item]
-             ({"file": HELLO.open("rb"), "response_format": "mp3"}, "response_format"),  # type: ignore[dict-item]
-             ({"file": HELLO.open("rb"), "language": "de"}, None)]  # type: ignore[dict-item]  # English-only model
-    for kwargs, param in cases:
+    nan_wav = io.BytesIO()  # decodes, but its samples are not numbers: the pipeline's audio check says so
+    sf.write(nan_wav, np.array([0.0, float("nan"), 0.1] * 8000, dtype=np.float32), 16000, format="WAV", subtype="FLOAT")
+    cases = [({"file": ("notes.txt", b"this is not audio")}, "file", "not audio"),
+             ({"file": ("nan.wav", nan_wav.getvalue())}, "file", "NaN or infinite samples"),
+             ({"file": HELLO.open("rb"), "temperature": "hot"}, "temperature", ""),  # type: ignore[dict-item]
+             ({"file": HELLO.open("rb"), "response_format": "mp3"}, "response_format", ""),  # type: ignore[dict-item]
+             ({"file": HELLO.open("rb"), "language": "de"}, None, "")]  # type: ignore[dict-item]  # English-only model
+    for kwargs, param, words in cases:
         with pytest.raises(openai.BadRequestError) as e:
             c.audio.transcriptions.create(model="whisper-1", **kwargs)
         err = e.value.body
         assert e.value.status_code == 400 and set(err) >= {"message", "type", "param"}, err
         assert err["type"] == "invalid_request_error" and (param is None or err["param"] == param), err
-        assert "Traceback" not in err["message"]
+        assert "Traceback" not in err["message"] and words in err["message"], err
     assert stt.get("/health")[0] == 200  # still serving
 
 

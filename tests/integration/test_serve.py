@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import re
 import signal
 import subprocess
@@ -41,8 +42,9 @@ class Server:
     """``mmpipe serve`` in a subprocess; ``url`` once /health says ready."""
 
     def __init__(self, recipe: str, overrides: list[str], *options: str) -> None:
+        # a session of its own: a test can signal its process group, as a terminal's Ctrl-C does
         self.proc = subprocess.Popen([*MMPIPE, "serve", recipe, *overrides, "--port", "0", *options], cwd=ROOT,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self.log: list[str] = []
         found = threading.Event()
         self.port = 0
@@ -310,9 +312,11 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_distributed_serving_answers_like_threads_and_stops_gracefully() -> None:
-    """runtime=distributed: rank 0 serves, stage 1 runs on rank 1; SIGTERM to the server
-    reaches rank 0 alone, which finishes the request in flight before every rank exits 0."""
+@pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C"])
+def test_distributed_serving_answers_like_threads_and_stops_gracefully(how: str) -> None:
+    """runtime=distributed: rank 0 serves, stage 1 runs on rank 1; SIGTERM to the server, or
+    Ctrl-C in its terminal (SIGINT to its process group), reaches rank 0 once, which finishes
+    the request in flight before every rank exits (0, or 130 after Ctrl-C)."""
     s = Server("synthetic", ["stages=2", "work=sleep", "stage_ms=600", "width=4", "runtime=distributed", "runtime.nproc=2"])
     try:
         ranks = _children(s.proc.pid)
@@ -328,9 +332,12 @@ def test_distributed_serving_answers_like_threads_and_stops_gracefully() -> None
         with ThreadPoolExecutor(1) as pool:
             late = pool.submit(s.post, "/v1/pipelines/run", {"inputs": {"x": [1, 2, 3, 4]}})
             time.sleep(0.3)  # in stage 0 on rank 0; it still needs rank 1 after the signal
-            s.proc.send_signal(signal.SIGTERM)
+            if how == "SIGTERM":
+                s.proc.send_signal(signal.SIGTERM)
+            else:  # the ranks run in sessions of their own: only the launcher hears the terminal
+                os.killpg(os.getpgid(s.proc.pid), signal.SIGINT)
             assert late.result()[0] == 200
-        assert s.proc.wait(60) == 0, "".join(s.log)
+        assert s.proc.wait(60) == (0 if how == "SIGTERM" else 130), "".join(s.log)
         assert not [p for p in ranks if _alive(p)], "a rank outlived the server"
     finally:
         s.stop()

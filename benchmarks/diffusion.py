@@ -48,17 +48,17 @@ PROMPTS = [
 REFERENCE = "diffusers batched"
 DIFFUSERS = ("diffusers one at a time", REFERENCE)
 # mmpipe settings measured: label -> overrides ({n}: the number of prompts, {h}: half of it).
-# An upper-case NAME=VALUE is an environment variable of that run's process instead:
-# OMP_NUM_THREADS=1 gives every stage thread one intra-op thread (no OpenMP team per
-# stage; the cores are shared by pipelining instead).
+# An upper-case NAME=VALUE is an environment variable of that run's process instead.
+# runtime.threads_per_stage=1 gives every stage worker one intra-op thread (no OpenMP
+# team per stage; the cores are shared by pipelining instead).
 MMPIPE_RUNS: dict[str, list[str]] = {
     "mmpipe sequential": ["runtime=sequential", "nodes.denoise.split=1"],
     "mmpipe threads split=1 mb=all": ["runtime=threads", "nodes.denoise.split=1", "runtime.microbatch_size={n}"],
     "mmpipe threads split=2 mb=half": ["runtime=threads", "nodes.denoise.split=2", "runtime.microbatch_size={h}"],
     "mmpipe split=2 mb=half chan_last": ["runtime=threads", "nodes.denoise.split=2", "runtime.microbatch_size={h}",
                                          "nodes.denoise.channels_last=true"],
-    "mmpipe split=2 mb=half 1 thread/stage": ["OMP_NUM_THREADS=1", "runtime=threads", "nodes.denoise.split=2",
-                                              "runtime.microbatch_size={h}"],
+    "mmpipe split=2 mb=half 1 thread/stage": ["runtime=threads", "nodes.denoise.split=2", "runtime.microbatch_size={h}",
+                                              "runtime.threads_per_stage=1"],
 }
 VARIANT = "mmpipe + "  # label prefix of --variant runs (extra overrides on the recipe's defaults)
 

@@ -68,7 +68,8 @@ def decode_audio(src: "str | bytes", name: str) -> tuple[Any, int]:
         codec = _unsupported_codec(head)
         if codec:
             raise AudioError(f"unsupported audio codec in {name}: {codec}; convert it first, e.g. ffmpeg -i IN -ar 16000 OUT.wav") from None
-        raise AudioError(f"cannot decode audio file {name}: {e} (readable: {', '.join(sorted(sf.available_formats()))[:200]})") from None
+        why = str(e) if isinstance(src, str) else str(e).replace(repr(target), name)  # not a buffer's repr: its name
+        raise AudioError(f"cannot decode audio file {name}: {why} (readable: {', '.join(sorted(sf.available_formats()))[:200]})") from None
     if data.shape[0] == 0:
         raise AudioError(f"audio file has no samples: {name}")
     samples = torch.from_numpy(data)

@@ -1,9 +1,11 @@
-"""Point-to-point messages between ranks over torch.distributed, and dead-peer detection.
+"""Point-to-point messages between ranks, and dead-peer detection.
 
-``Link`` posts each message (``dist_wire`` frames) with ``dist.isend`` under a
-per-peer lock, so the parts of one message stay together and messages keep
-their order. A stage worker posts its own messages (no hand-off to another
-thread on the latency path; posting never waits for the peer) and a sender
+``Link`` posts each message (``dist_wire`` frames) under a per-peer lock, so the
+parts of one message stay together and messages keep their order: with
+``dist.isend`` over gloo, or with one write on a Unix socket to a rank of the
+same host (``dist_local``). A stage worker posts its own messages (no hand-off to another
+thread on the latency path; posting waits for the peer only while a socket's buffer
+is full, and the peer's receiver thread always drains it) and a sender
 thread per peer waits for their completion; messages from the receiver
 threads, and those with NCCL parts, are posted by that sender thread (a
 receiver thread must never wait on a peer whose receiver may be waiting on
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import queue
 import re
+import socket
 import threading
 import time
 from collections import deque
@@ -30,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from mmpipe.runtime.channels import SLICE_S, Stopped
+from mmpipe.runtime.dist_local import read_message, write_message
 from mmpipe.runtime.dist_wire import FRAME, GpuRecv, decode, encode, total_of
 
 HEARTBEAT_S = 1.0
@@ -46,14 +50,18 @@ class Link:
     """Messages to and from every other rank (see the module docstring)."""
 
     def __init__(self, rank: int, world: int, on_message: Callable[[int, Any], None], on_lost: Callable[[int, str, bool], None],
-                 peer_timeout_s: float, nccl: tuple[Any, Any] | None = None, nccl_peers: set[int] | None = None) -> None:
+                 peer_timeout_s: float, nccl: tuple[Any, Any] | None = None, nccl_peers: set[int] | None = None,
+                 local: dict[int, socket.socket] | None = None) -> None:
         """``nccl``: two NCCL groups, for messages to higher and to lower ranks (one
         direction per group and pair, so a receive waiting on a GPU stream is never queued
-        in front of a send the peer waits for); used for GPU tensors to ``nccl_peers``."""
+        in front of a send the peer waits for); used for GPU tensors to ``nccl_peers``.
+        ``local``: a connected socket per rank of this host (``dist_local.open_local``);
+        messages to those ranks go through it instead of gloo."""
         self.rank, self.world = rank, world
         self.on_message, self.on_lost = on_message, on_lost
         self.peer_timeout_s = peer_timeout_s
         self.nccl, self.nccl_peers = nccl, nccl_peers or set()
+        self.local = local or {}
         self.peers = [k for k in range(world) if k != rank]
         self.locks = {k: threading.Lock() for k in self.peers}  # held while a message is posted (keeps the order)
         # per peer: (buf, gpu) for the sender thread to post, () to wake it up
@@ -62,8 +70,8 @@ class Link:
         self.posted: dict[int, deque[tuple[list[Any], torch.Tensor]]] = {k: deque() for k in self.peers}
         self.parked = {k: False for k in self.peers}  # the peer's sender thread sleeps until woken
         self.unposted = {k: 0 for k in self.peers}  # "post" entries not yet posted (under the lock)
-        self.queued = {k: 0 for k in self.peers}  # entries put in the outbox (under the lock) ...
-        self.done = {k: 0 for k in self.peers}  # ... and finished (the sender thread only)
+        self.queued = {k: 0 for k in self.peers}  # messages sent (under the lock) ...
+        self.done = {k: 0 for k in self.peers}  # ... and finished (under the lock)
         self.receivers: set[int] = set()  # thread idents of the receiver threads
         self.last_seen = {k: time.monotonic() for k in self.peers}
         self.lost: set[int] = set()
@@ -114,6 +122,9 @@ class Link:
                 except Exception as exc:
                     self._lost(peer, f"sending failed: {_short(exc)}")
                     raise PeerLost(f"rank {peer}: {exc}") from exc
+                if not works:  # written to a socket: finished already
+                    self.done[peer] += 1
+                    return
                 self.posted[peer].append((works, buf))
                 if self.parked[peer]:
                     self.outbox[peer].put(())
@@ -122,12 +133,16 @@ class Link:
             self.outbox[peer].put((buf, gpu))
 
     def _post(self, peer: int, buf: torch.Tensor) -> list[Any]:
-        """Post one message's parts (the caller holds the peer's lock)."""
+        """Post one message's parts (the caller holds the peer's lock); the works to wait
+        for (none when it went into a local socket)."""
+        self.sent += 1
+        if peer in self.local:
+            write_message(self.local[peer], buf)
+            return []
         total = buf.numel()
         works = [dist.isend(buf[: min(total, FRAME)], peer)]
         if total > FRAME:
             works.append(dist.isend(buf[FRAME:], peer))
-        self.sent += 1
         return works
 
     def _send_loop(self, peer: int) -> None:
@@ -163,7 +178,8 @@ class Link:
                                 dist.send(t, peer, group=self._group(self.rank, peer))
                     for w in works:
                         w.wait()
-                    self.done[peer] += 1
+                    with self.locks[peer]:
+                        self.done[peer] += 1
             except Exception as exc:
                 self._lost(peer, f"sending failed: {_short(exc)}")
                 return
@@ -175,7 +191,8 @@ class Link:
             for w in dq[0][0]:
                 w.wait()
             dq.popleft()
-            self.done[peer] += 1
+            with self.locks[peer]:
+                self.done[peer] += 1
             n += 1
         return n
 
@@ -193,21 +210,30 @@ class Link:
                     pass
 
     # ------------------------------------------------------------ receiving
+    def transport(self, peer: int) -> str:
+        """How messages reach ``peer``: ``unix`` (a local socket) or ``gloo``, ``+nccl``
+        when GPU tensors go over NCCL."""
+        return ("unix" if peer in self.local else "gloo") + ("+nccl" if self.nccl is not None and peer in self.nccl_peers else "")
+
     def _receive(self, peer: int) -> None:
         self.receivers.add(threading.get_ident())  # before the first message: its replies are queued
         frame = torch.empty(FRAME, dtype=torch.uint8)
         gpu_recv = self._gpu_receiver(peer) if self.nccl is not None and peer in self.nccl_peers else None
+        sock = self.local.get(peer)
         while not self.closing.is_set():
             try:
-                dist.recv(frame, src=peer)
-                total = total_of(frame)
-                if total <= FRAME:
-                    msg = decode(frame[:total], copy=True, gpu=gpu_recv)
+                if sock is not None:
+                    msg = decode(read_message(sock), copy=False, gpu=gpu_recv)
                 else:
-                    full = torch.empty(total, dtype=torch.uint8)
-                    full[:FRAME].copy_(frame)
-                    dist.recv(full[FRAME:], src=peer)
-                    msg = decode(full, copy=False, gpu=gpu_recv)
+                    dist.recv(frame, src=peer)
+                    total = total_of(frame)
+                    if total <= FRAME:
+                        msg = decode(frame[:total], copy=True, gpu=gpu_recv)
+                    else:
+                        full = torch.empty(total, dtype=torch.uint8)
+                        full[:FRAME].copy_(frame)
+                        dist.recv(full[FRAME:], src=peer)
+                        msg = decode(full, copy=False, gpu=gpu_recv)
             except Exception as exc:  # the peer's process is gone (or the group was torn down)
                 self._lost(peer, f"its connection broke ({_short(exc)})")
                 return

@@ -34,6 +34,7 @@ from mmpipe.runtime.batching import LengthFn
 from mmpipe.runtime.core import Core
 from mmpipe.runtime.dist_fabric import DistFabric, thread_count
 from mmpipe.runtime.dist_link import Link
+from mmpipe.runtime.dist_local import open_local
 from mmpipe.runtime.pipeline import CLOSE_GRACE_S, Pipeline
 from mmpipe.runtime.trace import WorkerLog
 
@@ -69,9 +70,12 @@ def init_group(plan_timeout_s: float) -> None:
         interruptible(lambda: dist.init_process_group("gloo", timeout=timedelta(seconds=max(300.0, plan_timeout_s))))
 
 
-def rank_info(threads: int) -> dict[str, Any]:
+def rank_info(threads: int, link: Link | None = None) -> dict[str, Any]:
+    """A rank's entry in ``summary.json``; with the link, how it reaches each other rank."""
     info: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid(), "threads": threads,
                             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if link is not None:
+        info["links"] = {str(k): link.transport(k) for k in link.peers}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         info["peak_cuda_mb"] = round(sum(torch.cuda.max_memory_allocated(d) for d in range(torch.cuda.device_count())) / 2**20, 1)
     return info
@@ -190,8 +194,11 @@ class _Ranks:
         self.pids = {k: st["pid"] for k, st in enumerate(every)}
         self.offset = interruptible(sync_clocks)
         nccl, peers = interruptible(nccl_groups, self.plan, every, self.rank)
+        auto = self.plan.runtime.get("transport", "auto") == "auto"
+        local = interruptible(open_local, self.rank, self.world, auto)
         self.fabric.control = self.control
-        link = Link(self.rank, self.world, self.fabric.on_message, self.on_lost, float(self.plan.runtime.get("peer_timeout_s", 30)), nccl, peers)
+        link = Link(self.rank, self.world, self.fabric.on_message, self.on_lost, float(self.plan.runtime.get("peer_timeout_s", 30)), nccl, peers,
+                    local)
         self.fabric.link = link
         link.start()
         log.info("rank %d on %s: %s, %d threads, ready", self.rank, self.hosts[self.rank], stages_of(self.plan, self.rank), self.threads)
@@ -214,7 +221,7 @@ class _Ranks:
         kind = msg[0]
         if kind == "stats?":  # ("stats?", token, since): worker logs, only spans ended after ``since`` (None: all)
             logs = [lg.export(self.offset, msg[2]) for lg in self.core.recorder.logs]
-            self.fabric._send(src, ("stats", msg[1], logs, rank_info(self.threads)))
+            self.fabric._send(src, ("stats", msg[1], logs, rank_info(self.threads, self.fabric.link)))
         elif kind == "stats":
             with self.stats_cond:
                 if msg[1] == self.stats_token:
@@ -321,7 +328,7 @@ class DistributedPipeline(Pipeline):
         rec = self.recorder
         got = self.ranks.remote_stats(wait_s)
         rec.remote = _logs_of(got)
-        rec.ranks = {0: rank_info(self.ranks.threads), **{k: got[k][1] for k in got}}
+        rec.ranks = {0: rank_info(self.ranks.threads, self.fabric.link), **{k: got[k][1] for k in got}}  # type: ignore[attr-defined]
 
     def recent_logs(self, since: float, wait_s: float = 2.0) -> list[WorkerLog]:
         """Every stage copy's worker log with the spans that ended after ``since`` (this
@@ -354,6 +361,7 @@ class DistributedPipeline(Pipeline):
             self._fetch_remote(wait_s=3.0)  # their logs, for stats and the trace, before they go
             link.broadcast(("stop",))
             link.flush()
+            link.close()  # the ranks now exit: a late retire or heartbeat that fails is no loss
             self._connected = False
         super().close(grace_s)
         if link is not None:

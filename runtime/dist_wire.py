@@ -30,6 +30,7 @@ import torch
 FRAME = 1 << 16  # bytes of the first (fixed-size) receive
 ALIGN = 64
 _HEAD = struct.Struct("<QQ")
+HEAD_BYTES = _HEAD.size  # a message's first bytes: its total size and header size
 
 
 def _align(n: int) -> int:

@@ -80,7 +80,8 @@ def synth(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any
     ["runtime.nproc=3"],
     # the loop and the chain before it as two copies each, spread over ranks
     ["runtime.nproc=3", "placement.b=[rank1,rank2]", "nodes.a.replicas=2"],
-], ids=["2 ranks", "3 ranks", "3 ranks, replicas"])
+    ["runtime.nproc=3", "runtime.transport=gloo"],  # the messages through gloo, as between hosts
+], ids=["2 ranks", "3 ranks", "3 ranks, replicas", "3 ranks over gloo"])
 def test_synthetic_over_ranks_equals_threads(synth: tuple[Path, dict[str, Any]], tmp_path: Path, extra: list[str]) -> None:
     recipe, ref = synth
     run_ok(str(recipe), *DIST, *extra, out=tmp_path)
@@ -88,6 +89,10 @@ def test_synthetic_over_ranks_equals_threads(synth: tuple[Path, dict[str, Any]],
     summary = json.loads((tmp_path / "summary.json").read_text())
     nproc = int(extra[0].split("=")[1])
     assert sorted(summary["ranks"]) == [str(k) for k in range(nproc)]
+    # ranks of one host talk over Unix sockets unless told to use gloo
+    way = "gloo" if "runtime.transport=gloo" in extra else "unix"
+    assert {k: r["links"] for k, r in summary["ranks"].items()} == {
+        str(k): {str(j): way for j in range(nproc) if j != k} for k in range(nproc)}
     assert {s["rank"] for s in summary["stages"]} == set(range(nproc))
     assert all((tmp_path / "logs" / f"rank{k}.log").exists() for k in range(nproc))
     # each request's compute time per stage comes back from every rank it went through
@@ -298,4 +303,6 @@ def test_whisper_across_two_hosts_with_torchrun(two_hosts: Any, whisper_ref: dic
     assert outputs(tmp_path) == whisper_ref
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert sorted(summary["ranks"]) == ["0", "1"] and {s["rank"] for s in summary["stages"]} == {0, 1}
+    # two network namespaces cannot share a Unix socket: the messages went over gloo, on the veth
+    assert summary["ranks"]["0"]["links"] == {"1": "gloo"} and summary["ranks"]["1"]["links"] == {"0": "gloo"}
     assert (tmp_path / "logs" / "rank1.log").exists()  # the other host's log came over the link

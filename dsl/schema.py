@@ -100,6 +100,9 @@ class BalanceOptions:
     latency_ms: float = 0.2  # per message between processes
     # busy threads of other processes on each host (the simulator); -1: what the profile saw
     background: float = -1.0
+    # the OS's time slice when more compute-bound threads than cores want to run (the
+    # simulator); 0: Linux's default for the host's cores (0.75 ms x (1 + log2 cores, cores <= 8))
+    time_slice_ms: float = 0.0
 
 
 @dataclass(kw_only=True)
@@ -294,7 +297,8 @@ def _check_top(top: Top, problems: Problems) -> None:
         problems.add("nodes", "the recipe has no nodes", "add at least one node under nodes:")
     bal = top.balance
     limits: tuple[tuple[str, float], ...] = (("balance.stages", bal.stages), ("balance.memory_gb", bal.memory_gb),
-                                             ("balance.cores", bal.cores), ("balance.latency_ms", bal.latency_ms))
+                                             ("balance.cores", bal.cores), ("balance.latency_ms", bal.latency_ms),
+                                             ("balance.time_slice_ms", bal.time_slice_ms))
     for key, lim in limits:
         if lim < 0:
             problems.add(key, f"must not be negative, got {lim}", f"set {key}=0 (0: automatic)", lim, True)

@@ -20,9 +20,15 @@ It runs what ``runtime/`` does, with times from the profile instead of work:
 - shared hardware: work on one CPU host shares its cores with the other running ops and
   with the busy threads of other processes (``balance.background``; by default what the
   profile saw): an op keeps as many cores busy as the profile measured (its CPU time over
-  its wall time, corrected for the share of a core the profile got), and when ops and
-  background ask for more cores than there are, all slow down in proportion. Profiled
-  times are first turned back into unloaded work the same way. Work on one GPU shares it.
+  its wall time, corrected for the share of a core the profile got). When ops ask for
+  more cores than there are, the OS takes turns as Linux does: ops that need a core
+  queue in the order they became ready, as many as the cores hold run (slowed in
+  proportion by the background), and each yields its core after a time slice
+  (``balance.time_slice_ms``, by default Linux's: 0.75 ms x (1 + log2 cores)) when
+  others wait. A stage's call counts as busy from its first turn on a core, as the
+  runtime's trace spans do; ops that keep less than a core busy (sleeps, I/O) never
+  queue. Profiled times are first turned back into unloaded work the same way. Work on
+  one GPU shares it.
 
 So it predicts throughput, latency p50/p95, busy % per stage copy and the bubble for any
 placement, including ones this machine cannot run. Pure Python, no torch.
@@ -87,6 +93,8 @@ class _Worker:
     proc: int = 0  # the process (rank) whose GIL it holds
     blocked: tuple[Any, ...] | None = None  # (target worker, packet) it waits to put
     inflight: int = 0  # loop first stage: groups circulating
+    began: bool = False  # its current call has had a turn on a core
+    slice_left: float = 0.0  # of its turn on a core
 
 
 class Sim:
@@ -102,6 +110,9 @@ class Sim:
         self.requests = requests
         self.hosts = max(1, int(bal.get("hosts", 1)))
         self.cores = float(bal.get("cores") or costs.cores)
+        self.quantum = float(bal.get("time_slice_ms") or 0.0) / 1000.0 or linux_time_slice(self.cores)
+        self.queues: dict[tuple[Any, ...], deque[_Worker]] = {}  # per CPU host: ops in the order they became ready
+        self.turns: list[_Worker] = []  # ops on a core now while others wait for one (their slices run out)
         share = float(costs.host.get("cpu_share", 1.0)) or 1.0
         bg = bal.get("background")
         self.background = float(bg) if bg is not None and float(bg) >= 0 else float(costs.host.get("background", 0.0))
@@ -264,6 +275,7 @@ class Sim:
                     pkt = self.take(w)
                     if pkt is not None:
                         w.job, w.left, w.gil_left = pkt, w.time, self.hop
+                        w.began, w.slice_left = False, self.quantum
                         w.calls += 1
                         w.first = min(w.first, self.now)
                         progressed = True
@@ -278,15 +290,26 @@ class Sim:
         def phase(w: _Worker) -> float:
             return w.gil_left if w.gil_left > TINY else w.left
 
-        dt = min([phase(w) / rates[id(w)] for w in running if rates[id(w)] > 0] + [a - self.now for a, *_ in self.transit] + [math.inf])
+        dt = min([phase(w) / rates[id(w)] for w in running if rates[id(w)] > 0] + [a - self.now for a, *_ in self.transit]
+                 + [w.slice_left for w in self.turns] + [math.inf])
         dt = max(dt, 0.0)
         self.now += dt
         for w in running:
             if w.gil_left > TINY:
                 w.gil_left -= dt * rates[id(w)]
             else:
+                if rates[id(w)] > 0:
+                    w.began = True
                 w.left -= dt * rates[id(w)]
-            w.busy += dt
+            if w.began or w.gil_left > TINY:  # a call's span starts on its first turn on a core
+                w.busy += dt
+        for w in self.turns:
+            w.slice_left -= dt
+            if w.slice_left <= TINY and w.left > TINY:  # its slice is over: to the back of the queue
+                q = self.queues[w.resource]
+                q.remove(w)
+                q.append(w)
+                w.slice_left = self.quantum
         for w in running:
             if w.gil_left <= TINY and w.left <= TINY:
                 w.last = self.now
@@ -303,22 +326,46 @@ class Sim:
         return True
 
     def rates(self, running: list[_Worker]) -> dict[int, float]:
-        """Progress per second of every running call (shared cores / shared devices)."""
+        """Progress per second of every running call (shared cores / shared devices); sets
+        ``turns``, the calls whose time slices run out while others wait for a core."""
         by: dict[tuple[Any, ...], list[_Worker]] = {}
         for w in running:
             by.setdefault(("gil", w.proc) if w.gil_left > TINY else w.resource, []).append(w)
-        out = {}
+        out: dict[int, float] = {}
+        self.turns = []
         for res, ws in by.items():
             if res[0] == "gil":  # one thread of a process runs Python at a time
                 f = 1.0 / len(ws)
             elif res[0] == "cpu":
-                need = sum(w.demand for w in ws) + self.background
-                f = min(1.0, self.cores / need) if need > 0 else 1.0
+                on = self.on_cores(res, ws)
+                f = min(1.0, self.cores / (sum(w.demand for w in on) + self.background))
+                ws = on
             else:
                 f = 1.0 / len(ws)
             for w in ws:
                 out[id(w)] = f
+        for w in running:
+            out.setdefault(id(w), 0.0)
         return out
+
+    def on_cores(self, res: tuple[Any, ...], ws: list[_Worker]) -> list[_Worker]:
+        """The ops of one CPU host that have a core now: all of them when they fit, else the
+        first in the queue that fit (ops needing less than a core always run)."""
+        q = self.queues.setdefault(res, deque())
+        live = {id(w) for w in ws}
+        if len(q) != len(ws) or any(id(w) not in live for w in q):
+            known = {id(w) for w in q}
+            q = self.queues[res] = deque([w for w in q if id(w) in live] + [w for w in ws if id(w) not in known])
+        if sum(w.demand for w in ws) <= self.cores + TINY:
+            return ws
+        on: list[_Worker] = []
+        used = 0.0
+        for w in q:
+            if w.demand < 1.0 or not on or used + w.demand <= self.cores + TINY:
+                on.append(w)
+                used += w.demand
+        self.turns += [w for w in on if w.demand >= 1.0]
+        return on
 
     def run(self) -> SimResult:
         mbs = [list(range(i, min(i + self.size, self.requests))) for i in range(0, self.requests, self.size)]
@@ -342,6 +389,12 @@ class Sim:
         window = max(end - start, TINY)
         return SimResult(self.requests, len(mbs), wall, self.requests / wall if wall else 0.0, _pct(lat, 0.5), _pct(lat, 0.95),
                          max(0.0, 1 - busy_total / (len(self.w) * window)), workers)
+
+
+def linux_time_slice(cores: float) -> float:
+    """Linux's default time slice in seconds (EEVDF's base slice, 0.75 ms, scaled by
+    1 + log2 of the CPUs, at most 8, as ``sched_tunable_scaling``'s default does)."""
+    return 0.00075 * (1 + int(math.log2(max(1, min(8, int(cores))))))
 
 
 def _pct(xs: list[float], q: float) -> float:

@@ -106,7 +106,8 @@ class Link:
         return self.nccl[0] if src < dst else self.nccl[1]
 
     def send(self, peer: int, msg: Any, device: str = "cpu") -> None:
-        """Send ``msg`` to ``peer``, in order, without waiting for the network. ``device``:
+        """Send ``msg`` to ``peer``, in order, without waiting for the peer to take it (a
+        socket write waits only while the socket's buffer is full). ``device``:
         where the receiver will use the message's tensors (GPU tensors go over NCCL when
         that is a GPU the peer reaches that way)."""
         if peer in self.lost:

@@ -9,7 +9,7 @@ from mmpipe.dsl.compile import compile_recipe
 from mmpipe.dsl.costs import NodeCost, PartCost, Profile, config_digest, expected_key
 from mmpipe.dsl.plan import Plan
 from mmpipe.dsl.schedule import theory_bubble
-from mmpipe.dsl.simulate import simulate, simulate_plan
+from mmpipe.dsl.simulate import linux_time_slice, simulate, simulate_plan
 
 
 def profiled(tmp: Path, recipe: str, args: list[str], parts: dict[str, list[float]], cores: int = 64, cpu: float = 0.0,
@@ -66,6 +66,27 @@ def test_shared_cores_slow_everyone_down(tmp_path: Path) -> None:
     assert simulate(plan, prof, 4).wall_s == pytest.approx(8.0)  # 8 s of CPU on one core
     plan, prof = profiled(tmp_path, "synthetic", ["stages=2", "runtime.microbatch_size=1"], {"chain": [1.0, 1.0]}, cores=2, cpu=1.0)
     assert simulate(plan, prof, 4).wall_s == pytest.approx(5.0)  # two cores: a plain pipeline
+
+
+def test_more_busy_stages_than_cores_take_turns_in_time_slices(tmp_path: Path) -> None:
+    # one core, two stages of 1 s of CPU, two micro-batches: at t = 1 stage 0 (mb 1) and stage 1 (mb 0) both want it
+    args = ["stages=2", "runtime.microbatch_size=1"]
+    plan, prof = profiled(tmp_path, "synthetic", args + ["balance.time_slice_ms=10000"], {"chain": [1.0, 1.0]}, cores=1, cpu=1.0)
+    res = simulate(plan, prof, 2)
+    # slices longer than a call: stage 0 keeps the core for mb 1, stage 1 waits; a call's span starts on the
+    # core (as the runtime's trace spans do), so the waiting is bubble: busy 2 s each in a 4-s window
+    assert res.wall_s == pytest.approx(4.0) and res.bubble == pytest.approx(0.5)
+    plan, prof = profiled(tmp_path, "synthetic", args + ["balance.time_slice_ms=50"], {"chain": [1.0, 1.0]}, cores=1, cpu=1.0)
+    res = simulate(plan, prof, 2)
+    # short slices: both calls crawl side by side from t = 1 (stage 1's first turn at 1.05) to about t = 3
+    assert res.wall_s == pytest.approx(4.0) and res.bubble == pytest.approx(1 - (3 + 2.95) / 8, abs=0.02)
+    # enough cores: nobody waits, whatever the slice
+    plan, prof = profiled(tmp_path, "synthetic", args + ["balance.time_slice_ms=10000"], {"chain": [1.0, 1.0]}, cores=2, cpu=1.0)
+    assert simulate(plan, prof, 2).bubble == pytest.approx(theory_bubble(2, 2))
+
+
+def test_linux_time_slice() -> None:
+    assert [linux_time_slice(c) for c in (1, 2, 4, 16)] == pytest.approx([0.00075, 0.0015, 0.00225, 0.003])
 
 
 LOOP = """

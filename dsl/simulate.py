@@ -349,22 +349,23 @@ class Sim:
         return out
 
     def on_cores(self, res: tuple[Any, ...], ws: list[_Worker]) -> list[_Worker]:
-        """The ops of one CPU host that have a core now: all of them when they fit, else the
-        first in the queue that fit (ops needing less than a core always run)."""
+        """The ops of one CPU host that have a core now: all of them when their threads fit,
+        else the first in the queue that fit (ops that keep less than half a core busy
+        always run)."""
         q = self.queues.setdefault(res, deque())
         live = {id(w) for w in ws}
         if len(q) != len(ws) or any(id(w) not in live for w in q):
             known = {id(w) for w in q}
             q = self.queues[res] = deque([w for w in q if id(w) in live] + [w for w in ws if id(w) not in known])
-        if sum(w.demand for w in ws) <= self.cores + TINY:
+        if sum(_threads(w) for w in ws) <= self.cores:
             return ws
         on: list[_Worker] = []
-        used = 0.0
+        used = 0
         for w in q:
-            if w.demand < 1.0 or not on or used + w.demand <= self.cores + TINY:
+            if not _threads(w) or not on or used + _threads(w) <= self.cores:
                 on.append(w)
-                used += w.demand
-        self.turns += [w for w in on if w.demand >= 1.0]
+                used += _threads(w)
+        self.turns += [w for w in on if _threads(w)]
         return on
 
     def run(self) -> SimResult:
@@ -389,6 +390,11 @@ class Sim:
         window = max(end - start, TINY)
         return SimResult(self.requests, len(mbs), wall, self.requests / wall if wall else 0.0, _pct(lat, 0.5), _pct(lat, 0.95),
                          max(0.0, 1 - busy_total / (len(self.w) * window)), workers)
+
+
+def _threads(w: _Worker) -> int:
+    """The busy threads an op runs (its measured demand is noisy: 1.05 cores is one thread)."""
+    return int(w.demand + 0.5)
 
 
 def linux_time_slice(cores: float) -> float:

@@ -11,14 +11,17 @@ each method warms up inside its process before it is timed.
 1. Two compute-bound matmul stages (``synthetic work=matmul``: one dim x dim product per
    stage per micro-batch, micro-batch = 1 request): sequential with 1 and with 2 torch
    threads, the threads backend (with the process's 2 threads in each stage, and with
-   ``runtime.threads_per_stage=1``), the distributed backend (2 ranks x 1 thread) and
+   ``runtime.threads_per_stage=1``), the distributed backend (2 ranks x 1 thread; its
+   messages over a Unix socket, as between ranks of one host, and over gloo, as between
+   hosts) and
    ``torch.distributed.pipelining`` (``PipelineStage`` + ``ScheduleGPipe``, the same two
    stages and micro-batches, 2 ranks x 1 thread). Speed-up against sequential, 1 thread.
 2. whisper_stt on 16 clips: threads backend; distributed over 2 ranks; distributed with
    the encoder replicated on both ranks; ``placement=auto`` (the balancer's cuts, copies and
    ranks, from a profile taken just before with the same settings).
 3. The cost of a hop between processes, with no-op stages: one micro-batch alone through
-   2 stages (latency) and many in a row (throughput), threads vs distributed; the
+   2 stages (latency) and many in a row (throughput), threads vs distributed (Unix
+   socket, and gloo); the
    distributed run has 2 hops between processes per micro-batch (stage 0 -> stage 1 on
    rank 1 -> results on rank 0).
 """
@@ -46,6 +49,8 @@ def matmul(quick: bool) -> None:
         "threads backend, 1 thread per stage": dict(recipe="synthetic", overrides=syn + ["runtime.threads_per_stage=1"], threads=2, repeat=3),
         "distributed, 2 ranks x 1 thread": dict(recipe="synthetic", overrides=syn + ["runtime=distributed", "runtime.nproc=2", "runtime.threads_per_rank=1"],
                                                 threads=1, repeat=3, nproc=2),
+        "distributed, messages over gloo": dict(recipe="synthetic", overrides=syn + ["runtime=distributed", "runtime.nproc=2", "runtime.threads_per_rank=1",
+                                                                                      "runtime.transport=gloo"], threads=1, repeat=3, nproc=2),
         "torch.distributed.pipelining GPipe, 2 ranks x 1 thread": dict(recipe="", overrides=[], threads=1, repeat=3, nproc=2,
                                                                        pippy_args=["--microbatches", str(m), "--dim", str(dim)]),
     }
@@ -89,19 +94,24 @@ def hop(quick: bool) -> None:
     m, rounds = (200, 1) if quick else (600, 3)
     noop = ["stages=2", "work=noop", f"requests={m}", "runtime.microbatch_size=1", "batching.max_delay_ms=0"]
     dist = ["runtime=distributed", "runtime.nproc=2", "runtime.threads_per_rank=1"]
+    gloo = ["runtime.transport=gloo"]  # every message through gloo, as between hosts
     lone = ["stages=2", "work=noop", "requests=40", "runtime.microbatch_size=1", "batching.max_delay_ms=0"]
     methods = {
         "threads, many": dict(recipe="synthetic", overrides=noop, threads=1, repeat=3),
         "distributed, many": dict(recipe="synthetic", overrides=noop + dist, threads=1, repeat=3, nproc=2),
+        "gloo, many": dict(recipe="synthetic", overrides=noop + dist + gloo, threads=1, repeat=3, nproc=2),
         "threads, one alone": dict(recipe="synthetic", overrides=lone, threads=1, repeat=1, single=True),
         "distributed, one alone": dict(recipe="synthetic", overrides=lone + dist, threads=1, repeat=1, single=True, nproc=2),
+        "gloo, one alone": dict(recipe="synthetic", overrides=lone + dist + gloo, threads=1, repeat=1, single=True, nproc=2),
     }
     best = best_of(rounds, methods)
-    th, di = best["threads, many"]["wall_s"] / m, best["distributed, many"]["wall_s"] / m
-    lt, ld = best["threads, one alone"]["latency_s"], best["distributed, one alone"]["latency_s"]
-    rows = [("measure", "threads", "distributed", "per hop between processes")]
-    rows.append(("one micro-batch alone, latency ms", f"{1000 * lt:.3f}", f"{1000 * ld:.3f}", f"{1000 * (ld - lt) / 2:.3f} ms (+ the in-process hop it replaces)"))
-    rows.append((f"{m} in a row, ms per micro-batch", f"{1000 * th:.3f}", f"{1000 * di:.3f}", f"{1000 * di / 2:.3f} ms (2 processes work at once)"))
+    th, di, gl = (best[f"{k}, many"]["wall_s"] / m for k in ("threads", "distributed", "gloo"))
+    lt, ld, lg = (best[f"{k}, one alone"]["latency_s"] for k in ("threads", "distributed", "gloo"))
+    rows = [("measure", "threads", "distributed", "per hop between processes", "distributed over gloo", "per hop over gloo")]
+    rows.append(("one micro-batch alone, latency ms", f"{1000 * lt:.3f}", f"{1000 * ld:.3f}", f"{1000 * (ld - lt) / 2:.3f} ms (+ the in-process hop it replaces)",
+                 f"{1000 * lg:.3f}", f"{1000 * (lg - lt) / 2:.3f} ms"))
+    rows.append((f"{m} in a row, ms per micro-batch", f"{1000 * th:.3f}", f"{1000 * di:.3f}", f"{1000 * di / 2:.3f} ms (2 processes work at once)",
+                 f"{1000 * gl:.3f}", f"{1000 * gl / 2:.3f} ms"))
     print(f"\n## 3. no-op stages: the cost of crossing processes (best of {rounds} rounds)")
     print(table(rows))
 

@@ -337,9 +337,9 @@ class Sim:
             if res[0] == "gil":  # one thread of a process runs Python at a time
                 f = 1.0 / len(ws)
             elif res[0] == "cpu":
-                on = self.on_cores(res, ws)
-                f = min(1.0, self.cores / (sum(w.demand for w in on) + self.background))
-                ws = on
+                ws = self.on_cores(res, ws)
+                need = sum(w.demand for w in ws) + self.background
+                f = min(1.0, self.cores / need) if need > 0 else 1.0
             else:
                 f = 1.0 / len(ws)
             for w in ws:

@@ -7,9 +7,10 @@ same host (``dist_local``). A stage worker posts its own messages (no hand-off t
 thread on the latency path; posting waits for the peer only while a socket's buffer
 is full, and the peer's receiver thread always drains it) and a sender
 thread per peer waits for their completion; messages from the receiver
-threads, and those with NCCL parts, are posted by that sender thread (a
-receiver thread must never wait on a peer whose receiver may be waiting on
-it). One receiver thread per peer never blocks on anything but the network:
+threads and the heartbeat, and those with NCCL parts, are posted by that sender
+thread (a receiver thread must never wait on a peer whose receiver may be waiting
+on it, and the heartbeat must keep watching while a hung peer's socket is full).
+One receiver thread per peer never blocks on anything but the network:
 it hands each message to ``on_message``. Rank 0 exchanges heartbeats with every
 rank; a peer whose connection breaks (a killed process: gloo's receive fails
 at once) or that stays silent for ``peer_timeout_s`` (a hung process or host) is
@@ -72,7 +73,9 @@ class Link:
         self.unposted = {k: 0 for k in self.peers}  # "post" entries not yet posted (under the lock)
         self.queued = {k: 0 for k in self.peers}  # messages sent (under the lock) ...
         self.done = {k: 0 for k in self.peers}  # ... and finished (under the lock)
-        self.receivers: set[int] = set()  # thread idents of the receiver threads
+        # threads whose messages the sender threads post (receivers, the heartbeat): they must
+        # never wait on a peer (a full socket to a hung peer would stop the watch itself)
+        self.queuers: set[int] = set()
         self.last_seen = {k: time.monotonic() for k in self.peers}
         self.lost: set[int] = set()
         self.closing = threading.Event()
@@ -114,7 +117,7 @@ class Link:
             raise PeerLost(f"rank {peer} is gone")
         nccl_to = device if self.nccl is not None and peer in self.nccl_peers and device.startswith("cuda") else None
         buf, gpu = encode(msg, nccl_to)
-        inline = not gpu and threading.get_ident() not in self.receivers
+        inline = not gpu and threading.get_ident() not in self.queuers
         with self.locks[peer]:
             self.queued[peer] += 1
             if inline and not self.unposted[peer]:  # nothing queued ahead of it: post it here
@@ -217,7 +220,7 @@ class Link:
         return ("unix" if peer in self.local else "gloo") + ("+nccl" if self.nccl is not None and peer in self.nccl_peers else "")
 
     def _receive(self, peer: int) -> None:
-        self.receivers.add(threading.get_ident())  # before the first message: its replies are queued
+        self.queuers.add(threading.get_ident())  # before the first message: its replies are queued
         frame = torch.empty(FRAME, dtype=torch.uint8)
         gpu_recv = self._gpu_receiver(peer) if self.nccl is not None and peer in self.nccl_peers else None
         sock = self.local.get(peer)
@@ -256,6 +259,7 @@ class Link:
         return recv
 
     def _heartbeat(self) -> None:
+        self.queuers.add(threading.get_ident())
         watch = self.peers if self.rank == 0 else [0]
         while not self.closing.wait(HEARTBEAT_S):
             for k in watch:

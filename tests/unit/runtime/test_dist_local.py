@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -112,3 +113,31 @@ def test_a_rank_without_sockets_pairs_with_nobody(tmp_path: Path) -> None:
     # both ends decide from the same gathered keys: rank 1's peers agree it has no socket
     got = _run(tmp_path, [True, False, True])
     assert [got[k][0] for k in range(3)] == [[2], [], [0]]
+
+
+def test_a_hung_peer_with_a_full_socket_is_still_found(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The peer stops reading (a hung process): its socket fills up. The heartbeat must not
+    # wait on that socket itself, or nothing would ever notice the peer went silent.
+    from mmpipe.runtime import dist_link
+
+    monkeypatch.setattr(dist_link, "HEARTBEAT_S", 0.05)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    a.setblocking(False)
+    try:
+        while True:
+            a.send(b"\0" * 65536)
+    except BlockingIOError:
+        pass  # full
+    a.setblocking(True)
+    lost: list[tuple[int, str, bool]] = []
+    link = dist_link.Link(0, 2, lambda src, msg: None, lambda k, why, hung: lost.append((k, why, hung)), peer_timeout_s=0.5, local={1: a})
+    link.start()
+    deadline = time.monotonic() + 10
+    while not lost and time.monotonic() < deadline:
+        time.sleep(0.02)
+    link.close()
+    b.close()  # the blocked writes fail; the link's threads end
+    for t in link.threads:
+        t.join(5)
+    assert lost and lost[0][0] == 1 and lost[0][2] is True, lost
+    assert "sent nothing for 0.5 s" in lost[0][1]

@@ -46,7 +46,7 @@ step "machine" 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_versi
 
 # ---- the CUDA tests (transfers, a plan across cpu and cuda) and the runtime tests on this machine
 step "pytest: CUDA transfer and placement tests" 300 $PY -m pytest -q -p no:cacheprovider tests/unit/runtime/test_transfer.py
-step "pytest: distributed synthetic (gloo)" 300 $PY -m pytest -q -p no:cacheprovider tests/integration/test_distributed.py -k synthetic
+step "pytest: distributed synthetic (local sockets and gloo)" 300 $PY -m pytest -q -p no:cacheprovider tests/integration/test_distributed.py -k synthetic
 
 # ---- whisper_stt on cuda: parity (CPU, transformers) and timings
 # greedy for the parity runs (generate's num_beams=1); beam 5 without fallback against generate(num_beams=5)
@@ -55,7 +55,7 @@ step "whisper cpu (reference)" 300 $MM run "${W[@]}" output_dir=$RUNS/w_cpu
 step "whisper cuda fp32" 300 $MM run "${W[@]}" placement=$DEV output_dir=$RUNS/w_cuda
 step "whisper cuda fp32, encoder/decoder split 2" 300 $MM run "${W[@]}" placement=$DEV nodes.encoder.split=2 nodes.decoder.split=2 output_dir=$RUNS/w_cuda_split
 step "whisper cuda fp16" 300 $MM run "${W[@]}" placement=$DEV runtime.dtype=float16 output_dir=$RUNS/w_cuda_fp16
-step "whisper distributed, 2 ranks on cuda:0 (host staging)" 300 $MM run "${W[@]}" placement=$DEV runtime=distributed runtime.nproc=2 \
+step "whisper distributed, 2 ranks on cuda:0 (staged through host memory, local socket)" 300 $MM run "${W[@]}" placement=$DEV runtime=distributed runtime.nproc=2 \
   nodes.encoder.split=2 nodes.decoder.split=2 output_dir=$RUNS/w_dist
 step "whisper cuda fp32, beam 5 (no fallback)" 300 $MM run "${W[@]}" placement=$DEV beam_size=5 output_dir=$RUNS/w_cuda_beam5
 step "whisper cuda fp32, the recipe's defaults (beam 5 + temperature fallback)" 300 $MM run "${W[@]}" placement=$DEV beam_size=5 \
@@ -80,7 +80,7 @@ S=(sd_txt2img model=tiny_random_large num_images_per_prompt=${SD_IMAGES:-8} num_
 step "sd cuda fp32" 300 $MM run "${S[@]}" placement=$DEV output_dir=$RUNS/s_cuda
 step "sd cuda fp32, UNet split 3" 300 $MM run "${S[@]}" placement=$DEV nodes.denoise.split=3 output_dir=$RUNS/s_cuda_split
 step "sd cuda fp16" 300 $MM run "${S[@]}" placement=$DEV runtime.dtype=float16 output_dir=$RUNS/s_cuda_fp16
-step "sd distributed, 2 ranks on cuda:0 (host staging)" 300 $MM run "${S[@]}" placement=$DEV runtime=distributed runtime.nproc=2 \
+step "sd distributed, 2 ranks on cuda:0 (staged through host memory, local socket)" 300 $MM run "${S[@]}" placement=$DEV runtime=distributed runtime.nproc=2 \
   nodes.denoise.split=2 output_dir=$RUNS/s_dist
 step "sd parity vs diffusers on cuda, timings" 300 $PY benchmarks/gpu_check.py sd "$RUNS"
 

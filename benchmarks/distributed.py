@@ -38,6 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import best_of, clip_set, make_profile, table  # noqa: E402
 
+DIST = ["runtime=distributed", "runtime.nproc=2", "runtime.threads_per_rank=1"]  # 2 ranks x 1 intra-op thread
+GLOO = ["runtime.transport=gloo"]  # every message through gloo, as between hosts
+
 
 def matmul(quick: bool) -> None:
     m, dim, rounds = (16, 384, 2) if quick else (32, 512, 3)
@@ -47,10 +50,8 @@ def matmul(quick: bool) -> None:
         "sequential, 2 threads": dict(recipe="synthetic", overrides=syn + ["runtime=sequential"], threads=2, repeat=3),
         "threads backend (2 torch threads)": dict(recipe="synthetic", overrides=syn, threads=2, repeat=3),
         "threads backend, 1 thread per stage": dict(recipe="synthetic", overrides=syn + ["runtime.threads_per_stage=1"], threads=2, repeat=3),
-        "distributed, 2 ranks x 1 thread": dict(recipe="synthetic", overrides=syn + ["runtime=distributed", "runtime.nproc=2", "runtime.threads_per_rank=1"],
-                                                threads=1, repeat=3, nproc=2),
-        "distributed, messages over gloo": dict(recipe="synthetic", overrides=syn + ["runtime=distributed", "runtime.nproc=2", "runtime.threads_per_rank=1",
-                                                                                      "runtime.transport=gloo"], threads=1, repeat=3, nproc=2),
+        "distributed, 2 ranks x 1 thread": dict(recipe="synthetic", overrides=syn + DIST, threads=1, repeat=3, nproc=2),
+        "distributed, messages over gloo": dict(recipe="synthetic", overrides=syn + DIST + GLOO, threads=1, repeat=3, nproc=2),
         "torch.distributed.pipelining GPipe, 2 ranks x 1 thread": dict(recipe="", overrides=[], threads=1, repeat=3, nproc=2,
                                                                        pippy_args=["--microbatches", str(m), "--dim", str(dim)]),
     }
@@ -69,14 +70,13 @@ def whisper(quick: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         d = clip_set(n, Path(tmp))
         base = [f"input={d}/*.wav", "max_new_tokens=128"]
-        dist = ["runtime=distributed", "runtime.nproc=2", "runtime.threads_per_rank=1"]
-        prof = make_profile("whisper_stt", base + dist, Path(tmp) / "profile")
+        prof = make_profile("whisper_stt", base + DIST, Path(tmp) / "profile")
         methods = {
             "threads backend (2 torch threads)": dict(recipe="whisper_stt", overrides=base, threads=2, repeat=2),
-            "distributed, 2 ranks x 1 thread": dict(recipe="whisper_stt", overrides=base + dist, threads=1, repeat=2, nproc=2),
-            "distributed, encoder on both ranks": dict(recipe="whisper_stt", overrides=base + dist + ["placement.encoder=[rank0,rank1]"],
+            "distributed, 2 ranks x 1 thread": dict(recipe="whisper_stt", overrides=base + DIST, threads=1, repeat=2, nproc=2),
+            "distributed, encoder on both ranks": dict(recipe="whisper_stt", overrides=base + DIST + ["placement.encoder=[rank0,rank1]"],
                                                        threads=1, repeat=2, nproc=2),
-            "distributed, placement=auto": dict(recipe="whisper_stt", overrides=base + dist + ["placement=auto", f"profile={prof}"],
+            "distributed, placement=auto": dict(recipe="whisper_stt", overrides=base + DIST + ["placement=auto", f"profile={prof}"],
                                                 threads=1, repeat=2, nproc=2),
         }
         best = best_of(rounds, methods)
@@ -93,16 +93,14 @@ def whisper(quick: bool) -> None:
 def hop(quick: bool) -> None:
     m, rounds = (200, 1) if quick else (600, 3)
     noop = ["stages=2", "work=noop", f"requests={m}", "runtime.microbatch_size=1", "batching.max_delay_ms=0"]
-    dist = ["runtime=distributed", "runtime.nproc=2", "runtime.threads_per_rank=1"]
-    gloo = ["runtime.transport=gloo"]  # every message through gloo, as between hosts
     lone = ["stages=2", "work=noop", "requests=40", "runtime.microbatch_size=1", "batching.max_delay_ms=0"]
     methods = {
         "threads, many": dict(recipe="synthetic", overrides=noop, threads=1, repeat=3),
-        "distributed, many": dict(recipe="synthetic", overrides=noop + dist, threads=1, repeat=3, nproc=2),
-        "gloo, many": dict(recipe="synthetic", overrides=noop + dist + gloo, threads=1, repeat=3, nproc=2),
+        "distributed, many": dict(recipe="synthetic", overrides=noop + DIST, threads=1, repeat=3, nproc=2),
+        "gloo, many": dict(recipe="synthetic", overrides=noop + DIST + GLOO, threads=1, repeat=3, nproc=2),
         "threads, one alone": dict(recipe="synthetic", overrides=lone, threads=1, repeat=1, single=True),
-        "distributed, one alone": dict(recipe="synthetic", overrides=lone + dist, threads=1, repeat=1, single=True, nproc=2),
-        "gloo, one alone": dict(recipe="synthetic", overrides=lone + dist + gloo, threads=1, repeat=1, single=True, nproc=2),
+        "distributed, one alone": dict(recipe="synthetic", overrides=lone + DIST, threads=1, repeat=1, single=True, nproc=2),
+        "gloo, one alone": dict(recipe="synthetic", overrides=lone + DIST + GLOO, threads=1, repeat=1, single=True, nproc=2),
     }
     best = best_of(rounds, methods)
     th, di, gl = (best[f"{k}, many"]["wall_s"] / m for k in ("threads", "distributed", "gloo"))

@@ -137,19 +137,27 @@ def model_of(node: PlanNode) -> str | None:
     return str(m) if isinstance(m, str) else None
 
 
-def intra_op_threads(runtime: dict[str, Any], cores: int | None = None) -> int:
-    """The intra-op threads a stage runs with: ``runtime.threads_per_stage`` when set, else
-    ``runtime.threads_per_rank`` (or cores / local ranks) when distributed, else
-    ``OMP_NUM_THREADS`` or the cores in one process."""
-    cores = cores or os.cpu_count() or 1
+def configured_threads(runtime: dict[str, Any], cores: int | None = None) -> int | None:
+    """The intra-op threads the runtime sets for a stage itself: ``runtime.threads_per_stage``
+    when set, else ``runtime.threads_per_rank`` (or cores / local ranks) when distributed;
+    None when stages keep the process's count."""
     per_stage = int(runtime.get("threads_per_stage", 0))
     if per_stage > 0:
         return per_stage
     if runtime.get("backend") == "distributed":
         tpr = int(runtime.get("threads_per_rank", 0))
-        return tpr if tpr > 0 else max(1, cores // max(1, int(runtime.get("nproc", 1))))
+        return tpr if tpr > 0 else max(1, (cores or os.cpu_count() or 1) // max(1, int(runtime.get("nproc", 1))))
+    return None
+
+
+def intra_op_threads(runtime: dict[str, Any], cores: int | None = None) -> int:
+    """The intra-op threads a stage runs with: ``configured_threads``, else
+    ``OMP_NUM_THREADS`` or the cores in one process."""
+    n = configured_threads(runtime, cores)
+    if n is not None:
+        return n
     env = os.environ.get("OMP_NUM_THREADS", "")
-    return int(env) if env.isdigit() and int(env) > 0 else cores
+    return int(env) if env.isdigit() and int(env) > 0 else cores or os.cpu_count() or 1
 
 
 def expected_key(recipe: str, nodes: dict[str, PlanNode], device: str, runtime: dict[str, Any]) -> ProfileKey:

@@ -112,7 +112,6 @@ class Sim:
         self.cores = float(bal.get("cores") or costs.cores)
         self.quantum = float(bal.get("time_slice_ms") or 0.0) / 1000.0 or linux_time_slice(self.cores)
         self.queues: dict[tuple[Any, ...], deque[_Worker]] = {}  # per CPU host: ops in the order they became ready
-        self.turns: list[_Worker] = []  # ops on a core now while others wait for one (their slices run out)
         share = float(costs.host.get("cpu_share", 1.0)) or 1.0
         bg = bal.get("background")
         self.background = float(bg) if bg is not None and float(bg) >= 0 else float(costs.host.get("background", 0.0))
@@ -285,13 +284,13 @@ class Sim:
         running = [w for w in self.w.values() if w.job is not None]
         if not running and not self.transit:
             return False
-        rates = self.rates(running)
+        rates, turns = self.rates(running)
 
         def phase(w: _Worker) -> float:
             return w.gil_left if w.gil_left > TINY else w.left
 
         dt = min([phase(w) / rates[id(w)] for w in running if rates[id(w)] > 0] + [a - self.now for a, *_ in self.transit]
-                 + [w.slice_left for w in self.turns] + [math.inf])
+                 + [w.slice_left for w in turns] + [math.inf])
         dt = max(dt, 0.0)
         self.now += dt
         for w in running:
@@ -303,7 +302,7 @@ class Sim:
                 w.left -= dt * rates[id(w)]
             if w.began or w.gil_left > TINY:  # a call's span starts on its first turn on a core
                 w.busy += dt
-        for w in self.turns:
+        for w in turns:
             w.slice_left -= dt
             if w.slice_left <= TINY and w.left > TINY:  # its slice is over: to the back of the queue
                 q = self.queues[w.resource]
@@ -325,19 +324,22 @@ class Sim:
                 w.inbox.append(pkt)
         return True
 
-    def rates(self, running: list[_Worker]) -> dict[int, float]:
-        """Progress per second of every running call (shared cores / shared devices); sets
-        ``turns``, the calls whose time slices run out while others wait for a core."""
+    def rates(self, running: list[_Worker]) -> tuple[dict[int, float], list[_Worker]]:
+        """Progress per second of every running call (shared cores / shared devices), and the
+        calls on a core while others wait for one (their time slices run out)."""
         by: dict[tuple[Any, ...], list[_Worker]] = {}
         for w in running:
             by.setdefault(("gil", w.proc) if w.gil_left > TINY else w.resource, []).append(w)
         out: dict[int, float] = {}
-        self.turns = []
+        turns: list[_Worker] = []
         for res, ws in by.items():
             if res[0] == "gil":  # one thread of a process runs Python at a time
                 f = 1.0 / len(ws)
             elif res[0] == "cpu":
-                ws = self.on_cores(res, ws)
+                on = self.on_cores(res, ws)
+                if len(on) < len(ws):  # others wait: these give way when their slices run out
+                    turns += [w for w in on if _threads(w)]
+                ws = on
                 need = sum(w.demand for w in ws) + self.background
                 f = min(1.0, self.cores / need) if need > 0 else 1.0
             else:
@@ -346,7 +348,7 @@ class Sim:
                 out[id(w)] = f
         for w in running:
             out.setdefault(id(w), 0.0)
-        return out
+        return out, turns
 
     def on_cores(self, res: tuple[Any, ...], ws: list[_Worker]) -> list[_Worker]:
         """The ops of one CPU host that have a core now: all of them when their threads fit,
@@ -365,7 +367,6 @@ class Sim:
             if not _threads(w) or not on or used + _threads(w) <= self.cores:
                 on.append(w)
                 used += _threads(w)
-        self.turns += [w for w in on if _threads(w)]
         return on
 
     def run(self) -> SimResult:

@@ -25,7 +25,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from mmpipe.dsl.costs import NodeCost, PartCost, Profile, config_digest, expected_key, intra_op_threads
+from mmpipe.dsl.costs import NodeCost, PartCost, Profile, config_digest, configured_threads, expected_key
 from mmpipe.dsl.plan import Plan, Stage
 from mmpipe.graphs.base import LoopKind, NodeKind, Request
 from mmpipe.runtime.batch import MicroBatch, from_requests, to_device
@@ -287,8 +287,9 @@ def measure(plan: Plan, requests: list[Request], microbatches: int = 3, warmup: 
 
     if not requests:
         raise ValueError("profiling needs at least one request")
-    if plan.runtime.get("backend") == "distributed" or int(plan.runtime.get("threads_per_stage", 0)) > 0:
-        torch.set_num_threads(intra_op_threads(plan.runtime))  # as the stage workers will (else torch's default)
+    threads = configured_threads(plan.runtime)
+    if threads is not None:
+        torch.set_num_threads(threads)  # as the stage workers will (else torch's default)
     size = max(1, int(plan.runtime.get("microbatch_size", 1)))
     need = (warmup + microbatches) * size
     reqs = [r if i < len(requests) else Request(f"{r.id}~{i // len(requests)}", r.values, r.input, r.params)

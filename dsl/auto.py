@@ -9,7 +9,8 @@ the compiler asks this module to:
   every heavy node into a balancer ``Segment`` (loop parts count their iterations);
 - size the machine (``Resources``): on CPUs the stages share the host's cores and
   memory; GPUs get one stage copy each;
-- solve, and write the cuts and copy counts into the plan nodes;
+- solve, and write the cuts and copy counts into the plan nodes, and which loops take in
+  the node before them (``with_previous``);
 - after partitioning, with ``placement: auto``, put the copies on ranks or devices.
 
 ``predict`` (``dsl/predict.py``) then gives the plan its predicted numbers.
@@ -21,7 +22,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from mmpipe.dsl.balance import INF, Choice, Infeasible, Resources, Segment, least_copies, solve
+from mmpipe.dsl.balance import INF, Choice, Infeasible, Resources, Segment, least_copies, solve_joins
 from mmpipe.dsl.costs import NodeCost, Profile, expected_key, hint_costs, intra_op_threads, load_profile, mismatches
 from mmpipe.dsl.plan import Place, PlanNode, Stage
 from mmpipe.dsl.schema import Problems, Recipe
@@ -75,7 +76,7 @@ def profile_mode(recipe: Recipe, nodes: dict[str, PlanNode], splittable: dict[st
                 if where is not None:
                     placement.update({f"{name}.{p}": where for p in range(lo, hi)})
             pn.split, pn.pieces = pn.num_parts, [[p, p + 1] for p in range(pn.num_parts)]
-        pn.replicas = 1
+        pn.replicas, pn.with_previous = 1, False  # every part measured on its own
         for key in [k for k, v in placement.items() if k.split(".")[0] == name and isinstance(v, (list, tuple))]:
             placement[key] = placement[key][0]  # one copy: its first place
     return placement
@@ -148,14 +149,35 @@ def prepare(recipe: Recipe, nodes: dict[str, PlanNode], order: list[str], splitt
         auto.resources.budget = least
     auto.notes.append(_machine_note(auto, grown))
     try:
-        auto.choice = solve(auto.segs, auto.resources)
+        auto.choice = solve_joins(auto.segs, auto.resources, join_pairs(nodes, order, recipe, auto.segs))
     except Infeasible as exc:
         problems.add("balance", f"the balancer found no plan: {exc}", "raise balance.stages or balance.memory_gb, use more ranks/devices, or cut nodes by hand (split: N)")
         return auto
     for name, pieces in auto.choice.pieces.items():
         pn = nodes[name]
         pn.split, pn.pieces, pn.replicas = len(pieces), [list(p) for p in pieces], auto.choice.replicas[name]
+    for name in auto.choice.joins:
+        nodes[name].with_previous = True
     return auto
+
+
+def join_pairs(nodes: dict[str, PlanNode], order: list[str], recipe: Recipe, segs: list[Segment]) -> dict[int, bool]:
+    """The segments the balancer may join with the loop after them (``solve_joins``), and
+    whether they must: both cut by the balancer, one copy possible, and nothing from the
+    node's last piece to the loop turns items into several (a loop admits whole items)."""
+    specs = {n.name: n for n in recipe.nodes}
+    out: dict[int, bool] = {}
+    for i in range(len(segs) - 1):
+        a, b = segs[i], segs[i + 1]
+        want = specs[b.name].with_previous
+        if a.loop or not b.loop or want is False or a.pieces is not None or b.pieces is not None:
+            continue
+        if (a.replicas or 1) > 1 or (b.replicas or 1) > 1:
+            continue
+        if any(nodes[n].expands for n in order[order.index(a.name): order.index(b.name)]):
+            continue
+        out[i] = want is True
+    return out
 
 
 def device_types(nodes: dict[str, PlanNode], placement: dict[str, Any]) -> str:

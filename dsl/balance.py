@@ -15,7 +15,10 @@ least memory.
 
 A ``Segment`` is one heavy node (light neighbours folded into its first or last
 part): stages are contiguous ranges of its parts, never spanning two heavy nodes
-(the partition pass gives every heavy piece a stage of its own). A segment may
+(the partition pass gives every heavy piece a stage of its own), with one
+exception: a loop's first stage may take in the last piece of the node before
+it (``with_previous``). ``solve_joins`` tries that as one ``joined`` segment of
+the two nodes, whose one stage may span their boundary. A segment may
 have fixed cuts or a fixed copy count (``split: N`` / ``replicas: N``); loop
 parts count their iterations per micro-batch. Replicas are per node, as the
 runtime keeps all pieces of one node copy together.
@@ -47,6 +50,11 @@ class Segment:
     loop: bool = False
     pieces: list[list[int]] | None = None  # fixed cuts ([lo, hi) ranges), or None: the balancer cuts
     replicas: int | None = None  # fixed copy count, or None: the balancer chooses
+    # a ``joined`` segment: parts [0, join_at) are node ``first``'s, the rest the loop's;
+    # ``must_join``: one stage spans join_at
+    join_at: int | None = None
+    must_join: bool = False
+    first: str = ""
 
     def __post_init__(self) -> None:
         n = len(self.times)
@@ -56,6 +64,10 @@ class Segment:
         self.xfer = list(self.xfer) or [0.0] * n
         if not all(len(x) == n for x in (self.cpus, self.params, self.acts, self.xfer)):
             raise ValueError(f"segment {self.name}: one value per part in every list")
+
+    def allowed(self, lo: int, hi: int) -> bool:
+        """May parts [lo, hi) form one stage? (Only a joined segment says no.)"""
+        return not (self.must_join and self.join_at in (lo, hi))
 
     def stage_time(self, lo: int, hi: int) -> float:
         return sum(self.times[lo:hi]) + self.xfer[hi - 1]
@@ -87,6 +99,7 @@ class Choice:
     floor: float  # total CPU seconds / cores (0 without shared cores)
     copies: int
     memory: float  # bytes: the largest copy (dedicated) or all copies (shared)
+    joins: list[str] = field(default_factory=list)  # loop nodes whose first stage takes in the node before
 
     def stage_times(self, segs: list[Segment]) -> list[tuple[str, int, float, float]]:
         """(node, piece, seconds per micro-batch of one copy, memory of one copy) per stage."""
@@ -131,7 +144,7 @@ def cut_fronts(seg: Segment, k: int, limit: float) -> Front:
             pts = []
             for j in range(g - 1, i):
                 mem = seg.stage_memory(j, i)
-                if mem > limit or not F[g - 1][j]:
+                if mem > limit or not F[g - 1][j] or not seg.allowed(j, i):
                     continue
                 t = seg.stage_time(j, i)
                 pts += [(max(t0, t), m0 + mem, cuts + (j,)) for t0, m0, cuts in F[g - 1][j]]
@@ -204,6 +217,64 @@ def solve(segs: list[Segment], res: Resources) -> Choice:
     if not res.shared_memory:
         mem = max((s.stage_memory(lo, hi) for s in segs for lo, hi in pieces[s.name]), default=0.0)
     return Choice(pieces, replicas, max(slowest, floor), slowest, floor, copies, mem)
+
+
+def joined(a: Segment, b: Segment, must: bool = False) -> Segment:
+    """Node ``a`` and the loop ``b`` after it as one segment, one copy each: a stage may span
+    their boundary (``b``'s first stage takes in ``a``'s last piece)."""
+    return Segment(f"{a.name}+{b.name}", a.times + b.times, a.cpus + b.cpus, a.params + b.params, a.acts + b.acts,
+                   a.xfer + b.xfer, loop=True, replicas=1, join_at=len(a.times), must_join=must, first=a.name)
+
+
+def solve_joins(segs: list[Segment], res: Resources, pairs: dict[int, bool]) -> Choice:
+    """``solve`` with joins: ``pairs`` maps the index of a node whose next segment is a loop
+    that may take it in to whether it must. Every subset of the optional joins is solved;
+    the best answer, in per-node pieces, with ``joins`` naming the loops that take in the
+    node before them."""
+    optional = [i for i, must in pairs.items() if not must]
+    best: Choice | None = None
+    error: Infeasible | None = None
+    for mask in range(2 ** len(optional)):
+        chosen = {i for k, i in enumerate(optional) if mask >> k & 1} | {i for i, must in pairs.items() if must}
+        merged: list[Segment] = []
+        i = 0
+        while i < len(segs):
+            if i in chosen:
+                merged.append(joined(segs[i], segs[i + 1], pairs[i]))
+                i += 2
+            else:
+                merged.append(segs[i])
+                i += 1
+        try:
+            got = _unjoin(solve(merged, res), merged)
+        except Infeasible as exc:
+            error = error or exc
+            continue
+        if best is None or _better((got.period, got.copies, got.slowest, got.memory), (best.period, best.copies, best.slowest, best.memory)):
+            best = got
+    if best is None:
+        assert error is not None
+        raise error
+    return best
+
+
+def _unjoin(choice: Choice, segs: list[Segment]) -> Choice:
+    """A choice over joined segments, in the pieces of each node."""
+    pieces: dict[str, list[list[int]]] = {}
+    replicas: dict[str, int] = {}
+    joins: list[str] = []
+    for s in segs:
+        got, r = choice.pieces[s.name], choice.replicas[s.name]
+        if s.join_at is None:
+            pieces[s.name], replicas[s.name] = got, r
+            continue
+        at, loop = s.join_at, s.name[len(s.first) + 1:]
+        pieces[s.first] = [[lo, min(hi, at)] for lo, hi in got if lo < at]
+        pieces[loop] = [[max(lo, at) - at, hi - at] for lo, hi in got if hi > at]
+        replicas[s.first] = replicas[loop] = r
+        if any(lo < at < hi for lo, hi in got):
+            joins.append(loop)
+    return Choice(pieces, replicas, choice.period, choice.slowest, choice.floor, choice.copies, choice.memory, joins)
 
 
 def least_copies(segs: list[Segment]) -> int:

@@ -24,7 +24,7 @@ from mmpipe.dsl.plan import Plan, PlanNode, PortSpec
 from mmpipe.dsl.predict import predict
 from mmpipe.dsl.schema import NodeSpec, Problems, Recipe, validate
 from mmpipe.dsl.shapes import dtype_ok, fmt, substitute, unify
-from mmpipe.dsl.stages import (choose_schedule, device_available, device_of, insert_transfers, loops_of,  # noqa: F401
+from mmpipe.dsl.stages import (check_with_previous, choose_schedule, device_available, device_of, insert_transfers, loops_of,  # noqa: F401
                                partition_stages, place_devices, single_process, spread_ranks, wire_stages)
 from mmpipe.dsl.typecheck import build
 from mmpipe.graphs import get_kind, get_source, kind_names, load_target, source_names
@@ -285,6 +285,7 @@ def expand_parts(resolved: dict[str, Resolved], order: list[str], values: dict[s
             name=name, kind=r.kind.kind, target=r.spec.target, config=dataclasses.asdict(r.config), wires=dict(r.spec.wires),
             in_ports=ins, out_ports=outs, num_parts=n, split=split, pieces=balanced_ranges(costs, split), costs=costs,
             loop=r.kind.loop, light=r.kind.is_light(r.config), expands=r.kind.expands, replicas=r.spec.replicas,
+            with_previous=bool(r.spec.with_previous),
         )
     return out
 
@@ -343,8 +344,10 @@ def compile_loaded(loaded: Loaded, available: Callable[[str], bool] | None = Non
         auto = prepare_balance(recipe, nodes, order, splittable, problems, check)
         placement = auto.placement if auto else dict(recipe.top.placement)
     place_devices([n.name for n in recipe.nodes], nodes, placement, problems, check, rt.nproc, distributed)
+    check_with_previous(nodes, order, problems)
     problems.raise_if_any()
-    stages = partition_stages(nodes, order, placement)
+    stages = partition_stages(nodes, order, placement, problems)
+    problems.raise_if_any()
     if auto is not None:
         assign_places(auto, stages, distributed, rt.nproc)
     if distributed:

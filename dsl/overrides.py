@@ -98,8 +98,8 @@ def _hydra_problem(exc: Exception, overrides: list[str], path: Path) -> Problem:
 # does not spell them out: ``output_dir=x`` must work without a '+'.
 _SCHEMA_SCALARS = ("output_dir", "trace", "seed", "description", "allow_targets", "resume", "overwrite", "profile")
 _SCHEMA_MAPS = ("placement", "batching", "runtime", "balance")
-# Keys every node has (defaults 1) even when the recipe does not spell them out.
-_NODE_KEYS = ("split", "replicas")
+# Keys every node has (with defaults) even when the recipe does not spell them out.
+_NODE_KEYS = ("split", "replicas", "with_previous")
 
 
 _PLAIN = re.compile(r"^[A-Za-z0-9_\-./:@+*%?|$ ]*$")

@@ -45,6 +45,9 @@ class PlanNode:
     light: bool = False
     expands: bool = False
     replicas: int = 1
+    # a loop node: its first body stage also runs the stage that holds the last piece of
+    # the heavy node before it (a *prelude*, run once per micro-batch as it enters the loop)
+    with_previous: bool = False
 
     def piece_key(self, piece: int) -> str:
         return self.name if self.split == 1 else f"{self.name}.{piece}"
@@ -85,6 +88,17 @@ class Stage:
     @property
     def places(self) -> list[Place]:
         return self.replicas or [Place(self.rank, self.device)]
+
+    @property
+    def loop_unit(self) -> Unit:
+        """A loop stage's loop piece: its last unit (the units before it are the prelude)."""
+        assert self.loop is not None and self.units[-1].node == self.loop, f"stage {self.index} is not a loop stage"
+        return self.units[-1]
+
+    @property
+    def prelude(self) -> list[Unit]:
+        """The non-loop units a loop's first body stage runs before items begin the loop."""
+        return self.units[:-1] if self.loop else []
 
 
 @dataclass
@@ -234,7 +248,7 @@ class Plan:
                 nid = f"n_{u.node}_{u.piece}".replace(".", "_").replace("-", "_")
                 ids[(u.node, u.piece)] = nid
                 label = self.nodes[u.node].piece_key(u.piece) + _parts(u, self.nodes[u.node])
-                shape = ('{{"', '"}}') if s.loop else ('["', '"]')
+                shape = ('{{"', '"}}') if s.loop == u.node else ('["', '"]')
                 lines.append(f"    {nid}{shape[0]}{label}<br/>{self.nodes[u.node].kind}{shape[1]}")
             lines.append("  end")
         lines.append("  outputs([outputs])")
@@ -243,7 +257,7 @@ class Plan:
             b = "outputs" if dst is None else ids[dst]
             lines.append(f"  {a} -->|{key}| {b}")
         for lp in self.loops:
-            last, first = self.stages[lp.stages[-1]].units[0], self.stages[lp.stages[0]].units[0]
+            last, first = self.stages[lp.stages[-1]].loop_unit, self.stages[lp.stages[0]].loop_unit
             lines.append(f"  {ids[(last.node, last.piece)]} -.->|next iteration| {ids[(first.node, first.piece)]}")
         return "\n".join(lines)
 

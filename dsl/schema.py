@@ -51,6 +51,9 @@ class NodeSpec:
     # ``split: auto`` / ``replicas: auto``: the balancer chooses (``dsl/balance.py``)
     split_auto: bool = False
     replicas_auto: bool = False
+    # a loop node's first body stage also runs the last piece of the heavy node before it
+    # (``dsl/stages.py``); None: not set (the balancer may choose it)
+    with_previous: bool | None = None
 
 
 @dataclass(kw_only=True)
@@ -323,6 +326,7 @@ def _nodes(top: Top, problems: Problems) -> list[NodeSpec]:
         wires = body.pop("in", {}) or {}
         split = body.pop("split", 1)
         replicas = body.pop("replicas", 1)
+        with_previous = body.pop("with_previous", None)
         split_auto, replicas_auto = split == "auto", replicas == "auto"
         split, replicas = (1 if split_auto else split), (1 if replicas_auto else replicas)
         if kind is not None and not isinstance(kind, str):
@@ -345,8 +349,11 @@ def _nodes(top: Top, problems: Problems) -> list[NodeSpec]:
         if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas <= 0:
             problems.add(f"{key}.replicas", f"replicas must be a positive integer or auto, got {replicas!r}", f"e.g. {key}.replicas=2", replicas, True)
             replicas = 1
+        if with_previous is not None and not isinstance(with_previous, bool):
+            problems.add(f"{key}.with_previous", f"with_previous must be true or false, got {with_previous!r}", f"e.g. {key}.with_previous=true", with_previous, True)
+            with_previous = None
         out.append(NodeSpec(name=name, kind=kind, target=target, wires={str(k): str(v) for k, v in wires.items()}, split=split, params=body,
-                            replicas=replicas, split_auto=split_auto, replicas_auto=replicas_auto))
+                            replicas=replicas, split_auto=split_auto, replicas_auto=replicas_auto, with_previous=with_previous))
     return out
 
 

@@ -12,6 +12,7 @@ It runs what ``runtime/`` does, with times from the profile instead of work:
   group while fewer than ``max_inflight`` circulate, else takes a returning group and
   tops it up with waiting items to ``batching.max_batch_size`` (continuous batching);
   each item runs its own trip count, drawn in turn from the profile's measured counts;
+  items run the first body stage's prelude (``with_previous``) in the call that admits them;
 - transfers between places take bytes / bandwidth + latency (between hosts
   ``balance.bandwidth_gbs``, inside one host ``balance.local_bandwidth_gbs``);
 - the runtime's own cost: every stage call first holds the process's GIL for the
@@ -71,6 +72,7 @@ class _Pkt:
     items: list[int]  # item (request) ids
     mb: int
     group: int = -1
+    fresh: int = 0  # items entering a loop with this call (they run its first stage's prelude)
 
 
 @dataclass
@@ -80,6 +82,7 @@ class _Worker:
     time: float  # seconds per call (loop stages: per iteration)
     demand: float  # cores it keeps busy while computing
     resource: tuple[Any, ...]
+    pre: float = 0.0  # a loop's first stage: seconds of prelude per entering item
     inbox: deque[_Pkt] = field(default_factory=deque)
     back: deque[_Pkt] = field(default_factory=deque)  # loop first stage: returning groups
     reserved: int = 0  # inbox slots promised to packets still in transfer
@@ -128,18 +131,19 @@ class Sim:
             calls = 1.0
             if st.loop:
                 calls = costs.nodes[st.loop].iterations_per_mb or 1.0
-            t = stage_time(costs, st) / calls
-            cpu = stage_cpu(costs, st) / calls
+            total, cpu = stage_time(costs, st), stage_cpu(costs, st)
+            pre = sum(costs.nodes[u.node].time(u.parts[0], u.parts[1]) for u in st.prelude)  # once per item, as it enters
+            t = (total - pre) / calls
             for r, pl in enumerate(st.places):
                 dev = pl.device
                 host = pl.rank // self.per_host
                 res = ("cpu", host) if dev.startswith("cpu") else ("dev", host, pl.rank if plan.distributed else 0, dev)
-                work, demand = t, 1.0
+                scale, demand = 1.0, 1.0
                 if res[0] == "cpu":
                     # cores it keeps busy (what it got, over the share a thread got), and its time unloaded
-                    demand = min(float(threads), max(0.02, (cpu / t) / share)) if t > 0 else 0.0
-                    work = t * min(1.0, self.cores / (demand + profiled_bg)) if demand + profiled_bg > self.cores else t
-                self.w[(st.index, r)] = _Worker(st.index, r, work, demand, res, proc=pl.rank)
+                    demand = min(float(threads), max(0.02, (cpu / total) / share)) if total > 0 else 0.0
+                    scale = min(1.0, self.cores / (demand + profiled_bg)) if demand + profiled_bg > self.cores else 1.0
+                self.w[(st.index, r)] = _Worker(st.index, r, t * scale, demand, res, pre=pre * scale / self.size, proc=pl.rank)
         loops = {lp.node: lp for lp in plan.loops}
         self.loop_of = {s: loops[lp] for s in range(self.p) if (lp := plan.stages[s].loop)}
         mi = int(rt.get("max_inflight", 0))
@@ -221,12 +225,14 @@ class Sim:
             pkt = w.inbox.popleft()
             w.inflight += 1
             self.gid += 1
-            return _Pkt(list(pkt.items), pkt.mb, self.gid)
+            return _Pkt(list(pkt.items), pkt.mb, self.gid, fresh=len(pkt.items))
         if w.back:
             g: _Pkt = w.back.popleft()
+            g.fresh = 0
             while w.inbox and len(g.items) < self.max_batch:  # continuous batching: top up
                 head = w.inbox[0]
                 space = self.max_batch - len(g.items)
+                g.fresh += len(head.items[:space])
                 g.items += head.items[:space]
                 head.items = head.items[space:]
                 if not head.items:
@@ -273,7 +279,7 @@ class Sim:
                 if w.job is None and w.blocked is None:
                     pkt = self.take(w)
                     if pkt is not None:
-                        w.job, w.left, w.gil_left = pkt, w.time, self.hop
+                        w.job, w.left, w.gil_left = pkt, w.time + w.pre * pkt.fresh, self.hop
                         w.began, w.slice_left = False, self.quantum
                         w.calls += 1
                         w.first = min(w.first, self.now)

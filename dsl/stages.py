@@ -44,14 +44,17 @@ def places_of(node: PlanNode, piece: int, placement: dict[str, Any]) -> Places:
     return tuple(parse_place(str(v), default_dev) or (UNRANKED, "cpu") for v in values)
 
 
-def partition_stages(nodes: dict[str, PlanNode], order: list[str], placement: dict[str, Any]) -> list[Stage]:
+def partition_stages(nodes: dict[str, PlanNode], order: list[str], placement: dict[str, Any], problems: Problems | None = None) -> list[Stage]:
     """Group pieces into stages: every heavy piece starts a stage, light pieces join a
-    neighbour in the same place(s), loop pieces stand alone."""
+    neighbour in the same place(s), loop pieces stand alone, except that a loop node with
+    ``with_previous`` takes the stage before it in as its first stage's prelude (see
+    ``check_with_previous``; ``problems`` gets a prelude that cannot join). Light nodes
+    that turn items into several stay out of a prelude, in a stage of their own."""
     stages: list[Stage] = []
     pending: list[tuple[Unit, Places]] = []
 
     def new_stage(units: list[Unit], where: Places, cost: float, loop: str | None = None) -> None:
-        owner = next((u.node for u in units if not nodes[u.node].light), units[0].node)
+        owner = loop or next((u.node for u in units if not nodes[u.node].light), units[0].node)
         reps = [Place(r, d) for r, d in where]
         stages.append(Stage(index=len(stages), device=reps[0].device, units=units, cost=cost, loop=loop, rank=reps[0].rank,
                             replicas=reps, owner=owner))
@@ -78,6 +81,29 @@ def partition_stages(nodes: dict[str, PlanNode], order: list[str], placement: di
                     last.units.append(unit)
                 else:
                     pending.append((unit, dev))
+            elif node.loop and piece == 0 and node.with_previous and stages and stages[-1].loop is None:
+                prev = stages.pop()
+                if key(prev) != dev or any(d != dev for _, d in pending):
+                    if problems is not None:
+                        problems.add(f"nodes.{name}.with_previous", f"{name}'s first piece and the stage before it ({', '.join(u.node for u in prev.units)}) are placed apart",
+                                     f"place them together (placement.{name} and the nodes before it), or remove nodes.{name}.with_previous", True, True)
+                    stages.append(prev)
+                    flush_pending()
+                    new_stage([unit], dev, cost, loop=name)
+                    continue
+                units = prev.units + [u for u, _ in pending]
+                # the loop admits whole items: what turns an item into several (a light fan-out
+                # before the heavy node) keeps a stage of its own in front of the loop
+                cut = max((k + 1 for k, u in enumerate(units) if nodes[u.node].expands), default=0)
+                heavy = prev.owner
+                if cut and not any(u.node == heavy for u in units[cut:]):
+                    if problems is not None:
+                        problems.add(f"nodes.{name}.with_previous", f"{name}'s first stage would take in {units[cut - 1].node}, which turns each item into several, "
+                                     "and a loop admits whole items", f"remove nodes.{name}.with_previous", True, True)
+                    cut = 0
+                if cut:
+                    new_stage(units[:cut], dev, 0.0)
+                new_stage(units[cut:] + [unit], dev, round(prev.cost + cost, 6), loop=name)
             elif node.loop:
                 flush_pending()
                 new_stage([unit], dev, cost, loop=name)
@@ -91,6 +117,31 @@ def partition_stages(nodes: dict[str, PlanNode], order: list[str], placement: di
                 new_stage(units, dev, cost)
     flush_pending()
     return stages
+
+
+def previous_heavy(nodes: dict[str, PlanNode], order: list[str], name: str) -> str | None:
+    """The last heavy node before ``name`` in the recipe's order (None: there is none)."""
+    before = [n for n in order[: order.index(name)] if n in nodes and not nodes[n].light]
+    return before[-1] if before else None
+
+
+def check_with_previous(nodes: dict[str, PlanNode], order: list[str], problems: Problems) -> None:
+    """``nodes.X.with_previous``: X is a loop node, a heavy non-loop node comes before it, and
+    neither has copies (the runtime keeps a copy's pieces together per node)."""
+    for name, node in nodes.items():
+        if not node.with_previous:
+            continue
+        key = f"nodes.{name}.with_previous"
+        prev = previous_heavy(nodes, order, name)
+        if not node.loop:
+            problems.add(key, f"{name} ({node.kind}) is not a loop node: only a loop's first stage takes in the stage before it",
+                         f"remove {key}", True, True)
+        elif prev is None or nodes[prev].loop:
+            problems.add(key, f"no heavy node that is not a loop comes before {name}" + (f" ({prev} is a loop)" if prev else ""),
+                         f"remove {key}", True, True)
+        elif node.replicas > 1 or nodes[prev].replicas > 1:
+            problems.add(key, f"{name} and {prev} share a stage, so they cannot have copies (replicas) of their own",
+                         f"remove {key}, or the replicas of {name} and {prev}", True, True)
 
 
 # ------------------------------------------------------------------ pass 6

@@ -53,7 +53,7 @@ class Core:
         fabric.loops.clear()
         for lp in plan.loops:
             for r in range(len(plan.stages[lp.stages[0]].places)):
-                bodies = {j: LoopBody(plan.stages[s].units[0], self.insts[(s, r, lp.node, plan.stages[s].units[0].piece)],  # type: ignore[arg-type]
+                bodies = {j: LoopBody(plan.stages[s].loop_unit, self.insts[(s, r, lp.node, plan.stages[s].loop_unit.piece)],  # type: ignore[arg-type]
                                       fabric.device_of((s, r)))
                           for j, s in enumerate(lp.stages) if (s, r) in self.addrs}
                 if bodies:

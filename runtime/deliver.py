@@ -100,10 +100,23 @@ class Outlet:
 
     # ------------------------------------------------------------ values
     def deliver(self, items: list[ItemMeta], values: dict[str, Any], mb: int) -> None:
-        """Send what this stage produced to its consumers (packet, side stores, collector)."""
+        """Send what this stage produced to its consumers (packet, side stores, collector).
+        A loop stage's prelude delivers its own values (``deliver_prelude``), not these."""
+        self._deliver(items, values, mb, skip=self.routes.prelude.get(self.s, ()))
+
+    def deliver_prelude(self, items: list[ItemMeta], values: dict[str, Any], mb: int) -> None:
+        """What a loop stage's prelude made for items entering the loop, to the side stores of
+        its consumers (no packet: the items go on through the loop)."""
+        keys = self.routes.prelude[self.s]
+        self._deliver(items, {k: values.get(k, MISSING) for k in keys}, mb, skip=(), only=keys)
+
+    def _deliver(self, items: list[ItemMeta], values: dict[str, Any], mb: int, skip: Iterable[str], only: Iterable[str] | None = None) -> None:
         to_next: dict[str, Any] = {}
         stored: dict[int, dict[str, Any]] = {}
+        skip, keep = set(skip), (set(only) if only is not None else None)
         for key, route in self.routes.out[self.s].items():
+            if key in skip or (keep is not None and key not in keep):
+                continue
             v = values.get(key, MISSING)
             if route.to_next and v is not MISSING:
                 to_next[key] = v
@@ -113,6 +126,8 @@ class Outlet:
             for r, sub, sv in self._by_copy(c, items, vals):
                 moved, ev = self._move((c, r), sv, mb, len(sub))
                 self.fabric.store((c, r), sub, moved, ev)
+        if keep is not None:
+            return  # a prelude: the items themselves stay in the loop
         if self.s + 1 == self.p:
             self.fabric.collect(items, to_next)
             return

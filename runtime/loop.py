@@ -10,6 +10,12 @@ the loop is full, a returning group is topped up with waiting items to
 ``batching.max_batch_size`` (``begin``/``enter`` run only for the newcomers)
 and finished items are replaced without waiting for the group to drain.
 
+The first stage may also run a *prelude* (``nodes.X.with_previous``: the end of the
+heavy node before the loop): items run it as they are admitted, right before
+``begin``, so that stage's time is the prelude's plus its share of the steps. What
+the prelude makes goes to the loop (in this stage) and, through side stores, to
+every other consumer.
+
 Lanes (per-item loop state: a KV cache, a scheduler step) stay on the stage
 that owns them; each body stage detects newcomers by their missing lane (or a
 lane of an earlier entry: every entry gets a number, carried in the packet) and
@@ -31,7 +37,7 @@ from typing import Any
 from mmpipe.graphs.base import ItemMeta, LoopKind
 from mmpipe.runtime.batch import MicroBatch, to_device
 from mmpipe.runtime.channels import Packet, Stopped
-from mmpipe.runtime.execute import LoopBody, NodeError, loop_exit, node_inputs, rows_to_batch
+from mmpipe.runtime.execute import LoopBody, NodeError, loop_exit, node_inputs, rows_to_batch, run_unit
 from mmpipe.runtime.fabric import Fabric
 from mmpipe.runtime.stage import StageWorker, WorkerSpec
 from mmpipe.runtime.transfer import wait_ready
@@ -88,6 +94,8 @@ class LoopWorker(StageWorker):
         self.body = loop.bodies[self.j]
         self.inst: LoopKind = self.body.inst
         self.counts = self.log.loop
+        self.prelude = [(u, inst) for u, inst in spec.units if u.node != loop.node] if self.j == 0 else []
+        self.running = loop.node  # the node a failure is reported against
 
     def run(self) -> None:
         try:
@@ -147,7 +155,8 @@ class LoopWorker(StageWorker):
                 stored, events = fabric.take_stored(self.addr, new, pop=False)
                 for ev in events:
                     wait_ready(ev, self.device)
-                x = node_inputs(self.plan, node, MicroBatch(new, stored))
+                entering = self.run_prelude(MicroBatch(new, stored, id=pkt.group))
+                x = node_inputs(self.plan, node, entering)
                 self.body.enter(x, new, new_gens)
                 if self.j == 0:
                     fresh_carry = self.inst.begin(to_device(x, self.device), new)
@@ -173,6 +182,19 @@ class LoopWorker(StageWorker):
             self.out.to_stage(loop.stages[self.j + 1], nxt)
         else:
             self.after_end(pkt, items, gens, carry, done, outs)
+
+    def run_prelude(self, mb: MicroBatch) -> MicroBatch:
+        """Run the prelude's pieces on items entering the loop and send what they make to
+        its other consumers; ``mb`` with those values, for the loop's inputs."""
+        for u, inst in self.prelude:
+            self.running = u.node
+            res = run_unit(self.plan, u, inst, mb, self.device)
+            assert isinstance(res, MicroBatch), "a prelude never expands items (the compiler checks)"
+            mb = res
+        self.running = self.loop.node
+        if self.prelude:
+            self.out.deliver_prelude(mb.items, mb.values, mb.id)
+        return mb
 
     def after_end(self, pkt: Packet, items: list[ItemMeta], gens: list[int], carry: dict[str, Any], done: list[bool],
                   outs: dict[str, Any]) -> None:
@@ -207,8 +229,9 @@ class LoopWorker(StageWorker):
         rids = sorted({m.request_id for m in items})
         retry = not isolated and len(rids) > 1
         loop.finish_everywhere(items, gens, here=self.j, keep_inputs=retry)
+        node, self.running = self.running, loop.node
         if not retry:
-            self.fail_node(NodeError(self.s, loop.node, rids, exc))
+            self.fail_node(NodeError(self.s, node, rids, exc))
         else:
             self.counts["retried_items"] += len(items)
             for m in items:

@@ -174,8 +174,8 @@ class Profiler:
         """The whole loop for one micro-batch, each body piece timed per iteration."""
         plan = self.plan
         stages = [s for s in plan.stages if s.loop == node]
-        bodies = [LoopBody(s.units[0], self.insts[(node, s.units[0].piece)], self.device(s)) for s in stages]  # type: ignore[arg-type]
-        keys = [(node, s.units[0].piece) for s in stages]
+        bodies = [LoopBody(s.loop_unit, self.insts[(node, s.loop_unit.piece)], self.device(s)) for s in stages]  # type: ignore[arg-type]
+        keys = [(node, s.loop_unit.piece) for s in stages]
         x = node_inputs(plan, node, mb)
         self._note_node(node, len(mb.items), nbytes(x))
         t0, c0 = time.perf_counter(), time.process_time()

@@ -6,13 +6,15 @@ stage); every other consumer, including the final output collector (stage
 index ``p``), gets it through the side store, addressed to that consumer only.
 Loop body stages read all their inputs from the side store: their packets carry
 only items and the loop carry, so a waiting item can be taken out of a packet
-and joined to a running group without splitting any values.
+and joined to a running group without splitting any values. A loop's first stage
+may run a prelude (the end of the node before the loop) as items enter; what the
+prelude makes also reaches every other consumer through the side store.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mmpipe.dsl.plan import Plan
+from mmpipe.dsl.plan import Plan, Unit
 
 INPUTS = -1  # the batcher, producer of request inputs
 
@@ -30,14 +32,16 @@ class Routes:
     final_keys: list[str]  # value keys the recipe outputs are made of
     input_keys: list[str]  # request fields any stage reads
     expands: list[bool]  # per stage: has a node that turns items into several
+    prelude: dict[int, list[str]]  # loop stage -> keys its prelude makes (they go through side stores only)
 
 
-def produced(plan: Plan, s: int) -> list[str]:
-    """Value keys stage ``s`` produces: carries between pieces, or a node's outputs."""
+def produced(plan: Plan, s: int, units: list[Unit] | None = None) -> list[str]:
+    """Value keys stage ``s`` (or these ``units`` of it) produces: carries between pieces,
+    or a node's outputs."""
     if s == INPUTS:
         return sorted(k for k in plan.consumers if k.startswith("inputs."))
     keys = []
-    for u in plan.stages[s].units:
+    for u in plan.stages[s].units if units is None else units:
         node = plan.nodes[u.node]
         if u.piece < node.split - 1:
             if not node.loop:
@@ -51,14 +55,19 @@ def build_routes(plan: Plan) -> Routes:
     p = plan.num_stages
     out: dict[int, dict[str, Route]] = {}
     store_reads: list[set[str]] = [set() for _ in range(p + 1)]
+    prelude: dict[int, list[str]] = {}
     for s in range(INPUTS, p):
         table: dict[str, Route] = {}
+        if s >= 0 and plan.stages[s].prelude:
+            prelude[s] = produced(plan, s, plan.stages[s].prelude)
         for key in produced(plan, s):
             route = Route(False, [])
             for c in plan.consumers.get(key, []):
                 if c <= s:
                     continue  # read inside the producing stage itself
-                if c == s + 1 and (c == p or not plan.stages[c].loop):
+                # a prelude's values are made as items enter the loop, long before they
+                # leave it: they wait in the consumers' side stores
+                if c == s + 1 and (c == p or not plan.stages[c].loop) and key not in prelude.get(s, ()):
                     route.to_next = True
                 else:
                     route.store.append(c)
@@ -72,4 +81,5 @@ def build_routes(plan: Plan) -> Routes:
         final_keys=sorted(set(plan.outputs.values())),
         input_keys=produced(plan, INPUTS),
         expands=[any(plan.nodes[u.node].expands for u in st.units) for st in plan.stages],
+        prelude=prelude,
     )

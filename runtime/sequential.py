@@ -103,17 +103,15 @@ class SequentialExecutor:
         done_loops: set[str] = set()
         for stage in plan.stages:
             t0 = time.perf_counter()
-            if stage.loop:
-                if stage.loop not in done_loops:
-                    done_loops.add(stage.loop)
-                    mb = self._run_loop(stage.loop, mb, deadline)
-            else:
-                for u in stage.units:
-                    try:
-                        res = run_unit(plan, u, self.insts[(u.node, u.piece)], mb, stage.device)
-                        mb = res.collect() if isinstance(res, Stream) else res
-                    except Exception as exc:
-                        raise NodeError(stage.index, u.node, [req.id], exc) from exc
+            for u in stage.prelude if stage.loop else stage.units:
+                try:
+                    res = run_unit(plan, u, self.insts[(u.node, u.piece)], mb, stage.device)
+                    mb = res.collect() if isinstance(res, Stream) else res
+                except Exception as exc:
+                    raise NodeError(stage.index, u.node, [req.id], exc) from exc
+            if stage.loop and stage.loop not in done_loops:
+                done_loops.add(stage.loop)
+                mb = self._run_loop(stage.loop, mb, deadline)
             t1 = time.perf_counter()
             self.recorder.logs[stage.index].spans.append((t0, t1, self._n, len(mb.items), "loop" if stage.loop else "compute"))
             timings[f"stage{stage.index}"] = timings.get(f"stage{stage.index}", 0.0) + t1 - t0
@@ -124,7 +122,7 @@ class SequentialExecutor:
         """The whole loop for the items of ``mb``; returns them with the loop's outputs."""
         plan = self.plan
         stages: list[Stage] = [s for s in plan.stages if s.loop == node]
-        bodies = [LoopBody(s.units[0], self.insts[(node, s.units[0].piece)], s.device) for s in stages]  # type: ignore[arg-type]
+        bodies = [LoopBody(s.loop_unit, self.insts[(node, s.loop_unit.piece)], s.device) for s in stages]  # type: ignore[arg-type]
         first, last = bodies[0], bodies[-1]
         ids = [m.request_id for m in mb.items]
         cur = stages[0].index

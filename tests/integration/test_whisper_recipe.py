@@ -113,12 +113,16 @@ def generated(tokens: list[int], eot: int = 50256, ts_begin: int = 50363) -> lis
 
 
 # ---------------------------------------------------------------- parity
-@pytest.mark.parametrize("backend,split,mb", [("sequential", 1, 1), ("sequential", 2, 1), ("sequential", 4, 1),
-                                              ("threads", 1, 1), ("threads", 1, 4), ("threads", 2, 1), ("threads", 2, 4),
-                                              ("threads", 4, 1), ("threads", 4, 4)])
-def test_token_ids_equal_transformers_generate(clip_dir, expected_ids, backend, split, mb):
+JOIN = ("nodes.decoder.with_previous=true",)  # the encoder's last piece runs in the decode loop's first stage
+
+
+@pytest.mark.parametrize("backend,split,mb,extra", [
+    ("sequential", 1, 1, ()), ("sequential", 2, 1, ()), ("sequential", 4, 1, ()), ("sequential", 2, 1, JOIN),
+    ("threads", 1, 1, ()), ("threads", 1, 4, ()), ("threads", 2, 1, ()), ("threads", 2, 4, ()),
+    ("threads", 4, 1, ()), ("threads", 4, 4, ()), ("threads", 2, 4, JOIN), ("threads", 4, 1, JOIN)])
+def test_token_ids_equal_transformers_generate(clip_dir, expected_ids, backend, split, mb, extra):
     out = run([clip_dir / p.name for p in CLIPS], f"runtime={backend}", f"nodes.encoder.split={split}", f"nodes.decoder.split={split}",
-              f"runtime.microbatch_size={mb}", *GREEDY)
+              f"runtime.microbatch_size={mb}", *GREEDY, *extra)
     assert set(out) == {p.stem for p in CLIPS}
     for rid, o in out.items():
         assert generated(o["tokens"]) == expected_ids[rid], rid

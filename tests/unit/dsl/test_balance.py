@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from mmpipe.dsl.balance import Infeasible, Resources, Segment, cut_fronts, solve
+from mmpipe.dsl.balance import Infeasible, Resources, Segment, cut_fronts, joined, solve, solve_joins
 
 
 def all_cuts(n: int) -> list[list[list[int]]]:
@@ -24,7 +24,7 @@ def brute(segs: list[Segment], res: Resources) -> tuple[float, int, float, float
     per_node = []
     for s in segs:
         opts = []
-        cuts = [s.pieces] if s.pieces is not None else all_cuts(len(s.times))
+        cuts = [s.pieces] if s.pieces is not None else [c for c in all_cuts(len(s.times)) if all(s.allowed(lo, hi) for lo, hi in c)]
         reps = [s.replicas] if s.replicas is not None else range(1, top + 1)
         for pieces, r in itertools.product(cuts, reps):
             mems = [s.stage_memory(lo, hi) for lo, hi in pieces]
@@ -133,3 +133,68 @@ def test_fronts_keep_memory_tradeoffs() -> None:
     front = cut_fronts(seg, 2, float("inf"))
     assert [p for _, _, p in front][0] in ([[0, 1], [1, 3]], [[0, 2], [2, 3]])
     assert all(a[0] <= b[0] and a[1] > b[1] for a, b in zip(front, front[1:]))
+
+
+def random_joinable(rng: random.Random) -> tuple[list[Segment], dict[int, bool]]:
+    """Heavy nodes, some loops; every node before a loop may be joined with it (some must)."""
+    segs = random_segments(rng, memory=rng.random() < 0.5)
+    for s in segs:
+        s.pieces = None  # the balancer cuts nodes it may join
+    pairs = {}
+    for i in range(len(segs) - 1):
+        if not segs[i].loop and segs[i + 1].loop and (segs[i].replicas or 1) == 1 and (segs[i + 1].replicas or 1) == 1:
+            pairs[i] = rng.random() < 0.3
+    return segs, pairs
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_joins_match_brute_force(seed: int) -> None:
+    """A loop's first stage may take in the last piece of the node before it: the best over
+    every subset of joins, each solved by brute force, is what ``solve_joins`` finds."""
+    rng = random.Random(1000 + seed)
+    segs, pairs = random_joinable(rng)
+    if not pairs:  # make one: a node followed by a loop
+        segs = [Segment("a", [round(rng.uniform(0.1, 2), 3) for _ in range(rng.randint(1, 4))]),
+                Segment("b", [round(rng.uniform(0.1, 2), 3) for _ in range(rng.randint(1, 4))], loop=True)]
+        pairs = {0: rng.random() < 0.3}
+    res = Resources(budget=rng.randint(1, 6), cores=rng.choice([0.0, 0.0, 2.0]), max_replicas=rng.choice([0, 1, 2]))
+    best = None
+    optional = [i for i, must in pairs.items() if not must]
+    for mask in range(2 ** len(optional)):
+        chosen = {i for k, i in enumerate(optional) if mask >> k & 1} | {i for i, must in pairs.items() if must}
+        merged, i = [], 0
+        while i < len(segs):
+            merged.append(joined(segs[i], segs[i + 1], pairs[i]) if i in chosen else segs[i])
+            i += 2 if i in chosen else 1
+        got = brute(merged, res)
+        if got is not None and (best is None or got < best):
+            best = got
+    if best is None:
+        with pytest.raises(Infeasible):
+            solve_joins(segs, res, pairs)
+        return
+    got = solve_joins(segs, res, pairs)
+    assert (round(got.period, 9), got.copies, round(got.slowest, 9)) == best[:3]
+    # the answer in each node's own pieces: every node covered, joins only where allowed
+    for s in segs:
+        ps = got.pieces[s.name]
+        assert ps[0][0] == 0 and ps[-1][1] == len(s.times) and all(a[1] == b[0] for a, b in zip(ps, ps[1:]))
+    by = {s.name: i for i, s in enumerate(segs)}
+    for loop in got.joins:
+        assert by[loop] - 1 in pairs and got.replicas[loop] == got.replicas[segs[by[loop] - 1].name] == 1
+    for i, must in pairs.items():
+        if must:
+            assert segs[i + 1].name in got.joins
+    # stage count: a joined stage is one copy
+    assert got.copies == sum(len(p) * got.replicas[n] for n, p in got.pieces.items()) - len(got.joins)
+
+
+def test_a_join_balances_an_encoder_and_a_light_loop() -> None:
+    """Encoder 4 x 1 s, decode loop 2 s: two stages balance only if the loop's stage takes in
+    the encoder's tail (3 s each) instead of encoder | loop (4 s and 2 s)."""
+    enc, dec = Segment("enc", [1.0] * 4), Segment("dec", [1.0, 1.0], loop=True)
+    plain = solve([enc, dec], Resources(budget=2, max_replicas=1))
+    assert plain.slowest == 4.0
+    got = solve_joins([enc, dec], Resources(budget=2, max_replicas=1), {0: False})
+    assert got.slowest == 3.0 and got.joins == ["dec"]
+    assert got.pieces == {"enc": [[0, 3], [3, 4]], "dec": [[0, 2]]} and got.copies == 2

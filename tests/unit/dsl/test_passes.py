@@ -150,3 +150,66 @@ def test_a_problem_on_an_unwritten_key_points_at_its_parent_line():
     assert str(prov.where("nodes.chain.parts")) == "r.yaml:7"  # not written: the node's line
     assert str(prov.where("nodes.chain.in.x")) == "r.yaml:8"
     assert str(prov.where("odd]key")) == "r.yaml"  # never fails on odd keys
+
+
+# ---------------------------------------------------------------- with_previous
+def labels(plan) -> list[str]:
+    return [plan.stage_label(s) + (" [loop]" if s.loop else "") for s in plan.stages]
+
+
+def test_a_loop_takes_in_the_stage_before_it():
+    """The encoder's last piece runs in the decode loop's first stage; its output reaches the
+    other loop stage and the stage after the loop through side stores, not the loop's stage."""
+    plan = compile_recipe("whisper_stt", ["nodes.encoder.split=2", "nodes.decoder.split=2", "nodes.decoder.with_previous=true"])
+    assert labels(plan) == ["load + mel + encoder.0 (parts 0-1/4)", "encoder.1 (parts 2-3/4) + decoder.0 (parts 0-2/4) [loop]",
+                            "decoder.1 (part 3/4) [loop]", "align + text"]
+    first = plan.stages[1]
+    assert first.loop == "decoder" and first.loop_unit.node == "decoder" and [u.node for u in first.prelude] == ["encoder"]
+    assert plan.loops[0].stages == [1, 2] and first.owner == "decoder"
+    assert plan.consumers["encoder.hidden"] == [1, 2, 3] and "encoder#0" in first.reads
+    from mmpipe.runtime.routing import build_routes
+
+    routes = build_routes(plan)
+    assert routes.prelude == {1: ["encoder.hidden"]}
+    hidden = routes.out[1]["encoder.hidden"]
+    assert not hidden.to_next and hidden.store == [2, 3]  # made as items enter; the stage after the loop reads it later
+
+
+def test_a_fan_out_before_the_joined_node_keeps_a_stage_of_its_own():
+    plan = compile_recipe("whisper_stt", ["nodes.decoder.with_previous=true"])
+    assert labels(plan) == ["load + mel", "encoder (parts 0-3/4) + decoder (parts 0-3/4) [loop]", "align + text"]
+
+
+def test_a_plan_with_a_prelude_round_trips_through_json():
+    from mmpipe.dsl.plan import Plan
+
+    plan = compile_recipe("whisper_stt", ["nodes.encoder.split=2", "nodes.decoder.with_previous=true"])
+    again = Plan.from_json(plan.to_json())
+    assert again.nodes["decoder"].with_previous and [u.node for u in again.stages[1].prelude] == ["encoder"]
+    assert "encoder.1" in plan.to_mermaid() and "decoder" in plan.to_dot()
+
+
+@pytest.mark.parametrize("overrides, key, words", [
+    (["nodes.encoder.with_previous=true"], "nodes.encoder.with_previous", "is not a loop node"),
+    (["nodes.decoder.with_previous=maybe"], "nodes.decoder.with_previous", "must be true or false"),
+    (["nodes.decoder.with_previous=true", "nodes.encoder.split=2", "nodes.encoder.replicas=2"], "nodes.decoder.with_previous", "cannot have copies"),
+    (["nodes.decoder.with_previous=true", "nodes.encoder.split=2", "placement.decoder=meta"], "nodes.decoder.with_previous", "placed apart"),
+])
+def test_with_previous_mistakes_are_reported(overrides, key, words):
+    from mmpipe.dsl.errors import RecipeError
+
+    with pytest.raises(RecipeError) as e:
+        compile_recipe("whisper_stt", overrides)
+    assert any(p.key == key and words in p.message for p in e.value.problems), e.value.format()
+
+
+def test_with_previous_needs_a_heavy_node_before_the_loop():
+    nodes = {"load": node("load", light=True), "dec": node("dec", split=2, loop=True)}
+    nodes["dec"].with_previous = True
+    from mmpipe.dsl.load import Provenance
+    from mmpipe.dsl.schema import Problems
+    from mmpipe.dsl.stages import check_with_previous
+
+    problems = Problems(Provenance(recipe_file="r.yaml"))
+    check_with_previous(nodes, list(nodes), problems)
+    assert [p.key for p in problems.items] == ["nodes.dec.with_previous"] and "no heavy node" in problems.items[0].message

@@ -113,6 +113,33 @@ def test_loops_admit_and_top_up_groups(write_recipe, tmp_path: Path) -> None:
     assert simulate(plan, prof, 4).workers[0]["calls"] == 6  # two groups of 3 iterations take turns
 
 
+PRELUDE = """
+name: prelude_sim
+inputs: {x: {type: tensor}, trips: {type: tensor}}
+outputs: {y: body.y}
+source: {kind: synthetic.requests, count: 4, width: 4, max_trips: 5}
+nodes:
+  pre: {kind: synthetic.chain, in: {x: inputs.x}, parts: 1, work: noop}
+  body: {kind: synthetic.loop, in: {x: pre.y, trips: inputs.trips}, parts: 1, work: noop, with_previous: true}
+batching: {max_batch_size: 8, max_delay_ms: 1}
+runtime: {microbatch_size: 2, max_inflight: 1}
+"""
+
+
+def test_a_prelude_runs_once_per_item_as_it_enters_the_loop(write_recipe, tmp_path: Path) -> None:
+    path = write_recipe(PRELUDE)
+    # pre: 2 s per micro-batch of 2 (1 s per item), one loop iteration 1 s; items a(1) b(3) | c(1) d(3)
+    plan, prof = profiled(tmp_path, str(path), [], {"pre": [2.0], "body": [1.0]}, trips=[1, 3])
+    assert [[u.node for u in s.units] for s in plan.stages] == [["pre", "body"]]
+    res = simulate(plan, prof, 4)
+    # [a, b] enter (2 s of prelude + 1 s); b comes back and c, d join it (2 s + 1 s); then [b, d] and [d]
+    assert res.workers[0]["calls"] == 4 and res.wall_s == pytest.approx(8.0)
+    plan, prof = profiled(tmp_path, str(path), ["nodes.body.with_previous=false"], {"pre": [2.0], "body": [1.0]}, trips=[1, 3])
+    res = simulate(plan, prof, 4)
+    # apart, pre is a stage of its own: [a, b] reach the loop at 2 s, [c, d] at 4 s (b went around alone once)
+    assert len(plan.stages) == 2 and res.workers[1]["calls"] == 5 and res.wall_s == pytest.approx(7.0)
+
+
 def test_transfers_between_hosts(tmp_path: Path) -> None:
     args = ["stages=2", "runtime=distributed", "runtime.nproc=2", "runtime.microbatch_size=1", "balance.hosts=2",
             "balance.bandwidth_gbs=0.001", "balance.latency_ms=10"]

@@ -51,6 +51,23 @@ def test_one_bad_item_inside_a_pipelined_loop(tmp_path: Path):
     assert stats["loops"]["b"]["retried_items"] >= 2  # its group was retried item by item
 
 
+@pytest.mark.parametrize("where", ["prelude", "loop"])
+def test_one_bad_item_in_a_loops_prelude_or_body(tmp_path: Path, where: str):
+    """The loop's first stage runs a's last piece as items enter: a failure there, or in the
+    loop after it, fails only its request, named by the node that raised."""
+    nodes = {"pre": {"kind": "synthetic.chain", "in": {"x": "inputs.x"}, "parts": 1, "work": "noop"},
+             "a": {"kind": "synthetic.chain", "in": {"x": "pre.y"}, "parts": 2, "work": "noop"},
+             "b": {"kind": "synthetic.loop", "in": {"x": "a.y", "trips": "inputs.trips"}, "parts": 2, "split": 2,
+                   "work": "noop", "with_previous": True},
+             "c": {"kind": "synthetic.chain", "in": {"x": "a.y"}, "parts": 1, "work": "noop"}}
+    nodes["a" if where == "prelude" else "b"]["fail_ids"] = ["r0005"]
+    plan = compile_data(tmp_path, recipe(nodes, {"y": "b.y", "n": "b.n", "z": "c.y"}, count=20, max_trips=4,
+                                         runtime={"microbatch_size": 4, "max_inflight": 2}))
+    assert [u.node for u in plan.stages[1].units] == ["a", "b"]
+    stats = check_one_bad(plan, "r0005", stage=1, node="a" if where == "prelude" else "b")
+    assert stats["loops"]["b"]["retried_items"] >= 2  # its group was retried item by item
+
+
 def test_one_bad_item_after_fan_out(tmp_path: Path):
     """An expanded request fails as a whole; its neighbours do not."""
     nodes = {"fan": {"_target_": f"{KINDS}.Fanout", "in": {"x": "inputs.x"}},

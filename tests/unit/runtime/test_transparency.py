@@ -2,7 +2,8 @@
 
 Random graphs of synthetic chains and pipelined loops (with per-item trip
 counts), wired to earlier nodes (edges that skip stages), optionally behind a
-node that expands items, some nodes running as several copies (replicas), run
+node that expands items, some nodes running as several copies (replicas), some
+loops running the node before them in their first stage (with_previous), run
 with random batching; every request must equal the sequential oracle's, bit
 for bit.
 """
@@ -55,6 +56,9 @@ def graphs(draw: st.DrawFn) -> dict[str, Any]:
             has_loop = True
         if draw(st.integers(0, 3)) == 0:
             node["replicas"] = draw(st.integers(2, 3))  # copies of the node's stages, chosen per request
+        before = nodes.get(f"n{i - 1}")
+        if loop and before is not None and before["kind"] == "synthetic.chain" and "replicas" not in node and "replicas" not in before:
+            node["with_previous"] = draw(st.booleans())  # the loop's first stage runs the chain's last piece
         nodes[name] = node
         sources.append(f"{name}.y")
         used += split
@@ -98,6 +102,26 @@ def test_skip_edges_and_loop(tmp_path: Path, mb: int) -> None:
     reqs = requests_of(plan)
     out, _ = run_pipeline(plan, reqs)
     assert_same_results(oracle(plan, reqs), out)
+
+
+@pytest.mark.parametrize("mb,split", [(1, 3), (3, 1), (8, 2)])
+def test_a_loop_that_takes_in_the_stage_before_it(tmp_path: Path, mb: int, split: int) -> None:
+    """``with_previous``: a's last piece runs in the loop's first stage as items enter; what it
+    makes reaches the other loop stages, a later node and the outputs through side stores."""
+    nodes = {
+        "a": {"kind": "synthetic.chain", "in": {"x": "inputs.x"}, "parts": 2, "split": 2, "work": "noop"},
+        "b": {"kind": "synthetic.loop", "in": {"x": "a.y", "trips": "inputs.trips"}, "parts": 3, "split": split, "work": "noop",
+              "with_previous": True},
+        "c": {"kind": "synthetic.chain", "in": {"x": "a.y"}, "parts": 1, "work": "noop"},
+    }
+    data = recipe(nodes, {"y": "c.y", "loop": "b.y", "n": "b.n", "x": "a.y"}, count=21, max_trips=5,
+                  batching={"max_batch_size": 8}, runtime={"microbatch_size": mb, "max_inflight": 2})
+    plan = compile_data(tmp_path, data)
+    assert [u.node for u in plan.stages[1].units] == ["a", "b"] and plan.loops[0].stages[0] == 1
+    reqs = requests_of(plan)
+    out, stats = run_pipeline(plan, reqs)
+    assert_same_results(oracle(plan, reqs), out)
+    assert stats["loops"]["b"]["joined_items"] > 0 or mb == 8  # items joined running groups: their prelude ran then
 
 
 def test_replicas_share_the_work_and_keep_loops_on_their_copy(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ class WhisperModel:
     path: str = "package:tiny_en"
     n_mels: int = 80  # mel bands the encoder expects
     d_model: int = 384  # hidden size
-    encoder_layers: int = 4  # encoder layers (the encoder's parts)
+    encoder_layers: int = 4  # encoder layers (each is two of the encoder's parts: attention, feed-forward)
     decoder_layers: int = 4  # decoder layers (the decode loop's parts)
     multilingual: bool = False  # has language and task tokens
     dtype: str = "float32"  # float32, float16 or bfloat16

@@ -290,22 +290,20 @@ class Loader:
 
 
 @dataclass
-class EncoderLayer:
+class EncoderAttention:
+    """The first half of a pre-norm encoder layer: self-attention and its residual."""
+
     ln1: Norm
     qkv: Linear
     out: Linear
-    ln2: Norm
-    fc1: Linear
-    fc2: Linear
 
     @classmethod
-    def load(cls, ld: Loader, i: int) -> "EncoderLayer":
+    def load(cls, ld: Loader, i: int) -> "EncoderAttention":
         p = f"model.encoder.layers.{i}"
         return cls(ld.norm(f"{p}.self_attn_layer_norm"), ld.fused(f"{p}.self_attn", ("q_proj", "k_proj", "v_proj")),
-                   ld.linear(f"{p}.self_attn.out_proj"), ld.norm(f"{p}.final_layer_norm"), ld.linear(f"{p}.fc1"), ld.linear(f"{p}.fc2"))
+                   ld.linear(f"{p}.self_attn.out_proj"))
 
     def __call__(self, h: torch.Tensor, heads: int) -> torch.Tensor:
-        """One pre-norm encoder layer on ``h`` [B, T, D]."""
         B, T, D = h.shape
         dh = D // heads
         q, k, v = self.qkv(self.ln1(h)).split(D, dim=-1)
@@ -313,8 +311,29 @@ class EncoderLayer:
         k = k.view(B, T, heads, dh).transpose(1, 2)
         v = v.view(B, T, heads, dh).transpose(1, 2)
         a = F.scaled_dot_product_attention(q, k, v, scale=1.0)
-        h = h + self.out(a.transpose(1, 2).reshape(B, T, D))
+        return h + self.out(a.transpose(1, 2).reshape(B, T, D))
+
+
+@dataclass
+class EncoderMLP:
+    """The second half of a pre-norm encoder layer: the feed-forward block and its residual."""
+
+    ln2: Norm
+    fc1: Linear
+    fc2: Linear
+
+    @classmethod
+    def load(cls, ld: Loader, i: int) -> "EncoderMLP":
+        p = f"model.encoder.layers.{i}"
+        return cls(ld.norm(f"{p}.final_layer_norm"), ld.linear(f"{p}.fc1"), ld.linear(f"{p}.fc2"))
+
+    def __call__(self, h: torch.Tensor, heads: int = 0) -> torch.Tensor:
         return h + self.fc2(self.fc1.gelu(self.ln2(h)))
+
+
+def encoder_half(ld: Loader, part: int) -> EncoderAttention | EncoderMLP:
+    """Encoder part ``part``: layer part // 2's attention (even) or feed-forward (odd) half."""
+    return EncoderAttention.load(ld, part // 2) if part % 2 == 0 else EncoderMLP.load(ld, part // 2)
 
 
 @dataclass

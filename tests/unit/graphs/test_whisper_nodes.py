@@ -147,7 +147,7 @@ def feats() -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def encoder() -> Encoder:
-    e = Encoder(EncoderConfig(), range(0, 4), 4)
+    e = Encoder(EncoderConfig(), range(0, 8), 8)
     e.setup(CPU)
     return e
 
@@ -218,11 +218,11 @@ def test_encoder_matches_transformers_and_splits(encoder, feats, hidden):
     with torch.inference_mode():
         want = ref.model.encoder(feats).last_hidden_state
     assert (hidden - want).abs().max().item() < 1e-4
-    a, b = Encoder(EncoderConfig(), range(0, 1), 4), Encoder(EncoderConfig(), range(1, 4), 4)
+    a, b = Encoder(EncoderConfig(), range(0, 3), 8), Encoder(EncoderConfig(), range(3, 8), 8)  # a cut inside layer 1
     a.setup(CPU)
     b.setup(CPU)
-    assert len(a.layers) == 1 and a.stem is not None and a.norm is None
-    assert len(b.layers) == 3 and b.stem is None and b.norm is not None
+    assert len(a.layers) == 3 and a.stem is not None and a.norm is None  # layer 0, layer 1's attention
+    assert len(b.layers) == 5 and b.stem is None and b.norm is not None
     mid = a.forward({"features": feats}, [])
     assert set(mid) == {"h"}
     assert torch.equal(b.forward(mid, [])["hidden"], hidden)
@@ -313,13 +313,13 @@ def test_detokenize_text_segments_language(hidden):
 @slow
 def test_missing_model_is_a_user_error(tmp_path, monkeypatch):
     for path in (str(tmp_path / "nope"), "package:nope"):
-        e = Encoder(EncoderConfig(model=WhisperModel(path=path)), range(0, 4), 4)
+        e = Encoder(EncoderConfig(model=WhisperModel(path=path)), range(0, 8), 8)
         with pytest.raises(UserError) as info:
             e.setup(CPU)
         assert info.value.key == "model.path" and info.value.fix
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="neither"):
-        Encoder(EncoderConfig(model=WhisperModel(path=str(tmp_path / "empty"))), range(0, 4), 4).setup(CPU)
+        Encoder(EncoderConfig(model=WhisperModel(path=str(tmp_path / "empty"))), range(0, 8), 8).setup(CPU)
     # a hub id that is neither cached nor reachable (the download is stubbed: tests stay offline)
     import huggingface_hub
 
@@ -328,7 +328,7 @@ def test_missing_model_is_a_user_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(UserError, match="hub"):
-        Encoder(EncoderConfig(model=WhisperModel(path="someone/whisper-nowhere")), range(0, 4), 4).setup(CPU)
+        Encoder(EncoderConfig(model=WhisperModel(path="someone/whisper-nowhere")), range(0, 8), 8).setup(CPU)
     # sizes in the recipe that do not match the checkpoint
     with pytest.raises(UserError, match="d_model=512"):
-        Encoder(EncoderConfig(model=WhisperModel(d_model=512)), range(0, 4), 4).setup(CPU)
+        Encoder(EncoderConfig(model=WhisperModel(d_model=512)), range(0, 8), 8).setup(CPU)

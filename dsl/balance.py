@@ -10,8 +10,9 @@ subject to the memory limit: each copy's own device (``dedicated``: GPUs, one
 copy each) or one memory for every copy (``shared``: the CPU of one host). The
 second term is what stages sharing a host's cores cannot beat: it is what makes
 more copies pointless once the cores are busy. Among choices with the same
-period it takes the fewest copies, then the smallest slowest stage, then the
-least memory.
+period it takes the fewest copies, then the fewest stages in a row (a shallower
+pipeline fills sooner and hands on less), then the smallest slowest stage, then
+the least memory.
 
 A ``Segment`` is one heavy node (light neighbours folded into its first or last
 part): stages are contiguous ranges of its parts, never spanning two heavy nodes
@@ -99,7 +100,12 @@ class Choice:
     floor: float  # total CPU seconds / cores (0 without shared cores)
     copies: int
     memory: float  # bytes: the largest copy (dedicated) or all copies (shared)
+    depth: int = 0  # stages in a row (copies of one stage count once)
     joins: list[str] = field(default_factory=list)  # loop nodes whose first stage takes in the node before
+
+    def rank(self) -> tuple[float, int, int, float, float]:
+        """What ``solve`` minimises, in order (see the module docstring)."""
+        return (self.period, self.copies, self.depth, self.slowest, self.memory)
 
     def stage_times(self, segs: list[Segment]) -> list[tuple[str, int, float, float]]:
         """(node, piece, seconds per micro-batch of one copy, memory of one copy) per stage."""
@@ -156,34 +162,35 @@ def cut_fronts(seg: Segment, k: int, limit: float) -> Front:
     return out
 
 
-def node_options(seg: Segment, res: Resources) -> dict[int, Front]:
-    """Copies used (pieces x replicas) -> front of (slowest copy, memory of all copies, (pieces, replicas))."""
+def node_options(seg: Segment, res: Resources) -> dict[tuple[int, int], Front]:
+    """(copies used (pieces x replicas), pieces) -> front of (slowest copy, memory of all copies,
+    (pieces, replicas))."""
     n = len(seg.times)
     ks = [len(seg.pieces)] if seg.pieces is not None else list(range(1, n + 1))
     top = res.max_replicas or res.budget
     rs = [seg.replicas] if seg.replicas is not None else list(range(1, top + 1))
     per_copy = INF if res.shared_memory else res.memory
-    out: dict[int, list[tuple[float, float, object]]] = {}
+    out: dict[tuple[int, int], list[tuple[float, float, object]]] = {}
     fronts = {k: cut_fronts(seg, k, per_copy) for k in ks}
-    for r in rs:  # fewer copies of a node first: on a tie, cutting beats copying (less memory)
+    for r in rs:
         for k in ks:
             if k * r > res.budget:
                 continue
             for t, m, pieces in fronts[k]:
-                out.setdefault(k * r, []).append((t / r, m * r, (pieces, r)))
+                out.setdefault((k * r, k), []).append((t / r, m * r, (pieces, r)))
     return {c: _pareto(v) for c, v in out.items()}
 
 
 def solve(segs: list[Segment], res: Resources) -> Choice:
     """The best cuts and copies (see the module docstring); ``Infeasible`` if none fits."""
     floor = sum(sum(s.cpus) for s in segs) / res.cores if res.cores > 0 else 0.0
-    # copies used -> front of (slowest, memory, list of per-node choices)
-    state: dict[int, Front] = {0: [(0.0, 0.0, ())]}
+    # (copies used, stages in a row) -> front of (slowest, memory, list of per-node choices)
+    state: dict[tuple[int, int], Front] = {(0, 0): [(0.0, 0.0, ())]}
     for seg in segs:
         opts = node_options(seg, res)
-        nxt: dict[int, list[tuple[float, float, object]]] = {}
-        for used, front in state.items():
-            for c, ofront in opts.items():
+        nxt: dict[tuple[int, int], list[tuple[float, float, object]]] = {}
+        for (used, depth), front in state.items():
+            for (c, k), ofront in opts.items():
                 if used + c > res.budget:
                     continue
                 for t0, m0, picks in front:
@@ -191,17 +198,17 @@ def solve(segs: list[Segment], res: Resources) -> Choice:
                         mem = m0 + m
                         if res.shared_memory and mem > res.memory:
                             continue
-                        nxt.setdefault(used + c, []).append((max(t0, t), mem, picks + (pick,)))
+                        nxt.setdefault((used + c, depth + k), []).append((max(t0, t), mem, picks + (pick,)))
         state = {c: _pareto(v) for c, v in nxt.items() if v}
         if not state:
             break
     best: tuple[Any, ...] | None = None
-    for copies, front in state.items():
+    for (copies, depth), front in state.items():
         if copies < res.min_copies:
             continue
         for t, m, picks in front:
             period = max(t, floor)
-            rank = (period, copies, t, m)
+            rank = (period, copies, depth, t, m)
             if best is None or _better(rank, best[0]):
                 best = (rank, picks, copies, t, m)
     if best is None:
@@ -216,7 +223,7 @@ def solve(segs: list[Segment], res: Resources) -> Choice:
     replicas = {s.name: p[1] for s, p in zip(segs, picks)}
     if not res.shared_memory:
         mem = max((s.stage_memory(lo, hi) for s in segs for lo, hi in pieces[s.name]), default=0.0)
-    return Choice(pieces, replicas, max(slowest, floor), slowest, floor, copies, mem)
+    return Choice(pieces, replicas, max(slowest, floor), slowest, floor, copies, mem, depth=rank[2])
 
 
 def joined(a: Segment, b: Segment, must: bool = False) -> Segment:
@@ -250,7 +257,7 @@ def solve_joins(segs: list[Segment], res: Resources, pairs: dict[int, bool]) -> 
         except Infeasible as exc:
             error = error or exc
             continue
-        if best is None or _better((got.period, got.copies, got.slowest, got.memory), (best.period, best.copies, best.slowest, best.memory)):
+        if best is None or _better(got.rank(), best.rank()):
             best = got
     if best is None:
         assert error is not None
@@ -274,7 +281,7 @@ def _unjoin(choice: Choice, segs: list[Segment]) -> Choice:
         replicas[s.first] = replicas[loop] = r
         if any(lo < at < hi for lo, hi in got):
             joins.append(loop)
-    return Choice(pieces, replicas, choice.period, choice.slowest, choice.floor, choice.copies, choice.memory, joins)
+    return Choice(pieces, replicas, choice.period, choice.slowest, choice.floor, choice.copies, choice.memory, choice.depth, joins)
 
 
 def least_copies(segs: list[Segment]) -> int:

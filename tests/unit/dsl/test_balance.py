@@ -18,7 +18,7 @@ def all_cuts(n: int) -> list[list[list[int]]]:
 
 
 def brute(segs: list[Segment], res: Resources) -> tuple[float, int, float, float] | None:
-    """Every cut and copy count of every node: the best (period, copies, slowest, memory)."""
+    """Every cut and copy count of every node: the best (period, copies, stages in a row, slowest, memory)."""
     floor = sum(sum(s.cpus) for s in segs) / res.cores if res.cores > 0 else 0.0
     top = res.max_replicas or res.budget
     per_node = []
@@ -30,16 +30,17 @@ def brute(segs: list[Segment], res: Resources) -> tuple[float, int, float, float
             mems = [s.stage_memory(lo, hi) for lo, hi in pieces]
             if not res.shared_memory and max(mems) > res.memory:
                 continue
-            opts.append((len(pieces) * r, max(s.stage_time(lo, hi) for lo, hi in pieces) / r, sum(mems) * r))
+            opts.append((len(pieces) * r, max(s.stage_time(lo, hi) for lo, hi in pieces) / r, sum(mems) * r, len(pieces)))
         per_node.append(opts)
     best = None
     for combo in itertools.product(*per_node):
-        copies = sum(c for c, _, _ in combo)
-        mem = sum(m for _, _, m in combo)
+        copies = sum(c for c, _, _, _ in combo)
+        mem = sum(m for _, _, m, _ in combo)
         if copies > res.budget or copies < res.min_copies or (res.shared_memory and mem > res.memory):
             continue
-        slowest = max(t for _, t, _ in combo)
-        key = (round(max(slowest, floor), 9), copies, round(slowest, 9), round(mem, 6))
+        slowest = max(t for _, t, _, _ in combo)
+        depth = sum(k for _, _, _, k in combo)
+        key = (round(max(slowest, floor), 9), copies, depth, round(slowest, 9), round(mem, 6))
         if best is None or key < best:
             best = key
     return best
@@ -78,7 +79,8 @@ def test_solve_matches_brute_force(seed: int) -> None:
         return
     got = solve(segs, res)
     total_mem = sum(got.replicas[s.name] * sum(s.stage_memory(lo, hi) for lo, hi in got.pieces[s.name]) for s in segs)
-    assert (round(got.period, 9), got.copies, round(got.slowest, 9), round(total_mem, 6)) == want
+    assert (round(got.period, 9), got.copies, got.depth, round(got.slowest, 9), round(total_mem, 6)) == want
+    assert got.depth == sum(len(p) for p in got.pieces.values())
     # the answer is what it says: its own numbers recomputed from its cuts
     assert got.copies == sum(len(p) * got.replicas[n] for n, p in got.pieces.items())
     slowest = max(s.stage_time(lo, hi) / got.replicas[s.name] for s in segs for lo, hi in got.pieces[s.name])
@@ -109,8 +111,9 @@ def test_shared_cores_stop_adding_copies() -> None:
     enc, dec = Segment("enc", [1.5, 1.5]), Segment("dec", [1.0])
     got = solve([enc, dec], Resources(budget=8, cores=2))
     assert got.period == 2.0 and got.floor == 2.0
-    # [enc][dec] is 3 s; cutting enc in two reaches the floor, and more copies would not help
-    assert got.copies == 3 and got.slowest == 1.5
+    # [enc][dec] is 3 s; cutting enc in two, or two copies of it, reaches the floor, and more
+    # copies would not help; of the two, copies make the shorter pipeline
+    assert got.copies == 3 and got.slowest == 1.5 and got.replicas == {"enc": 2, "dec": 1} and got.depth == 2
 
 
 def test_memory_limit_forces_a_cut() -> None:
@@ -174,7 +177,7 @@ def test_joins_match_brute_force(seed: int) -> None:
             solve_joins(segs, res, pairs)
         return
     got = solve_joins(segs, res, pairs)
-    assert (round(got.period, 9), got.copies, round(got.slowest, 9)) == best[:3]
+    assert (round(got.period, 9), got.copies, got.depth, round(got.slowest, 9)) == best[:4]
     # the answer in each node's own pieces: every node covered, joins only where allowed
     for s in segs:
         ps = got.pieces[s.name]

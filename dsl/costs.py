@@ -38,6 +38,9 @@ class PartCost:
     act_bytes: int = 0  # peak activations: measured on CUDA, estimated (inputs + outputs) on CPU
     out_bytes: int = 0  # what it hands to the next part (or the node's outputs, last part)
     lane_bytes: int = 0  # loops: state it holds per item in flight (KV caches)
+    # loops: seconds an iteration takes per item more than the profile's mean group
+    # (``NodeCost.group_items``), fitted over the group sizes it saw; 0: flat in the batch
+    item_s: float = 0.0
 
     @property
     def memory_bytes(self) -> int:
@@ -61,6 +64,7 @@ class NodeCost:
     iterations_per_mb: float = 0.0
     enter_s: float = 0.0  # loops: entering a micro-batch (begin + enter on every piece)
     trip_counts: list[int] = field(default_factory=list)  # loops: iterations of every profiled item
+    group_items: float = 0.0  # loops: mean items per profiled iteration (where ``time_s`` holds)
 
     def time(self, lo: int, hi: int) -> float:
         """Seconds per micro-batch of parts [lo, hi) (loops: all iterations)."""

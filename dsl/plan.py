@@ -46,7 +46,7 @@ class PlanNode:
     expands: bool = False
     replicas: int = 1
     # a loop node: its first body stage also runs the stage that holds the last piece of
-    # the heavy node before it (a *prelude*, run once per micro-batch as it enters the loop)
+    # the heavy node before it (a *prelude*, which items run as they enter the loop)
     with_previous: bool = False
 
     def piece_key(self, piece: int) -> str:

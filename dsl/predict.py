@@ -58,12 +58,15 @@ def predict(plan: Plan, auto: "Auto", microbatches: int | None = None) -> dict[s
         heavy = any(not costs.nodes[u.node].light for u in st.units)
         t = stage_time(costs, st) + transfer_time(auto, plan, st)
         copies = len(st.places)
-        loop = costs.nodes[st.units[0].node] if st.loop else None
+        loop = costs.nodes[st.loop] if st.loop else None
         row: dict[str, Any] = {"stage": st.index, "copies": copies, "time_s": t, "per_copy_s": t / copies,
                                "cpu_s": stage_cpu(costs, st), "memory_bytes": stage_memory(costs, st), "heavy": heavy}
         if loop is not None and loop.iterations_per_mb:
+            pre = sum(costs.nodes[u.node].time(u.parts[0], u.parts[1]) for u in st.prelude)  # once per micro-batch
             row["iterations"] = loop.iterations_per_mb
-            row["per_iteration_s"] = t / loop.iterations_per_mb
+            row["per_iteration_s"] = (t - pre) / loop.iterations_per_mb
+            if pre:
+                row["prelude_s"] = pre
         rows.append(row)
     heavy_s: list[float] = [r["per_copy_s"] for r in rows if r["heavy"]] or [0.0]
     slowest = max(r["per_copy_s"] for r in rows) if rows else 0.0
@@ -107,6 +110,8 @@ def format_prediction(pred: dict[str, Any], plan: Plan) -> str:
     rows = [("stage", "copies", "per micro-batch", "per copy", "memory/copy", "note")]
     for r in pred["stages"]:
         note = f"{r['iterations']:.1f} iterations x {ms(r['per_iteration_s'])}" if "iterations" in r and unit else ("light" if not r["heavy"] else "")
+        if "prelude_s" in r and unit:
+            note += f" + prelude {ms(r['prelude_s'])}"
         mem = f"{r['memory_bytes'] / 2**20:.0f} MB" if unit else "-"
         rows.append((str(r["stage"]), str(r["copies"]), ms(r["time_s"]), ms(r["per_copy_s"]), mem, note))
     widths = [max(len(x[i]) for x in rows) for i in range(len(rows[0]))]
@@ -142,7 +147,8 @@ def versus_measured(pred: dict[str, Any], stats: dict[str, Any], sim: dict[str, 
         got = busy.get(r["stage"], {"busy_s": 0.0, "calls": 0})
         row = {"stage": r["stage"], "copies": r["copies"], "heavy": r["heavy"], "predicted_s": r["time_s"], "measured_s": got["busy_s"] / m}
         if "iterations" in r:
-            row["predicted_iteration_s"] = r["per_iteration_s"]
+            # per call of the stage, as measured: a prelude's time spreads over the calls
+            row["predicted_iteration_s"] = r["per_iteration_s"] + r.get("prelude_s", 0.0) / r["iterations"]
             row["measured_iteration_s"] = got["busy_s"] / got["calls"] if got["calls"] else None
             row["predicted_iterations"], row["measured_iterations"] = r["iterations"], got["calls"] / m
         row["ratio"] = row["measured_s"] / row["predicted_s"] if row["predicted_s"] else None

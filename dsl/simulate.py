@@ -12,6 +12,8 @@ It runs what ``runtime/`` does, with times from the profile instead of work:
   group while fewer than ``max_inflight`` circulate, else takes a returning group and
   tops it up with waiting items to ``batching.max_batch_size`` (continuous batching);
   each item runs its own trip count, drawn in turn from the profile's measured counts;
+  an iteration costs the profiled time plus the profiled cost per item (``item_s``) for
+  every item its group has above the profile's mean group (groups grow when topped up);
   items run the first body stage's prelude (``with_previous``) in the call that admits them;
 - transfers between places take bytes / bandwidth + latency (between hosts
   ``balance.bandwidth_gbs``, inside one host ``balance.local_bandwidth_gbs``);
@@ -83,6 +85,8 @@ class _Worker:
     demand: float  # cores it keeps busy while computing
     resource: tuple[Any, ...]
     pre: float = 0.0  # a loop's first stage: seconds of prelude per entering item
+    per_item: float = 0.0  # loop stages: seconds per item of a group above (below) ``items``
+    items: float = 0.0  # loop stages: the group size ``time`` holds for
     inbox: deque[_Pkt] = field(default_factory=deque)
     back: deque[_Pkt] = field(default_factory=deque)  # loop first stage: returning groups
     reserved: int = 0  # inbox slots promised to packets still in transfer
@@ -134,6 +138,10 @@ class Sim:
             total, cpu = stage_time(costs, st), stage_cpu(costs, st)
             pre = sum(costs.nodes[u.node].time(u.parts[0], u.parts[1]) for u in st.prelude)  # once per item, as it enters
             t = (total - pre) / calls
+            per_item, items = 0.0, 0.0
+            if st.loop:  # an iteration's cost grows with its group (continuous batching tops groups up)
+                lu, nc = st.loop_unit, costs.nodes[st.loop]
+                per_item, items = sum(p.item_s for p in nc.parts[lu.parts[0]:lu.parts[1]]), nc.group_items
             for r, pl in enumerate(st.places):
                 dev = pl.device
                 host = pl.rank // self.per_host
@@ -143,7 +151,8 @@ class Sim:
                     # cores it keeps busy (what it got, over the share a thread got), and its time unloaded
                     demand = min(float(threads), max(0.02, (cpu / total) / share)) if total > 0 else 0.0
                     scale = min(1.0, self.cores / (demand + profiled_bg)) if demand + profiled_bg > self.cores else 1.0
-                self.w[(st.index, r)] = _Worker(st.index, r, t * scale, demand, res, pre=pre * scale / self.size, proc=pl.rank)
+                self.w[(st.index, r)] = _Worker(st.index, r, t * scale, demand, res, pre=pre * scale / self.size,
+                                                per_item=per_item * scale, items=items, proc=pl.rank)
         loops = {lp.node: lp for lp in plan.loops}
         self.loop_of = {s: loops[lp] for s in range(self.p) if (lp := plan.stages[s].loop)}
         mi = int(rt.get("max_inflight", 0))
@@ -240,6 +249,14 @@ class Sim:
             return g
         return None
 
+    def work(self, w: _Worker, pkt: _Pkt) -> float:
+        """Seconds of work of one call: loops scale with the group (never below a tenth of the
+        profiled iteration) and charge the prelude of the items entering."""
+        t = w.time
+        if w.per_item and w.items:
+            t = max(0.1 * w.time, t + w.per_item * (len(pkt.items) - w.items))
+        return t + w.pre * pkt.fresh
+
     def finish(self, w: _Worker) -> None:
         """The worker's call ended: hand its packet on (or block)."""
         pkt, key = w.job, (w.stage, w.copy)
@@ -279,7 +296,7 @@ class Sim:
                 if w.job is None and w.blocked is None:
                     pkt = self.take(w)
                     if pkt is not None:
-                        w.job, w.left, w.gil_left = pkt, w.time + w.pre * pkt.fresh, self.hop
+                        w.job, w.left, w.gil_left = pkt, self.work(w, pkt), self.hop
                         w.began, w.slice_left = False, self.quantum
                         w.calls += 1
                         w.first = min(w.first, self.now)

@@ -42,6 +42,7 @@ class _Acc:
         self.calls = 0  # micro-batches (loops: iterations)
         self.out = self.act = self.lane = self.params = 0
         self.peak = 0
+        self.sizes: list[tuple[int, float]] = []  # loops: (items, seconds) of every iteration
 
 
 def nbytes(value: Any, seen: set[int] | None = None, depth: int = 0) -> int:
@@ -204,6 +205,7 @@ class Profiler:
                 self._add(keys[j], dt, dc, nbytes(carry) if j < len(bodies) - 1 else 0, act, _mem_peak(b.device, base))
                 if self.recording:
                     self.acc[keys[j]].lane = max(self.acc[keys[j]].lane, lanes[j])
+                    self.acc[keys[j]].sizes.append((len(items), dt))
             iters += 1
             for i in active:
                 trips[i] += 1
@@ -236,7 +238,8 @@ class Profiler:
                 act = a.peak if a.peak else a.act
                 # CPU time is this process's (clock ticks): at most what the intra-op threads can use
                 cpu = min(a.cpu, a.time * max(1, torch.get_num_threads()))
-                parts.append(PartCost(time_s=a.time / n, cpu_s=cpu / n, param_bytes=a.params, act_bytes=act, out_bytes=a.out, lane_bytes=a.lane))
+                parts.append(PartCost(time_s=a.time / n, cpu_s=cpu / n, param_bytes=a.params, act_bytes=act, out_bytes=a.out, lane_bytes=a.lane,
+                                      item_s=slope(a.sizes)))
             nc = NodeCost(kind=pn.kind, num_parts=pn.num_parts, parts=parts, loop=pn.loop, light=pn.light, digest=config_digest(pn),
                           items_per_mb=_mean(self.items.get(name, [])), in_bytes=int(_mean(self.in_bytes.get(name, []))))
             if pn.loop and lp:
@@ -244,6 +247,8 @@ class Profiler:
                 nc.trips_per_item = lp["trips"] / max(1, lp["items"])
                 nc.enter_s = lp["enter_s"] / lp["mbs"]
                 nc.trip_counts = [int(t) for t in lp["counts"]]
+                sizes = self.acc[(name, 0)].sizes
+                nc.group_items = sum(k for k, _ in sizes) / len(sizes) if sizes else 0.0
                 # entering runs once per micro-batch: spread over the iterations of the first piece
                 if nc.iterations_per_mb:
                     parts[0].time_s += nc.enter_s / nc.iterations_per_mb
@@ -255,6 +260,17 @@ class Profiler:
         return Profile(key=key, nodes=nodes, microbatches=microbatches, host=host_info(devs),
                        memory_method="cuda max_memory_allocated per piece" if cuda else
                        "estimate: bytes of the tensors each piece holds (weights) + its inputs and outputs per micro-batch (loops: + per-item lanes)")
+
+
+def slope(samples: list[tuple[int, float]]) -> float:
+    """Seconds per item of a loop iteration: the least-squares slope of time over group size
+    (0 when the profile saw one size only, or time did not grow with the group)."""
+    if len({k for k, _ in samples}) < 2:
+        return 0.0
+    n = len(samples)
+    mk, mt = sum(k for k, _ in samples) / n, sum(t for _, t in samples) / n
+    var = sum((k - mk) ** 2 for k, _ in samples)
+    return max(0.0, sum((k - mk) * (t - mt) for k, t in samples) / var)
 
 
 def _mean(xs: list[int]) -> float:

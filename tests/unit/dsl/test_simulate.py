@@ -140,6 +140,15 @@ def test_a_prelude_runs_once_per_item_as_it_enters_the_loop(write_recipe, tmp_pa
     assert len(plan.stages) == 2 and res.workers[1]["calls"] == 5 and res.wall_s == pytest.approx(7.0)
 
 
+def test_an_iteration_costs_more_for_a_bigger_group(write_recipe, tmp_path: Path) -> None:
+    path = write_recipe(LOOP)
+    plan, prof = profiled(tmp_path, str(path), [], {"body": [1.0]}, trips=[1])
+    assert simulate(plan, prof, 4).wall_s == pytest.approx(2.0)  # two groups of 2, one iteration each
+    # profiled at 1 item per iteration on average, 0.5 s more per item: a group of 2 takes 1.5 s
+    prof.nodes["body"].group_items, prof.nodes["body"].parts[0].item_s = 1.0, 0.5
+    assert simulate(plan, prof, 4).wall_s == pytest.approx(3.0)
+
+
 def test_transfers_between_hosts(tmp_path: Path) -> None:
     args = ["stages=2", "runtime=distributed", "runtime.nproc=2", "runtime.microbatch_size=1", "balance.hosts=2",
             "balance.bandwidth_gbs=0.001", "balance.latency_ms=10"]

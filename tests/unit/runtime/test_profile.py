@@ -58,8 +58,21 @@ def test_loops_count_iterations_per_item(write_recipe, tmp_path: Path) -> None:
     assert nc.loop and sorted(nc.trip_counts) == sorted(timed)
     assert nc.iterations_per_mb == max(timed) and nc.trips_per_item == pytest.approx(sum(timed) / 3)
     assert nc.parts[0].out_bytes > 0 and nc.parts[1].out_bytes == 0  # the carry goes from piece 0 to piece 1
+    # the group shrinks as items finish: the mean group size over the timed iterations
+    sizes = [sum(1 for t in timed if t > k) for k in range(max(timed))]
+    assert nc.group_items == pytest.approx(sum(sizes) / len(sizes))
+    assert all(p.item_s >= 0 for p in nc.parts)
     saved = prof.save(tmp_path / "p.json")
     assert load_profile(saved).nodes["body"].trip_counts == nc.trip_counts
+
+
+def test_a_loops_cost_per_item_is_a_least_squares_slope() -> None:
+    from mmpipe.runtime.profile import slope
+
+    assert slope([(4, 0.4), (3, 0.3), (2, 0.2), (1, 0.1)]) == pytest.approx(0.1)
+    assert slope([(2, 0.25), (2, 0.35), (1, 0.2)]) == pytest.approx(0.1)
+    assert slope([(4, 0.5), (4, 0.4)]) == 0.0  # one group size: no slope
+    assert slope([(2, 0.1), (1, 0.2)]) == 0.0  # faster with more items: noise, not a cost
 
 
 def test_profiling_needs_one_piece_per_part() -> None:

@@ -54,6 +54,8 @@ W=(whisper_stt "input=$CLIPS/clip*.wav" "model.path=$WHISPER" overwrite=true -q 
 step "whisper cpu (reference)" 300 $MM run "${W[@]}" output_dir=$RUNS/w_cpu
 step "whisper cuda fp32" 300 $MM run "${W[@]}" placement=$DEV output_dir=$RUNS/w_cuda
 step "whisper cuda fp32, encoder/decoder split 2" 300 $MM run "${W[@]}" placement=$DEV nodes.encoder.split=2 nodes.decoder.split=2 output_dir=$RUNS/w_cuda_split
+step "whisper cuda fp32, encoder split 2, its tail in the decode loop's stage (with_previous)" 300 $MM run "${W[@]}" placement=$DEV \
+  nodes.encoder.split=2 nodes.decoder.with_previous=true output_dir=$RUNS/w_cuda_join
 step "whisper cuda fp16" 300 $MM run "${W[@]}" placement=$DEV runtime.dtype=float16 output_dir=$RUNS/w_cuda_fp16
 step "whisper distributed, 2 ranks on cuda:0 (staged through host memory, local socket)" 300 $MM run "${W[@]}" placement=$DEV runtime=distributed runtime.nproc=2 \
   nodes.encoder.split=2 nodes.decoder.split=2 output_dir=$RUNS/w_dist

@@ -42,7 +42,7 @@ def whisper(runs: Path, clips: Path) -> None:
     from mmpipe.graphs.audio import read_audio
 
     ref = {k: r["outputs"]["text"] for k, r in rows(runs / "w_cpu").items()}
-    for name in ("w_cuda", "w_cuda_split", "w_cuda_fp16", "w_dist"):
+    for name in ("w_cuda", "w_cuda_split", "w_cuda_join", "w_cuda_fp16", "w_dist"):
         if not (runs / name / "results.jsonl").exists():
             print(f"{name}: no results")
             continue

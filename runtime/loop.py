@@ -188,10 +188,12 @@ class LoopWorker(StageWorker):
         its other consumers; ``mb`` with those values, for the loop's inputs."""
         for u, inst in self.prelude:
             self.running = u.node
+            self.slot.busy(u.node)  # a hang names the piece that hangs
             res = run_unit(self.plan, u, inst, mb, self.device)
             assert isinstance(res, MicroBatch), "a prelude never expands items (the compiler checks)"
             mb = res
         self.running = self.loop.node
+        self.slot.busy(self.loop.node)
         if self.prelude:
             self.out.deliver_prelude(mb.items, mb.values, mb.id)
         return mb

@@ -42,7 +42,8 @@ class _Acc:
         self.calls = 0  # micro-batches (loops: iterations)
         self.out = self.act = self.lane = self.params = 0
         self.peak = 0
-        self.sizes: list[tuple[int, float]] = []  # loops: (items, seconds) of every iteration
+        self.sizes: list[tuple[int, float]] = []  # loops: (items, seconds) of every timed iteration
+        self.wide: list[tuple[int, float]] = []  # loops: the same, in a group as large as batching allows
 
 
 def nbytes(value: Any, seen: set[int] | None = None, depth: int = 0) -> int:
@@ -115,6 +116,7 @@ class Profiler:
         self.in_bytes: dict[str, list[int]] = {}
         self.keys = build_routes(plan).input_keys
         self.recording = False
+        self.sampling = False  # a wide group: loop iterations give (items, seconds) only
 
     def device(self, st: Stage) -> str:
         return st.places[0].device
@@ -126,9 +128,10 @@ class Profiler:
                 self.acc[(u.node, u.piece)] = _Acc()
                 self.acc[(u.node, u.piece)].params = nbytes(self.insts[(u.node, u.piece)])
 
-    def run(self, reqs: list[Request], record: bool) -> None:
-        """One micro-batch through every piece, in plan order."""
-        self.recording = record
+    def run(self, reqs: list[Request], record: bool, sample: bool = False) -> None:
+        """One micro-batch through every piece, in plan order (``sample``: only the loops'
+        iteration times by group size are kept)."""
+        self.recording, self.sampling = record, sample
         mb = from_requests(self.plan, reqs, self.keys)
         done: set[str] = set()
         for st in self.plan.stages:
@@ -206,6 +209,8 @@ class Profiler:
                 if self.recording:
                     self.acc[keys[j]].lane = max(self.acc[keys[j]].lane, lanes[j])
                     self.acc[keys[j]].sizes.append((len(items), dt))
+                elif self.sampling:
+                    self.acc[keys[j]].wide.append((len(items), dt))
             iters += 1
             for i in active:
                 trips[i] += 1
@@ -239,7 +244,7 @@ class Profiler:
                 # CPU time is this process's (clock ticks): at most what the intra-op threads can use
                 cpu = min(a.cpu, a.time * max(1, torch.get_num_threads()))
                 parts.append(PartCost(time_s=a.time / n, cpu_s=cpu / n, param_bytes=a.params, act_bytes=act, out_bytes=a.out, lane_bytes=a.lane,
-                                      item_s=slope(a.sizes)))
+                                      item_s=slope(a.sizes + a.wide)))
             nc = NodeCost(kind=pn.kind, num_parts=pn.num_parts, parts=parts, loop=pn.loop, light=pn.light, digest=config_digest(pn),
                           items_per_mb=_mean(self.items.get(name, [])), in_bytes=int(_mean(self.in_bytes.get(name, []))))
             if pn.loop and lp:
@@ -298,7 +303,9 @@ def host_info(devs: list[str]) -> dict[str, Any]:
 def measure(plan: Plan, requests: list[Request], microbatches: int = 3, warmup: int = 1, output_dir: str | None = None,
             log: Callable[[str], None] | None = None) -> Profile:
     """Profile ``plan`` (one piece per part) on ``warmup`` + ``microbatches`` micro-batches of
-    ``runtime.microbatch_size`` requests (the requests are reused when there are too few)."""
+    ``runtime.microbatch_size`` requests (the requests are reused when there are too few);
+    with loops, then one micro-batch of ``batching.max_batch_size`` requests, whose loop
+    iterations give the cost per item of larger groups."""
     import torch
 
     if not requests:
@@ -312,6 +319,7 @@ def measure(plan: Plan, requests: list[Request], microbatches: int = 3, warmup: 
             for i, r in ((i, requests[i % len(requests)]) for i in range(max(need, len(requests))))]
     prof = Profiler(plan, output_dir)
     failure: list[BaseException] = []
+    wide = min(int(plan.batching.get("max_batch_size", size)), len(reqs)) if plan.loops else 0
 
     shares: list[tuple[float, float]] = []
 
@@ -326,6 +334,11 @@ def measure(plan: Plan, requests: list[Request], microbatches: int = 3, warmup: 
                     prof.run(group, record=k >= warmup)
                     if log:
                         log(f"  micro-batch {k + 1}/{warmup + microbatches} ({'warm-up' if k < warmup else 'timed'}): {time.perf_counter() - t0:.3f} s")
+                if wide > size:  # continuous batching tops loop groups up: time one that large
+                    t0 = time.perf_counter()
+                    prof.run(reqs[:wide], record=False, sample=True)
+                    if log:
+                        log(f"  a group of {wide} (how a loop iteration's time grows with its group): {time.perf_counter() - t0:.3f} s")
             shares.append(cpu_share())
         except BaseException as exc:  # raised again in the caller's thread
             failure.append(exc)

@@ -52,9 +52,12 @@ def test_loops_count_iterations_per_item(write_recipe, tmp_path: Path) -> None:
     path = write_recipe(LOOPY)
     plan = profile_plan(str(path), [])
     reqs = requests_of(plan)
-    prof = measure(plan, reqs, microbatches=1, warmup=1)
+    lines: list[str] = []
+    prof = measure(plan, reqs, microbatches=1, warmup=1, log=lines.append)
     nc = prof.nodes["body"]
     timed = [int(r.values["trips"]) for r in reqs[3:6]]  # the second micro-batch is the timed one
+    # then one group as large as batching allows (6 requests here): it only adds group sizes to the fit
+    assert any("a group of 6" in line for line in lines), lines
     assert nc.loop and sorted(nc.trip_counts) == sorted(timed)
     assert nc.iterations_per_mb == max(timed) and nc.trips_per_item == pytest.approx(sum(timed) / 3)
     assert nc.parts[0].out_bytes > 0 and nc.parts[1].out_bytes == 0  # the carry goes from piece 0 to piece 1

@@ -51,11 +51,11 @@ class Segment:
     loop: bool = False
     pieces: list[list[int]] | None = None  # fixed cuts ([lo, hi) ranges), or None: the balancer cuts
     replicas: int | None = None  # fixed copy count, or None: the balancer chooses
-    # a ``joined`` segment: parts [0, join_at) are node ``first``'s, the rest the loop's;
-    # ``must_join``: one stage spans join_at
+    # a ``joined`` segment: parts [0, join_at) are the first node's of ``joined`` (node, loop),
+    # the rest the loop's; ``must_join``: one stage spans join_at
     join_at: int | None = None
     must_join: bool = False
-    first: str = ""
+    joined: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.times)
@@ -230,7 +230,7 @@ def joined(a: Segment, b: Segment, must: bool = False) -> Segment:
     """Node ``a`` and the loop ``b`` after it as one segment, one copy each: a stage may span
     their boundary (``b``'s first stage takes in ``a``'s last piece)."""
     return Segment(f"{a.name}+{b.name}", a.times + b.times, a.cpus + b.cpus, a.params + b.params, a.acts + b.acts,
-                   a.xfer + b.xfer, loop=True, replicas=1, join_at=len(a.times), must_join=must, first=a.name)
+                   a.xfer + b.xfer, loop=True, replicas=1, join_at=len(a.times), must_join=must, joined=(a.name, b.name))
 
 
 def solve_joins(segs: list[Segment], res: Resources, pairs: dict[int, bool]) -> Choice:
@@ -272,13 +272,13 @@ def _unjoin(choice: Choice, segs: list[Segment]) -> Choice:
     joins: list[str] = []
     for s in segs:
         got, r = choice.pieces[s.name], choice.replicas[s.name]
-        if s.join_at is None:
+        if s.join_at is None or s.joined is None:
             pieces[s.name], replicas[s.name] = got, r
             continue
-        at, loop = s.join_at, s.name[len(s.first) + 1:]
-        pieces[s.first] = [[lo, min(hi, at)] for lo, hi in got if lo < at]
+        at, (first, loop) = s.join_at, s.joined
+        pieces[first] = [[lo, min(hi, at)] for lo, hi in got if lo < at]
         pieces[loop] = [[max(lo, at) - at, hi - at] for lo, hi in got if hi > at]
-        replicas[s.first] = replicas[loop] = r
+        replicas[first] = replicas[loop] = r
         if any(lo < at < hi for lo, hi in got):
             joins.append(loop)
     return Choice(pieces, replicas, choice.period, choice.slowest, choice.floor, choice.copies, choice.memory, choice.depth, joins)

@@ -24,6 +24,11 @@ def stage_time(costs: Profile, st: Stage) -> float:
     return sum(costs.nodes[u.node].time(u.parts[0], u.parts[1]) for u in st.units)
 
 
+def prelude_time(costs: Profile, st: Stage) -> float:
+    """Seconds per micro-batch of a loop stage's prelude (``with_previous``; 0 without one)."""
+    return sum(costs.nodes[u.node].time(u.parts[0], u.parts[1]) for u in st.prelude)
+
+
 def stage_cpu(costs: Profile, st: Stage) -> float:
     return sum(costs.nodes[u.node].cpu(u.parts[0], u.parts[1]) for u in st.units)
 
@@ -62,7 +67,7 @@ def predict(plan: Plan, auto: "Auto", microbatches: int | None = None) -> dict[s
         row: dict[str, Any] = {"stage": st.index, "copies": copies, "time_s": t, "per_copy_s": t / copies,
                                "cpu_s": stage_cpu(costs, st), "memory_bytes": stage_memory(costs, st), "heavy": heavy}
         if loop is not None and loop.iterations_per_mb:
-            pre = sum(costs.nodes[u.node].time(u.parts[0], u.parts[1]) for u in st.prelude)  # once per micro-batch
+            pre = prelude_time(costs, st)
             row["iterations"] = loop.iterations_per_mb
             row["per_iteration_s"] = (t - pre) / loop.iterations_per_mb
             if pre:

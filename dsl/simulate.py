@@ -45,7 +45,7 @@ from typing import Any
 
 from mmpipe.dsl.costs import Profile, load_profile
 from mmpipe.dsl.plan import Plan
-from mmpipe.dsl.predict import out_bytes, stage_cpu, stage_time
+from mmpipe.dsl.predict import out_bytes, prelude_time, stage_cpu, stage_time
 
 TINY = 1e-12
 
@@ -136,7 +136,7 @@ class Sim:
             if st.loop:
                 calls = costs.nodes[st.loop].iterations_per_mb or 1.0
             total, cpu = stage_time(costs, st), stage_cpu(costs, st)
-            pre = sum(costs.nodes[u.node].time(u.parts[0], u.parts[1]) for u in st.prelude)  # once per item, as it enters
+            pre = prelude_time(costs, st)  # run once per item, as it enters
             t = (total - pre) / calls
             per_item, items = 0.0, 0.0
             if st.loop:  # an iteration's cost grows with its group (continuous batching tops groups up)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 from mmpipe.dsl.plan import Plan
 from mmpipe.graphs.base import ItemMeta, select_rows
 from mmpipe.runtime.channels import MISSING, Packet
-from mmpipe.runtime.routing import INPUTS, Routes
+from mmpipe.runtime.routing import INPUTS, Route, Routes
 from mmpipe.runtime.trace import WorkerLog
 from mmpipe.runtime.transfer import Mover
 
@@ -97,26 +97,27 @@ class Outlet:
         self.plan = fabric.plan
         self.p = self.plan.num_stages
         self.movers: dict[str, Mover] = {}
+        # what ``deliver`` sends, and what a loop stage's prelude sends (``deliver_prelude``)
+        prelude = set(routes.prelude.get(s, ()))
+        out = routes.out.get(s, {})
+        self.routes_out = [(k, rt) for k, rt in out.items() if k not in prelude]
+        self.routes_prelude = [(k, rt) for k, rt in out.items() if k in prelude]
 
     # ------------------------------------------------------------ values
     def deliver(self, items: list[ItemMeta], values: dict[str, Any], mb: int) -> None:
         """Send what this stage produced to its consumers (packet, side stores, collector).
         A loop stage's prelude delivers its own values (``deliver_prelude``), not these."""
-        self._deliver(items, values, mb, skip=self.routes.prelude.get(self.s, ()))
+        self._deliver(items, values, mb, self.routes_out, hand_on=True)
 
     def deliver_prelude(self, items: list[ItemMeta], values: dict[str, Any], mb: int) -> None:
         """What a loop stage's prelude made for items entering the loop, to the side stores of
         its consumers (no packet: the items go on through the loop)."""
-        keys = self.routes.prelude[self.s]
-        self._deliver(items, {k: values.get(k, MISSING) for k in keys}, mb, skip=(), only=keys)
+        self._deliver(items, values, mb, self.routes_prelude, hand_on=False)
 
-    def _deliver(self, items: list[ItemMeta], values: dict[str, Any], mb: int, skip: Iterable[str], only: Iterable[str] | None = None) -> None:
+    def _deliver(self, items: list[ItemMeta], values: dict[str, Any], mb: int, routes: list[tuple[str, Route]], hand_on: bool) -> None:
         to_next: dict[str, Any] = {}
         stored: dict[int, dict[str, Any]] = {}
-        skip, keep = set(skip), (set(only) if only is not None else None)
-        for key, route in self.routes.out[self.s].items():
-            if key in skip or (keep is not None and key not in keep):
-                continue
+        for key, route in routes:
             v = values.get(key, MISSING)
             if route.to_next and v is not MISSING:
                 to_next[key] = v
@@ -126,7 +127,7 @@ class Outlet:
             for r, sub, sv in self._by_copy(c, items, vals):
                 moved, ev = self._move((c, r), sv, mb, len(sub))
                 self.fabric.store((c, r), sub, moved, ev)
-        if keep is not None:
+        if not hand_on:
             return  # a prelude: the items themselves stay in the loop
         if self.s + 1 == self.p:
             self.fabric.collect(items, to_next)

@@ -20,18 +20,15 @@ It runs what ``runtime/`` does, with times from the profile instead of work:
 - the runtime's own cost: every stage call first holds the process's GIL for the
   profile's ``hop_s`` (measured by ``mmpipe profile`` on no-op stages), one call at a time
   per process, so tiny stages are bound by the interpreter, as they are;
-- shared hardware: work on one CPU host shares its cores with the other running ops and
-  with the busy threads of other processes (``balance.background``; by default what the
-  profile saw): an op keeps as many cores busy as the profile measured (its CPU time over
-  its wall time, corrected for the share of a core the profile got). When ops ask for
-  more cores than there are, the OS takes turns as Linux does: ops that need a core
-  queue in the order they became ready, as many as the cores hold run (slowed in
-  proportion by the background), and each yields its core after a time slice
-  (``balance.time_slice_ms``, by default Linux's: 0.75 ms x (1 + log2 cores)) when
-  others wait. A stage's call counts as busy from its first turn on a core, as the
-  runtime's trace spans do; ops that keep less than a core busy (sleeps, I/O) never
-  queue. Profiled times are first turned back into unloaded work the same way. Work on
-  one GPU shares it.
+- shared hardware (``dsl/sim_share.py``): work on one CPU host shares its cores with the
+  other running ops and with the busy threads of other processes (``balance.background``;
+  by default what the profile saw): an op keeps as many cores busy as the profile
+  measured (its CPU time over its wall time, corrected for the share of a core the
+  profile got). When ops ask for more cores than there are, they take turns as Linux
+  does, in time slices of ``balance.time_slice_ms`` (by default Linux's: 0.75 ms x
+  (1 + log2 cores)). A stage's call counts as busy from its first turn on a core, as the
+  runtime's trace spans do. Profiled times are first turned back into unloaded work the
+  same way. Work on one GPU shares it.
 
 So it predicts throughput, latency p50/p95, busy % per stage copy and the bubble for any
 placement, including ones this machine cannot run. Pure Python, no torch.
@@ -46,8 +43,7 @@ from typing import Any
 from mmpipe.dsl.costs import Profile, load_profile
 from mmpipe.dsl.plan import Plan
 from mmpipe.dsl.predict import out_bytes, prelude_time, stage_cpu, stage_time
-
-TINY = 1e-12
+from mmpipe.dsl.sim_share import TINY, Sharing, linux_time_slice
 
 
 @dataclass
@@ -117,11 +113,10 @@ class Sim:
         self.requests = requests
         self.hosts = max(1, int(bal.get("hosts", 1)))
         self.cores = float(bal.get("cores") or costs.cores)
-        self.quantum = float(bal.get("time_slice_ms") or 0.0) / 1000.0 or linux_time_slice(self.cores)
-        self.queues: dict[tuple[Any, ...], deque[_Worker]] = {}  # per CPU host: ops in the order they became ready
         share = float(costs.host.get("cpu_share", 1.0)) or 1.0
         bg = bal.get("background")
-        self.background = float(bg) if bg is not None and float(bg) >= 0 else float(costs.host.get("background", 0.0))
+        background = float(bg) if bg is not None and float(bg) >= 0 else float(costs.host.get("background", 0.0))
+        self.sharing = Sharing(self.cores, background, float(bal.get("time_slice_ms") or 0.0) / 1000.0 or linux_time_slice(self.cores))
         profiled_bg = float(costs.host.get("background", 0.0))
         threads = max(1, int(costs.key.threads or 1))
         self.hop = float(costs.host.get("hop_s", 0.0))
@@ -297,7 +292,7 @@ class Sim:
                     pkt = self.take(w)
                     if pkt is not None:
                         w.job, w.left, w.gil_left = pkt, self.work(w, pkt), self.hop
-                        w.began, w.slice_left = False, self.quantum
+                        w.began, w.slice_left = False, self.sharing.quantum
                         w.calls += 1
                         w.first = min(w.first, self.now)
                         progressed = True
@@ -307,7 +302,7 @@ class Sim:
         running = [w for w in self.w.values() if w.job is not None]
         if not running and not self.transit:
             return False
-        rates, turns = self.rates(running)
+        rates, turns = self.sharing.rates(running)
 
         def phase(w: _Worker) -> float:
             return w.gil_left if w.gil_left > TINY else w.left
@@ -325,13 +320,7 @@ class Sim:
                 w.left -= dt * rates[id(w)]
             if w.began or w.gil_left > TINY:  # a call's span starts on its first turn on a core
                 w.busy += dt
-        for w in turns:
-            w.slice_left -= dt
-            if w.slice_left <= TINY and w.left > TINY:  # its slice is over: to the back of the queue
-                q = self.queues[w.resource]
-                q.remove(w)
-                q.append(w)
-                w.slice_left = self.quantum
+        self.sharing.end_slices(turns, dt)
         for w in running:
             if w.gil_left <= TINY and w.left <= TINY:
                 w.last = self.now
@@ -346,51 +335,6 @@ class Sim:
                 w.reserved -= 1
                 w.inbox.append(pkt)
         return True
-
-    def rates(self, running: list[_Worker]) -> tuple[dict[int, float], list[_Worker]]:
-        """Progress per second of every running call (shared cores / shared devices), and the
-        calls on a core while others wait for one (their time slices run out)."""
-        by: dict[tuple[Any, ...], list[_Worker]] = {}
-        for w in running:
-            by.setdefault(("gil", w.proc) if w.gil_left > TINY else w.resource, []).append(w)
-        out: dict[int, float] = {}
-        turns: list[_Worker] = []
-        for res, ws in by.items():
-            if res[0] == "gil":  # one thread of a process runs Python at a time
-                f = 1.0 / len(ws)
-            elif res[0] == "cpu":
-                on = self.on_cores(res, ws)
-                if len(on) < len(ws):  # others wait: these give way when their slices run out
-                    turns += [w for w in on if _threads(w)]
-                ws = on
-                need = sum(w.demand for w in ws) + self.background
-                f = min(1.0, self.cores / need) if need > 0 else 1.0
-            else:
-                f = 1.0 / len(ws)
-            for w in ws:
-                out[id(w)] = f
-        for w in running:
-            out.setdefault(id(w), 0.0)
-        return out, turns
-
-    def on_cores(self, res: tuple[Any, ...], ws: list[_Worker]) -> list[_Worker]:
-        """The ops of one CPU host that have a core now: all of them when their threads fit,
-        else the first in the queue that fit (ops that keep less than half a core busy
-        always run)."""
-        q = self.queues.setdefault(res, deque())
-        live = {id(w) for w in ws}
-        if len(q) != len(ws) or any(id(w) not in live for w in q):
-            known = {id(w) for w in q}
-            q = self.queues[res] = deque([w for w in q if id(w) in live] + [w for w in ws if id(w) not in known])
-        if sum(_threads(w) for w in ws) <= self.cores:
-            return ws
-        on: list[_Worker] = []
-        used = 0
-        for w in q:
-            if not _threads(w) or not on or used + _threads(w) <= self.cores:
-                on.append(w)
-                used += _threads(w)
-        return on
 
     def run(self) -> SimResult:
         mbs = [list(range(i, min(i + self.size, self.requests))) for i in range(0, self.requests, self.size)]
@@ -414,17 +358,6 @@ class Sim:
         window = max(end - start, TINY)
         return SimResult(self.requests, len(mbs), wall, self.requests / wall if wall else 0.0, _pct(lat, 0.5), _pct(lat, 0.95),
                          max(0.0, 1 - busy_total / (len(self.w) * window)), workers)
-
-
-def _threads(w: _Worker) -> int:
-    """The busy threads an op runs (its measured demand is noisy: 1.05 cores is one thread)."""
-    return int(w.demand + 0.5)
-
-
-def linux_time_slice(cores: float) -> float:
-    """Linux's default time slice in seconds (EEVDF's base slice, 0.75 ms, scaled by
-    1 + log2 of the CPUs, at most 8, as ``sched_tunable_scaling``'s default does)."""
-    return 0.00075 * (1 + int(math.log2(max(1, min(8, int(cores))))))
 
 
 def _pct(xs: list[float], q: float) -> float:

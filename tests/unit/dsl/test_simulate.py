@@ -9,7 +9,8 @@ from mmpipe.dsl.compile import compile_recipe
 from mmpipe.dsl.costs import NodeCost, PartCost, Profile, config_digest, expected_key
 from mmpipe.dsl.plan import Plan
 from mmpipe.dsl.schedule import theory_bubble
-from mmpipe.dsl.simulate import linux_time_slice, simulate, simulate_plan
+from mmpipe.dsl.sim_share import linux_time_slice
+from mmpipe.dsl.simulate import simulate, simulate_plan
 
 
 def profiled(tmp: Path, recipe: str, args: list[str], parts: dict[str, list[float]], cores: int = 64, cpu: float = 0.0,

@@ -287,20 +287,25 @@ def assign_places(auto: Auto, stages: list[Stage], distributed: bool, nproc: int
         prev = 0
         for st in stages:
             n = len(st.places)
-            if loads[st.index] is None:  # a light stage of its own: with the stage before it
+            seconds, heavy = loads[st.index]
+            if not heavy:  # a light stage of its own: with the stage before it
                 ranks = [prev] * n
             else:
                 ranks = []
                 for _ in range(n):  # least-loaded rank, one without a copy of this stage first
                     r = min(range(nproc), key=lambda r: (r in ranks, rank_load[r], r))
                     ranks.append(r)
-                    rank_load[r] += (loads[st.index] or 0.0) / n
+                ranks.sort()  # copies in rank order: the first is tried first, and rank 0 holds the inputs
+            # Light stages count too: rank 0 reads the inputs (load + mel), so with two ranks
+            # otherwise even, the next heavy stage goes to the other rank.
+            for r in ranks:
+                rank_load[r] += seconds / n
             st.replicas = [Place(r, auto.devices[r % len(auto.devices)]) for r in ranks]
             prev = ranks[0]
     else:
         nxt = 0
         for st in stages:
-            if loads[st.index] is None and st.index > 0:
+            if not loads[st.index][1] and st.index > 0:
                 st.replicas = [Place(0, stages[st.index - 1].places[0].device) for _ in st.places]
             else:
                 st.replicas = [Place(0, auto.devices[(nxt + k) % len(auto.devices)]) for k in range(len(st.places))]
@@ -309,12 +314,8 @@ def assign_places(auto: Auto, stages: list[Stage], distributed: bool, nproc: int
         st.rank, st.device = st.replicas[0].rank, st.replicas[0].device
 
 
-def _stage_loads(auto: Auto, stages: list[Stage]) -> list[float | None]:
-    """Seconds per micro-batch of each stage (None: only light nodes)."""
+def _stage_loads(auto: Auto, stages: list[Stage]) -> list[tuple[float, bool]]:
+    """Seconds per micro-batch of each stage, and whether it runs a heavy node."""
     from mmpipe.dsl.predict import stage_time
 
-    out: list[float | None] = []
-    for st in stages:
-        heavy = any(not auto.costs.nodes[u.node].light for u in st.units)
-        out.append(stage_time(auto.costs, st) if heavy else None)
-    return out
+    return [(stage_time(auto.costs, st), any(not auto.costs.nodes[u.node].light for u in st.units)) for st in stages]

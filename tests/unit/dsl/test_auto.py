@@ -98,6 +98,18 @@ def test_placement_auto_over_ranks(tmp_path: Path) -> None:
     assert plan.predicted["choice"]["copies"] >= 2
 
 
+def test_placement_auto_counts_the_light_stage_on_rank_0(tmp_path: Path) -> None:
+    # load + mel run on rank 0; with the encoder's copies on both ranks, the decode loop
+    # goes to rank 1, which has nothing else (as the best hand-written placement does)
+    from tests.unit.dsl.test_simulate import profiled
+
+    args = ["runtime=distributed", "runtime.nproc=2", "placement=auto", "nodes.decoder.with_previous=false"]
+    plan, _ = profiled(tmp_path, "whisper_stt", args, {"load": [0.02], "mel": [0.03], "encoder": [0.1] * 8, "decoder": [0.002] * 4},
+                       cores=2, cpu=1.0, trips=[20])
+    where = {plan.stage_label(st): [pl.rank for pl in st.places] for st in plan.stages}
+    assert where == {"load + mel": [0], "encoder (parts 0-7/8)": [0, 1], "decoder (parts 0-3/4)": [1], "align + text": [1]}
+
+
 def test_placement_auto_over_devices_needs_them_unless_simulated(tmp_path: Path) -> None:
     from mmpipe.dsl.compile import compile_loaded
     from mmpipe.dsl.load import load_recipe

@@ -164,20 +164,21 @@ class Aligner:
         scale = dh**-0.5
         qks: dict[tuple[int, int], torch.Tensor] = {}
         for j, layer in enumerate(self.layers):
-            q, k, v = layer.qkv(layer.ln1(h)).split(D, dim=-1)
+            sa, x = layer.self_attn, layer.cross
+            q, k, v = sa.qkv(sa.ln1(h)).split(D, dim=-1)
             split = lambda t, n: t.view(B, n, H, dh).transpose(1, 2)  # noqa: E731
             a = F.scaled_dot_product_attention(split(q * scale, L), split(k, L), split(v, L), is_causal=True, scale=1.0)
-            h = h + layer.out(a.transpose(1, 2).reshape(B, L, D))
-            xq = split(layer.xq(layer.ln2(h)) * scale, L)
-            xk, xv = layer.xkv(hidden).split(D, dim=-1)
+            h = h + sa.out(a.transpose(1, 2).reshape(B, L, D))
+            xq = split(x.xq(x.ln2(h)) * scale, L)
+            xk, xv = x.xkv(hidden).split(D, dim=-1)
             T = hidden.shape[1]
             xk, xv = split(xk, T), split(xv, T)
             for (lj, hh) in self.heads:
                 if lj == j:
                     qks[(lj, hh)] = (xq[:, hh] @ xk[:, hh].transpose(-1, -2)).float()
             a = F.scaled_dot_product_attention(xq, xk, xv, scale=1.0)
-            h = h + layer.xout(a.transpose(1, 2).reshape(B, L, D))
-            h = h + layer.fc2(layer.fc1.gelu(layer.ln3(h)))
+            h = h + x.xout(a.transpose(1, 2).reshape(B, L, D))
+            h = layer.mlp(h)
         logits = self.proj(self.norm(h)).float()
         return logits, [qks[k] for k in self.heads]
 

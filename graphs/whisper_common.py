@@ -13,6 +13,8 @@ LANGUAGES = set(
     "fo ht ps tk nn mt sa lb my bo tl mg as tt haw ln ha ba jw su yue".split()
 )
 VOCAB = 51865  # multilingual size; only used for cost hints
+# The decode loop's parts per decoder layer: self-attention, cross-attention, feed-forward.
+DECODER_BLOCKS = 3
 
 
 @dataclass(kw_only=True)
@@ -26,7 +28,7 @@ class WhisperModel:
     n_mels: int = 80  # mel bands the encoder expects
     d_model: int = 384  # hidden size
     encoder_layers: int = 4  # encoder layers (each is two of the encoder's parts: attention, feed-forward)
-    decoder_layers: int = 4  # decoder layers (the decode loop's parts)
+    decoder_layers: int = 4  # decoder layers (each is three of the decode loop's parts: self-, cross-attention, feed-forward)
     multilingual: bool = False  # has language and task tokens
     dtype: str = "float32"  # float32, float16 or bfloat16
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mmpipe.graphs.whisper_model import DecoderLayer, Linear, Loader, Norm, WhisperFiles
+from mmpipe.graphs.whisper_model import DecoderBlock, DecoderCross, DecoderSelf, Linear, Loader, Norm, WhisperFiles, decoder_block
 
 # Carry keys that hold one entry per window (see whisper_search.Feed); "h" is the packed state.
 ROW_KEYS = ("feed", "n", "pos", "rows", "src", "sot")
@@ -32,9 +32,10 @@ ROW_KEYS = ("feed", "n", "pos", "rows", "src", "sot")
 class Group:
     """KV caches of the windows that entered the loop together (one ``enter`` call).
 
-    Self-attention K/V [R, H, L, dh] per layer, R = the windows' rows together. Attention runs
-    over all R rows (rows not in the step, e.g. finished windows', are computed and dropped:
-    cheaper than copying), so a step costs a few kernel calls per layer however many it holds.
+    Self-attention K/V [R, H, L, dh] per self-attention part of the piece, R = the windows'
+    rows together, L = ``cache_len``. Attention runs over all R rows (rows not in the step,
+    e.g. finished windows', are computed and dropped: cheaper than copying), so a step costs
+    a few kernel calls per layer however many it holds.
 
     Cross-attention starts *lazy*: no K/V are made; a step computes
     ``softmax((q W_k) hidden^T) hidden W_v^T + b_v`` from the encoder states [G, 1500, D]
@@ -45,14 +46,12 @@ class Group:
     """
 
     hidden: torch.Tensor
-    cross: list[tuple[torch.Tensor, torch.Tensor] | None]
-    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    cross: list[tuple[torch.Tensor, torch.Tensor] | None]  # per cross-attention part
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per self-attention part
     row0: list[int]  # first cache row of each window
+    num_rows: int  # R
+    cache_len: int
     steps: int = 0
-
-    @property
-    def num_rows(self) -> int:
-        return self.kv[0][0].shape[0] if self.kv else 0
 
 
 class Part:
@@ -69,9 +68,8 @@ class Part:
         self.pos = pos
         self.t0 = pos[0] if len(set(pos)) == 1 else None
         self.tk = max(pos) + n
-        cap = grp.kv[0][0].shape[2] if grp.kv else self.tk
-        if self.tk > cap:
-            raise ValueError(f"KV cache of {cap} positions is full")
+        if self.tk > grp.cache_len:
+            raise ValueError(f"KV cache of {grp.cache_len} positions is full")
         self.causal, self.mask = False, None
         if self.t0 == 0 and n > 1:
             self.causal = True  # a prompt: causal among its tokens, nothing before
@@ -173,7 +171,11 @@ def plan_parts(carry: dict[str, Any], lanes: list[dict], device: torch.device) -
 
 
 class DecoderPiece:
-    """Weights and per-step math of decoder layers ``parts`` (+ embeddings / logits at the ends)."""
+    """Weights and per-step math of decoder parts ``parts`` (+ embeddings / logits at the ends).
+
+    Each layer is three parts, its self-attention, cross-attention and feed-forward blocks
+    (``decoder_block``), so a pipeline can cut a layer; a piece holds the KV caches of its
+    own attention blocks only."""
 
     def __init__(self, files: WhisperFiles, parts: range, first: bool, last: bool, device: torch.device, dtype: torch.dtype) -> None:
         ld = Loader(files, device, dtype)
@@ -181,7 +183,10 @@ class DecoderPiece:
         self.heads = int(c["decoder_attention_heads"])
         self.d = int(c["d_model"])
         self.max_pos = int(c.get("max_target_positions", 448))
-        self.layers = [DecoderLayer.load(ld, i) for i in parts]
+        self.blocks: list[DecoderBlock] = [decoder_block(ld, k) for k in parts]
+        self.num_self = sum(isinstance(b, DecoderSelf) for b in self.blocks)
+        self.cross_blocks = [b for b in self.blocks if isinstance(b, DecoderCross)]
+        self.num_cross = len(self.cross_blocks)
         self.dtype, self.device = dtype, device
         self.buy_after = self.d // max(1, self.heads - 1)  # steps after which cached K/V pay off (see Group)
         # The token embedding is needed to embed (first piece) and, when tied, to project to
@@ -200,8 +205,8 @@ class DecoderPiece:
         R = sum(rows)
         # zeros, not empty: rows attended but discarded must not hold NaN bit patterns
         kv = [(torch.zeros(R, H, cache_len, dh, dtype=self.dtype, device=self.device),
-               torch.zeros(R, H, cache_len, dh, dtype=self.dtype, device=self.device)) for _ in self.layers]
-        grp = Group(hidden.to(self.dtype).contiguous(), [None] * len(self.layers), kv, row0)
+               torch.zeros(R, H, cache_len, dh, dtype=self.dtype, device=self.device)) for _ in range(self.num_self)]
+        grp = Group(hidden.to(self.dtype).contiguous(), [None] * self.num_cross, kv, row0, R, cache_len)
         for g, lane in enumerate(lanes):
             lane["group"], lane["g"] = grp, g
 
@@ -242,13 +247,17 @@ class DecoderPiece:
                 V[di, :, :top] = V[si, :, :top]
 
     def layers_step(self, h: torch.Tensor, carry: dict[str, Any], lanes: list[dict]) -> torch.Tensor:
-        """Run this piece's layers on the packed rows ``h`` [N, D]; writes the units' keys/values."""
+        """Run this piece's blocks on the packed rows ``h`` [N, D]; writes the units' keys/values."""
         D, H = self.d, self.heads
         dh = D // H
         scale = dh**-0.5
         h = h.to(self.dtype)
         N = h.shape[0]
         if N == 0:  # only waiting windows in this step
+            return h
+        if not (self.num_self or self.num_cross):  # feed-forward blocks only: row by row
+            for b in self.blocks:
+                h = b(h)
             return h
         self.reorder(carry, lanes)
         parts = plan_parts(carry, lanes, h.device)
@@ -273,18 +282,24 @@ class DecoderPiece:
             assert out is not None
             return out
 
-        for j, L in enumerate(self.layers):
-            q, k, v = L.qkv(L.ln1(h)).split(D, dim=-1)
-            h = h + L.out(attend(q * scale, j, False, k, v))
-            h = h + L.xout(attend(L.xq(L.ln2(h)) * scale, j, True))
-            h = h + L.fc2(L.fc1.gelu(L.ln3(h)))
+        js = jx = 0  # this piece's self- / cross-attention block index (its caches)
+        for b in self.blocks:
+            if isinstance(b, DecoderSelf):
+                q, k, v = b.qkv(b.ln1(h)).split(D, dim=-1)
+                h = h + b.out(attend(q * scale, js, False, k, v))
+                js += 1
+            elif isinstance(b, DecoderCross):
+                h = h + b.xout(attend(b.xq(b.ln2(h)) * scale, jx, True))
+                jx += 1
+            else:
+                h = b(h)
         for g in {id(p.grp): p.grp for p in parts}.values():
             g.steps += 1
         return h
 
     def cross(self, p: Part, q: torch.Tensor, j: int) -> torch.Tensor:
-        """Cross-attention of the stacked queries ``q`` [Gx, H, U*n, dh] of layer ``j``."""
-        grp, L = p.grp, self.layers[j]
+        """Cross-attention of the stacked queries ``q`` [Gx, H, U*n, dh] of the piece's ``j``-th cross block."""
+        grp, L = p.grp, self.cross_blocks[j]
         kv = grp.cross[j]
         if kv is None and grp.steps >= self.buy_after:
             kv = grp.cross[j] = self.cross_kv(grp.hidden, L)
@@ -296,13 +311,13 @@ class DecoderPiece:
             K, V = K[p.subt], V[p.subt]
         return F.scaled_dot_product_attention(q, K, V, scale=1.0)
 
-    def cross_kv(self, hidden: torch.Tensor, L: DecoderLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    def cross_kv(self, hidden: torch.Tensor, L: DecoderCross) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-attention K, V [G, H, T, dh] of one layer (the cached form)."""
         G, T, D = hidden.shape
         k, v = L.xkv(hidden).split(D, dim=-1)
         return k.view(G, T, self.heads, -1).transpose(1, 2), v.view(G, T, self.heads, -1).transpose(1, 2)
 
-    def lazy_cross(self, q: torch.Tensor, hidden: torch.Tensor, L: DecoderLayer) -> torch.Tensor:
+    def lazy_cross(self, q: torch.Tensor, hidden: torch.Tensor, L: DecoderCross) -> torch.Tensor:
         """Cross-attention [G, H, n, dh] straight from the encoder states (no K/V made)."""
         G, H, n, dh = q.shape
         D = H * dh

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from mmpipe.graphs.base import UserError
+from mmpipe.graphs.whisper_common import DECODER_BLOCKS
 
 LN_EPS = 1e-5
 _LOCK = threading.RLock()
@@ -315,47 +316,78 @@ class EncoderAttention:
 
 
 @dataclass
-class EncoderMLP:
-    """The second half of a pre-norm encoder layer: the feed-forward block and its residual."""
+class FeedForward:
+    """The feed-forward block of a pre-norm layer and its residual (the second half of an
+    encoder layer, the third part of a decoder layer)."""
 
-    ln2: Norm
+    ln: Norm
     fc1: Linear
     fc2: Linear
 
     @classmethod
-    def load(cls, ld: Loader, i: int) -> "EncoderMLP":
-        p = f"model.encoder.layers.{i}"
+    def load(cls, ld: Loader, p: str) -> "FeedForward":
         return cls(ld.norm(f"{p}.final_layer_norm"), ld.linear(f"{p}.fc1"), ld.linear(f"{p}.fc2"))
 
     def __call__(self, h: torch.Tensor, heads: int = 0) -> torch.Tensor:
-        return h + self.fc2(self.fc1.gelu(self.ln2(h)))
+        return h + self.fc2(self.fc1.gelu(self.ln(h)))
 
 
-def encoder_half(ld: Loader, part: int) -> EncoderAttention | EncoderMLP:
+def encoder_half(ld: Loader, part: int) -> EncoderAttention | FeedForward:
     """Encoder part ``part``: layer part // 2's attention (even) or feed-forward (odd) half."""
-    return EncoderAttention.load(ld, part // 2) if part % 2 == 0 else EncoderMLP.load(ld, part // 2)
+    return EncoderAttention.load(ld, part // 2) if part % 2 == 0 else FeedForward.load(ld, f"model.encoder.layers.{part // 2}")
 
 
 @dataclass
-class DecoderLayer:
+class DecoderSelf:
+    """A decoder layer's self-attention weights (its first part; the step's math is in whisper_decode)."""
+
     ln1: Norm
     qkv: Linear
     out: Linear
+
+    @classmethod
+    def load(cls, ld: Loader, i: int) -> "DecoderSelf":
+        p = f"model.decoder.layers.{i}"
+        return cls(ld.norm(f"{p}.self_attn_layer_norm"), ld.fused(f"{p}.self_attn", ("q_proj", "k_proj", "v_proj")),
+                   ld.linear(f"{p}.self_attn.out_proj"))
+
+
+@dataclass
+class DecoderCross:
+    """A decoder layer's cross-attention weights (its second part)."""
+
     ln2: Norm
     xq: Linear
     xkv: Linear
     xout: Linear
-    ln3: Norm
-    fc1: Linear
-    fc2: Linear
+
+    @classmethod
+    def load(cls, ld: Loader, i: int) -> "DecoderCross":
+        p = f"model.decoder.layers.{i}"
+        return cls(ld.norm(f"{p}.encoder_attn_layer_norm"), ld.linear(f"{p}.encoder_attn.q_proj"),
+                   ld.fused(f"{p}.encoder_attn", ("k_proj", "v_proj")), ld.linear(f"{p}.encoder_attn.out_proj"))
+
+
+DecoderBlock = DecoderSelf | DecoderCross | FeedForward
+
+
+def decoder_block(ld: Loader, part: int) -> DecoderBlock:
+    """Decoder part ``part``: block part % 3 of layer part // 3."""
+    i, k = divmod(part, DECODER_BLOCKS)
+    return DecoderSelf.load(ld, i) if k == 0 else DecoderCross.load(ld, i) if k == 1 else FeedForward.load(ld, f"model.decoder.layers.{i}")
+
+
+@dataclass
+class DecoderLayer:
+    """All three blocks of decoder layer ``i`` (word alignment runs whole layers)."""
+
+    self_attn: DecoderSelf
+    cross: DecoderCross
+    mlp: FeedForward
 
     @classmethod
     def load(cls, ld: Loader, i: int) -> "DecoderLayer":
-        p = f"model.decoder.layers.{i}"
-        return cls(ld.norm(f"{p}.self_attn_layer_norm"), ld.fused(f"{p}.self_attn", ("q_proj", "k_proj", "v_proj")),
-                   ld.linear(f"{p}.self_attn.out_proj"), ld.norm(f"{p}.encoder_attn_layer_norm"), ld.linear(f"{p}.encoder_attn.q_proj"),
-                   ld.fused(f"{p}.encoder_attn", ("k_proj", "v_proj")), ld.linear(f"{p}.encoder_attn.out_proj"),
-                   ld.norm(f"{p}.final_layer_norm"), ld.linear(f"{p}.fc1"), ld.linear(f"{p}.fc2"))
+        return cls(DecoderSelf.load(ld, i), DecoderCross.load(ld, i), FeedForward.load(ld, f"model.decoder.layers.{i}"))
 
 
 def encoder_stem(features: torch.Tensor, conv1: Linear, conv2: Linear, positions: torch.Tensor) -> torch.Tensor:

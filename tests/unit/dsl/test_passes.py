@@ -97,10 +97,10 @@ def test_distributed_placement_names_ranks_and_spreads_the_rest():
     plan = compile_recipe("whisper_stt", ["runtime=distributed", "runtime.nproc=3", "nodes.encoder.split=2", "nodes.decoder.split=2",
                                           "placement.decoder.1=rank2"])
     ranks = {plan.stage_label(s): s.rank for s in plan.stages}
-    assert ranks["decoder.1 (part 3/4)"] == 2
+    assert ranks["decoder.1 (parts 10-11/12)"] == 2
     assert sorted({s.rank for s in plan.stages}) == [0, 1, 2]  # every rank runs something
     # contiguous groups: ranks never go back
-    spread = [s.rank for s in plan.stages if plan.stage_label(s) != "decoder.1 (part 3/4)"]
+    spread = [s.rank for s in plan.stages if plan.stage_label(s) != "decoder.1 (parts 10-11/12)"]
     assert spread == sorted(spread)
     assert any("rank" in t.src_device for t in plan.transfers)
 
@@ -161,8 +161,8 @@ def test_a_loop_takes_in_the_stage_before_it():
     """The encoder's last piece runs in the decode loop's first stage; its output reaches the
     other loop stage and the stage after the loop through side stores, not the loop's stage."""
     plan = compile_recipe("whisper_stt", ["nodes.encoder.split=2", "nodes.decoder.split=2", "nodes.decoder.with_previous=true"])
-    assert labels(plan) == ["load + mel + encoder.0 (parts 0-3/8)", "encoder.1 (parts 4-7/8) + decoder.0 (parts 0-2/4) [loop]",
-                            "decoder.1 (part 3/4) [loop]", "align + text"]
+    assert labels(plan) == ["load + mel + encoder.0 (parts 0-3/8)", "encoder.1 (parts 4-7/8) + decoder.0 (parts 0-9/12) [loop]",
+                            "decoder.1 (parts 10-11/12) [loop]", "align + text"]
     first = plan.stages[1]
     assert first.loop == "decoder" and first.loop_unit.node == "decoder" and [u.node for u in first.prelude] == ["encoder"]
     assert plan.loops[0].stages == [1, 2] and first.owner == "decoder"
@@ -177,7 +177,7 @@ def test_a_loop_takes_in_the_stage_before_it():
 
 def test_a_fan_out_before_the_joined_node_keeps_a_stage_of_its_own():
     plan = compile_recipe("whisper_stt", ["nodes.decoder.with_previous=true"])
-    assert labels(plan) == ["load + mel", "encoder (parts 0-7/8) + decoder (parts 0-3/4) [loop]", "align + text"]
+    assert labels(plan) == ["load + mel", "encoder (parts 0-7/8) + decoder (parts 0-11/12) [loop]", "align + text"]
 
 
 def test_a_plan_with_a_prelude_round_trips_through_json():

@@ -113,7 +113,9 @@ def test_decode_checks_without_weights():
     assert Decode.check(DecodeConfig(model=multi, language="x1")) and Decode.check(DecodeConfig(model=multi, language="xx"))
     assert not Decode.check(DecodeConfig(model=multi, language="german"))
     costs = Decode.part_costs(DecodeConfig(model=en))
-    assert costs[:3] == [1.0, 1.0, 1.0] and 2.5 < costs[3] < 3.0  # + the vocabulary projection
+    assert len(costs) == 12 and costs[:3] == costs[3:6] == costs[6:9]  # per layer: self-, cross-attention, feed-forward
+    assert costs[1] > costs[0] > costs[2] and sum(costs[:3]) == pytest.approx(1.0, abs=0.01)
+    assert 2.0 < costs[11] - costs[2] < 2.5  # + the vocabulary projection
     bad = {"beam_size": 0, "best_of": 40, "temperature": [0.0, -1.0], "top_k": -1, "compression_ratio_threshold": 0.0,
            "no_speech_threshold": 1.5, "length_penalty": float("nan"), "seed": -2}
     for key, value in bad.items():
@@ -160,7 +162,7 @@ def hidden(encoder: Encoder, feats: torch.Tensor) -> torch.Tensor:
 def _pieces(cuts: list[tuple[int, int]], **cfg) -> list[Decode]:
     out = []
     for lo, hi in cuts:
-        d = Decode(DecodeConfig(**cfg), range(lo, hi), 4)
+        d = Decode(DecodeConfig(**cfg), range(lo, hi), 12)
         d.setup(CPU)
         out.append(d)
     return out
@@ -232,17 +234,19 @@ def test_encoder_matches_transformers_and_splits(encoder, feats, hidden):
 @pytest.mark.parametrize("mode", ["greedy", "beam"])
 def test_continuous_batching_and_splits_give_the_same_tokens(hidden, mode):
     opts = GREEDY if mode == "greedy" else {"beam_size": 3}
-    whole = _pieces([(0, 4)], max_new_tokens=48, **opts)
+    whole = _pieces([(0, 12)], max_new_tokens=48, **opts)
     alone = {f"r{i}": _decode(whole, hidden[i:i + 1], [0])["r0"] for i in range(3)}
     assert alone["r0"][2:-1] == [4222, 869, 502, 618, 345, 651, 1363, 13]  # ' Please call me when you get home.'
     assert _decode(whole, hidden, [0, 0, 0]) == alone
     # items join a running group at different positions (ragged steps), leave when done
     assert _decode(whole, hidden, [0, 3, 5]) == alone
-    split = _pieces([(0, 1), (1, 3), (3, 4)], max_new_tokens=48, **opts)
+    # cut inside layers: after layer 0's self-attention, after layer 1's cross-attention, and
+    # a piece of layer 1's feed-forward block alone (no KV caches)
+    split = _pieces([(0, 1), (1, 5), (5, 6), (6, 12)], max_new_tokens=48, **opts)
     assert _decode(split, hidden, [2, 0, 1]) == alone
-    # only their own layers; the first and last piece share the tied embedding tensor
-    assert [len(p.piece.layers) for p in split] == [1, 2, 1]
-    assert split[0].piece.embed is split[2].piece.proj.w and split[1].piece.embed is None and split[1].piece.proj is None
+    # only their own blocks; the first and last piece share the tied embedding tensor
+    assert [len(p.piece.blocks) for p in split] == [1, 4, 1, 6] and (split[2].piece.num_self, split[2].piece.num_cross) == (0, 0)
+    assert split[0].piece.embed is split[3].piece.proj.w and split[1].piece.embed is None and split[1].piece.proj is None
 
 
 @slow
@@ -250,7 +254,7 @@ def test_lazy_and_cached_cross_attention_agree(hidden):
     """Cross-attention from the encoder states (lazy), from K/V made at entry, or switching mid-way."""
     want = None
     for buy_after in (10**6, 0, 3):
-        pieces = _pieces([(0, 2), (2, 4)], max_new_tokens=48, beam_size=2)
+        pieces = _pieces([(0, 4), (4, 12)], max_new_tokens=48, beam_size=2)
         for p in pieces:
             p.piece.buy_after = buy_after
         got = _decode(pieces, hidden, [0, 1, 4])
@@ -260,7 +264,7 @@ def test_lazy_and_cached_cross_attention_agree(hidden):
 
 @slow
 def test_max_new_tokens_stops_decoding(hidden):
-    toks = _decode(_pieces([(0, 4)], max_new_tokens=3, **GREEDY), hidden[:1], [0])["r0"]
+    toks = _decode(_pieces([(0, 12)], max_new_tokens=3, **GREEDY), hidden[:1], [0])["r0"]
     assert toks == [50257, 50362, 4222, 869, 502]
 
 
@@ -268,7 +272,7 @@ def test_max_new_tokens_stops_decoding(hidden):
 def test_per_request_settings_and_waiting_windows(hidden):
     """Requests in one step decode with their own settings; with condition_on_previous_text
     a request's second window waits for its first, then is prompted with its text."""
-    pieces = _pieces([(0, 2), (2, 4)], max_new_tokens=48)
+    pieces = _pieces([(0, 6), (6, 12)], max_new_tokens=48)
     cond = {"condition_on_previous_text": True}
     metas = [ItemMeta("a", params={"beam_size": 1, "temperature": 0.0}), ItemMeta("b", sub=0, of=2, params=cond), ItemMeta("b", sub=1, of=2, params=cond)]
     got = _decode_info(pieces, hidden[[0, 1, 2]], [0, 0, 0], metas)
@@ -276,8 +280,8 @@ def test_per_request_settings_and_waiting_windows(hidden):
     assert "b" not in pieces[-1].history  # forgotten once the request's last window is done
     # window b#1 decoded as if prompted by hand with b#0's text (here as an initial prompt)
     text0 = pieces[-1].files.tokenizer().decode([t for t in got["b#0"][0][2:] if t != 50256])
-    prompted = _decode_info(_pieces([(0, 4)], max_new_tokens=48, initial_prompt=text0), hidden[2:3], [0])["r0"]
-    plain = _decode_info(_pieces([(0, 4)], max_new_tokens=48), hidden[2:3], [0])["r0"]
+    prompted = _decode_info(_pieces([(0, 12)], max_new_tokens=48, initial_prompt=text0), hidden[2:3], [0])["r0"]
+    plain = _decode_info(_pieces([(0, 12)], max_new_tokens=48), hidden[2:3], [0])["r0"]
     assert got["b#1"][0] == prompted[0] and prompted[0][:2] == [50257, 50362]  # output: sot sequence + text, no prompt
     assert got["b#1"][1] == pytest.approx(prompted[1], abs=1e-5)
     assert plain[1]["avg_logprob"] != prompted[1]["avg_logprob"]  # the prompt did change the context

@@ -186,7 +186,6 @@ class DecoderPiece:
         self.blocks: list[DecoderBlock] = [decoder_block(ld, k) for k in parts]
         self.num_self = sum(isinstance(b, DecoderSelf) for b in self.blocks)
         self.cross_blocks = [b for b in self.blocks if isinstance(b, DecoderCross)]
-        self.num_cross = len(self.cross_blocks)
         self.dtype, self.device = dtype, device
         self.buy_after = self.d // max(1, self.heads - 1)  # steps after which cached K/V pay off (see Group)
         # The token embedding is needed to embed (first piece) and, when tied, to project to
@@ -206,7 +205,7 @@ class DecoderPiece:
         # zeros, not empty: rows attended but discarded must not hold NaN bit patterns
         kv = [(torch.zeros(R, H, cache_len, dh, dtype=self.dtype, device=self.device),
                torch.zeros(R, H, cache_len, dh, dtype=self.dtype, device=self.device)) for _ in range(self.num_self)]
-        grp = Group(hidden.to(self.dtype).contiguous(), [None] * self.num_cross, kv, row0, R, cache_len)
+        grp = Group(hidden.to(self.dtype).contiguous(), [None] * len(self.cross_blocks), kv, row0, R, cache_len)
         for g, lane in enumerate(lanes):
             lane["group"], lane["g"] = grp, g
 
@@ -255,7 +254,7 @@ class DecoderPiece:
         N = h.shape[0]
         if N == 0:  # only waiting windows in this step
             return h
-        if not (self.num_self or self.num_cross):  # feed-forward blocks only: row by row
+        if not (self.num_self or self.cross_blocks):  # feed-forward blocks only: row by row
             for b in self.blocks:
                 h = b(h)
             return h

@@ -94,7 +94,7 @@ class LoopWorker(StageWorker):
         self.body = loop.bodies[self.j]
         self.inst: LoopKind = self.body.inst
         self.counts = self.log.loop
-        self.prelude = [(u, inst) for u, inst in spec.units if u.node != loop.node] if self.j == 0 else []
+        self.prelude = spec.units[:-1]  # as Stage.prelude: the units before the loop's piece (first stage only)
         self.running = loop.node  # the node a failure is reported against
 
     def run(self) -> None:

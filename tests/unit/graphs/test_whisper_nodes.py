@@ -245,7 +245,7 @@ def test_continuous_batching_and_splits_give_the_same_tokens(hidden, mode):
     split = _pieces([(0, 1), (1, 5), (5, 6), (6, 12)], max_new_tokens=48, **opts)
     assert _decode(split, hidden, [2, 0, 1]) == alone
     # only their own blocks; the first and last piece share the tied embedding tensor
-    assert [len(p.piece.blocks) for p in split] == [1, 4, 1, 6] and (split[2].piece.num_self, split[2].piece.num_cross) == (0, 0)
+    assert [len(p.piece.blocks) for p in split] == [1, 4, 1, 6] and (split[2].piece.num_self, len(split[2].piece.cross_blocks)) == (0, 0)
     assert split[0].piece.embed is split[3].piece.proj.w and split[1].piece.embed is None and split[1].piece.proj is None
 
 

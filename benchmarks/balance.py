@@ -15,7 +15,9 @@
    ``placement=auto`` against the hand-written placements of ``benchmarks/distributed.py``.
 
 Every run is a process of its own (``common.method``: warm-up, then the best of its runs),
-rounds interleaved; profiles are taken in their own processes just before. Whisper runs use
+rounds interleaved; profiles are taken in their own processes just before, for sections 1
+and 2 with ``--co-run`` (each part also timed beside the recipe on the other core, which
+the simulator charges while both cores are busy). Whisper runs use
 one intra-op thread per stage (``OMP_NUM_THREADS=1``; ``runtime.threads_per_rank=1``): on
 this shared 2-core machine two threads per stage make the decoder's small ops wait for a
 descheduled OpenMP thread, and times swing several-fold with the other processes' load.
@@ -74,7 +76,7 @@ def synthetic(quick: bool, tmp: Path) -> None:
         for p in ps:
             base = [f"stages={p}", f"work={work}", "stage_ms=5", "dim=512", "runtime.microbatch_size=1", "batching.max_delay_ms=0"]
             threads = 1 if work == "matmul" else 0
-            prof = make_profile("synthetic", base + ["requests=8"], tmp / f"syn_{work}_{p}", threads=threads)
+            prof = make_profile("synthetic", base + ["requests=8"], tmp / f"syn_{work}_{p}", threads=threads, co_run=True)
             methods = {f"m={m}": dict(recipe="synthetic", overrides=base + [f"requests={m}", f"profile={prof}"], threads=threads or 2, repeat=3)
                        for m in ms}
             best = best_of(rounds, methods)
@@ -101,7 +103,7 @@ def whisper(quick: bool, tmp: Path) -> None:
     rounds = 1 if quick else 2
     for name, (d, mbs) in sets.items():
         base = [f"input={d}/*.wav", "max_new_tokens=128", f"runtime.microbatch_size={mbs}"]
-        prof = make_profile("whisper_stt", base, tmp / f"wprof_{d.name}_{mbs}", threads=1)
+        prof = make_profile("whisper_stt", base, tmp / f"wprof_{d.name}_{mbs}", threads=1, co_run=True)
         n = len(list(d.glob("*.wav")))
         variants = {f"{k} stages": base + [f"profile={prof}", "nodes.encoder.split=auto", "nodes.decoder.split=auto", f"balance.stages={k}"]
                     for k in (2, 3)}

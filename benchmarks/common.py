@@ -191,13 +191,15 @@ def table(rows: list[tuple[str, ...]]) -> str:
     return "\n".join(out)
 
 
-def make_profile(recipe: str, overrides: list[str], out: Path, threads: int = 0, microbatches: int = 3) -> Path:
-    """``mmpipe profile`` in a process of its own; the path of its profile.json."""
+def make_profile(recipe: str, overrides: list[str], out: Path, threads: int = 0, microbatches: int = 3, co_run: bool = False) -> Path:
+    """``mmpipe profile`` in a process of its own (``--co-run``: also beside the recipe on
+    the other cores); the path of its profile.json."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     r = subprocess.run([sys.executable, "-m", "mmpipe", "profile", recipe, *overrides, f"output_dir={out}", "overwrite=true", "-q",
-                        "--microbatches", str(microbatches)], env=env, capture_output=True, text=True, timeout=1800)
+                        "--microbatches", str(microbatches)] + (["--co-run"] if co_run else []), env=env, capture_output=True, text=True,
+                       timeout=1800)
     if r.returncode != 0:
         raise RuntimeError(f"mmpipe profile {recipe} failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
     return out / "profile.json"

@@ -41,6 +41,9 @@ class PartCost:
     # loops: seconds an iteration takes per item more than the profile's mean group
     # (``NodeCost.group_items``), fitted over the group sizes it saw; 0: flat in the batch
     item_s: float = 0.0
+    # how much slower it ran while every other core ran the same recipe (``mmpipe profile
+    # --co-run``): memory-bound parts slow each other down; 1.0: not measured
+    corun: float = 1.0
 
     @property
     def memory_bytes(self) -> int:
@@ -69,6 +72,11 @@ class NodeCost:
     def time(self, lo: int, hi: int) -> float:
         """Seconds per micro-batch of parts [lo, hi) (loops: all iterations)."""
         per = sum(p.time_s for p in self.parts[lo:hi])
+        return per * self.iterations_per_mb if self.loop else per
+
+    def corun_time(self, lo: int, hi: int) -> float:
+        """As ``time``, with every other core running the same recipe (``PartCost.corun``)."""
+        per = sum(p.time_s * p.corun for p in self.parts[lo:hi])
         return per * self.iterations_per_mb if self.loop else per
 
     def cpu(self, lo: int, hi: int) -> float:
@@ -125,6 +133,18 @@ class Profile:
     @property
     def cores(self) -> int:
         return int(self.host.get("cores") or os.cpu_count() or 1)
+
+
+def set_corun(alone: Profile, beside: Profile) -> None:
+    """Each part's ``corun`` in ``alone``: its time in ``beside`` (the same parts, timed while
+    every other core ran the recipe) over its time alone, both turned into the time of a
+    thread with a core of its own (``cpu_share``); at least 1.0 (faster beside: chance)."""
+    sa, sb = (float(p.host.get("cpu_share", 1.0)) or 1.0 for p in (alone, beside))
+    for name, nc in alone.nodes.items():
+        other = beside.nodes.get(name)
+        for k, part in enumerate(nc.parts):
+            if other is not None and k < len(other.parts) and part.time_s > 0:
+                part.corun = round(max(1.0, (other.parts[k].time_s * min(1.0, sb)) / (part.time_s * min(1.0, sa))), 4)
 
 
 def config_digest(node: PlanNode) -> str:

@@ -29,6 +29,14 @@ def prelude_time(costs: Profile, st: Stage) -> float:
     return sum(costs.nodes[u.node].time(u.parts[0], u.parts[1]) for u in st.prelude)
 
 
+def stage_corun(costs: Profile, st: Stage) -> float:
+    """How much slower ``st`` runs while every other core runs the same recipe (its parts'
+    ``corun`` factors, weighted by their time; 1.0 when the profile did not measure it)."""
+    alone = stage_time(costs, st)
+    beside = sum(costs.nodes[u.node].corun_time(u.parts[0], u.parts[1]) for u in st.units)
+    return beside / alone if alone > 0 else 1.0
+
+
 def stage_cpu(costs: Profile, st: Stage) -> float:
     return sum(costs.nodes[u.node].cpu(u.parts[0], u.parts[1]) for u in st.units)
 

@@ -8,6 +8,10 @@
   they queue in the order they became ready, as many as the cores hold run (slowed in
   proportion by the background), and each yields its core after a time slice when
   others wait. Ops that keep less than half a core busy (sleeps, I/O) never queue.
+- **Co-running.** An op whose profile measured it beside the same recipe on every other
+  core (``corun``: how much slower it ran there) runs that much slower while the other
+  cores of its host run ops, in proportion to how many of them do: memory-bound parts
+  (a decoder step over a few rows) slow each other down, compute-bound ones hardly.
 - **Devices.** The calls on one GPU share it evenly.
 
 Pure Python, no torch.
@@ -30,6 +34,7 @@ class Call(Protocol):
     gil_left: float  # seconds of the runtime's own work left, done first
     left: float  # seconds of work left
     slice_left: float  # of its turn on a core
+    corun: float  # how much slower it runs with every other core busy (1.0: no slower)
 
 
 W = TypeVar("W", bound=Call)
@@ -60,6 +65,11 @@ class Sharing:
                 ws = on
                 need = sum(w.demand for w in ws) + self.background
                 f = min(1.0, self.cores / need) if need > 0 else 1.0
+                busy = sum(threads_of(w) for w in ws)
+                for w in ws:  # slowed by what runs on the other cores (see the module docstring)
+                    others = min(1.0, (busy - threads_of(w)) / (self.cores - 1)) if self.cores > 1 else 0.0
+                    out[id(w)] = f / (1.0 + (w.corun - 1.0) * max(0.0, others))
+                continue
             else:
                 f = 1.0 / len(ws)
             for w in ws:

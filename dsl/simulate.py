@@ -28,7 +28,10 @@ It runs what ``runtime/`` does, with times from the profile instead of work:
   does, in time slices of ``balance.time_slice_ms`` (by default Linux's: 0.75 ms x
   (1 + log2 cores)). A stage's call counts as busy from its first turn on a core, as the
   runtime's trace spans do. Profiled times are first turned back into unloaded work the
-  same way. Work on one GPU shares it.
+  same way. Work on one GPU shares it. A profile taken with ``--co-run`` also says how
+  much slower each part ran while every other core ran the same recipe (memory-bound
+  parts slow each other down): a stage's op runs that much slower in proportion to the
+  other cores of its host that run ops at the same time.
 
 So it predicts throughput, latency p50/p95, busy % per stage copy and the bubble for any
 placement, including ones this machine cannot run. Pure Python, no torch.
@@ -42,7 +45,7 @@ from typing import Any
 
 from mmpipe.dsl.costs import Profile, load_profile
 from mmpipe.dsl.plan import Plan
-from mmpipe.dsl.predict import out_bytes, prelude_time, stage_cpu, stage_time
+from mmpipe.dsl.predict import out_bytes, prelude_time, stage_corun, stage_cpu, stage_time
 from mmpipe.dsl.sim_share import TINY, Sharing, linux_time_slice
 
 
@@ -98,6 +101,7 @@ class _Worker:
     inflight: int = 0  # loop first stage: groups circulating
     began: bool = False  # its current call has had a turn on a core
     slice_left: float = 0.0  # of its turn on a core
+    corun: float = 1.0  # how much slower it runs with every other core busy (``sim_share``)
 
 
 class Sim:
@@ -147,7 +151,8 @@ class Sim:
                     demand = min(float(threads), max(0.02, (cpu / total) / share)) if total > 0 else 0.0
                     scale = min(1.0, self.cores / (demand + profiled_bg)) if demand + profiled_bg > self.cores else 1.0
                 self.w[(st.index, r)] = _Worker(st.index, r, t * scale, demand, res, pre=pre * scale / self.size,
-                                                per_item=per_item * scale, items=items, proc=pl.rank)
+                                                per_item=per_item * scale, items=items, proc=pl.rank,
+                                                corun=stage_corun(costs, st) if res[0] == "cpu" else 1.0)
         loops = {lp.node: lp for lp in plan.loops}
         self.loop_of = {s: loops[lp] for s in range(self.p) if (lp := plan.stages[s].loop)}
         mi = int(rt.get("max_inflight", 0))

@@ -25,6 +25,7 @@ commands:
   serve RECIPE [overrides]      OpenAI-compatible HTTP endpoints (/v1/audio/transcriptions, /v1/images/generations, ...)
                                 [--host 127.0.0.1] [--port 8000] [--max-queue 256] [--request-timeout 300] [--grace 30]
   profile RECIPE [overrides]    measure every part of every node; writes profile.json [--microbatches K] [--chart]
+                                [--co-run]: also beside the same recipe on every other core (for --simulate)
   ls [--kinds]                  shipped recipes with one-line descriptions (and node kinds)
   ls RECIPE | KIND              a recipe's variables, or a node kind's ports and parameters
   cp RECIPE DEST.yaml           copy a shipped recipe to edit [--force]
@@ -61,6 +62,7 @@ class Args:
     schedule: int | None = None
     simulate: bool = False
     chart: bool = False
+    co_run: bool = False
     microbatches: int | None = None
     kinds: bool = False
     verbose: int = 0
@@ -147,6 +149,8 @@ def parse_args(argv: list[str]) -> Args:
             a.simulate = True
         elif tok == "--chart":
             a.chart = True
+        elif tok == "--co-run":
+            a.co_run = True
         elif tok == "--microbatches" or tok.startswith("--microbatches="):
             v = tok.split("=", 1)[1] if "=" in tok else next(it, "")
             if not v.isdigit() or int(v) <= 0:

@@ -32,6 +32,8 @@ def cmd_profile(loaded: Any, a: Any) -> int:
         print(f"profiling {plan.recipe}: {sum(len(pn.pieces) for pn in plan.nodes.values())} pieces, 1 warm-up + {k} timed micro-batch(es) "
               f"of {plan.runtime.get('microbatch_size')} request(s)", file=sys.stderr)
         prof = measure(plan, reqs, microbatches=k, warmup=1, output_dir=str(rd.path), log=None if quiet else (lambda m: print(m, file=sys.stderr)))
+        if a.co_run:
+            _co_run(loaded, plan, reqs, k, prof, str(rd.path), None if quiet else (lambda m: print(m, file=sys.stderr)))
         prof.host["hop_s"] = round(_hop(), 7)
         path = prof.save(rd.path / "profile.json")
         print(format_profile(prof))
@@ -52,6 +54,32 @@ def cmd_profile(loaded: Any, a: Any) -> int:
         return 0
     finally:
         rd.release()
+
+
+def _co_run(loaded: Any, plan: Any, reqs: list[Any], k: int, prof: Any, out_dir: str, log: Any) -> None:
+    """``--co-run``: time every part again while the recipe runs on every other core
+    (``mmpipe/corun.py``) and set each part's ``corun`` factor in ``prof``."""
+    import os
+
+    from mmpipe.corun import co_runners
+    from mmpipe.dsl.costs import intra_op_threads, set_corun
+    from mmpipe.runtime.profile import measure
+
+    if any(not pl.device.startswith("cpu") for st in plan.stages for pl in st.places):
+        print("note: --co-run measures parts on CPU cores only: not measured", file=sys.stderr)
+        return
+    threads = intra_op_threads(plan.runtime)
+    n = (os.cpu_count() or 1) // max(1, threads) - 1
+    if n < 1:
+        print(f"note: --co-run: no other core for the recipe beside {threads} intra-op thread(s): not measured", file=sys.stderr)
+        return
+    skip = ("output_dir=", "overwrite=", "profile=", "trace=")
+    overrides = [o for o in loaded.overrides if not o.lstrip("+").startswith(skip)]
+    print(f"co-run: starting {n} process(es) of {plan.recipe} on the other core(s), then timing every part again", file=sys.stderr)
+    with co_runners(str(loaded.path), overrides, n, threads):
+        beside = measure(plan, reqs, microbatches=k, warmup=1, output_dir=out_dir, log=log)
+    set_corun(prof, beside)
+    prof.host["corun"] = {"co_runners": n, "cpu_share": beside.host.get("cpu_share")}
 
 
 def _hop() -> float:

@@ -398,7 +398,8 @@ def cpu_share(seconds: float = 0.25) -> tuple[float, float]:
 
 def format_profile(p: Profile) -> str:
     """A table: per part, time and CPU per micro-batch (per iteration in loops), memory, bytes handed on."""
-    rows = [("node", "part", "kind", "ms/mb", "cores", "memory MB", "out KB", "note")]
+    corun = any(pc.corun != 1.0 for nc in p.nodes.values() for pc in nc.parts) or "corun" in p.host
+    rows = [("node", "part", "kind", "ms/mb", "cores", "memory MB", "out KB") + (("co-run",) if corun else ()) + ("note",)]
     for name, nc in p.nodes.items():
         for k, pc in enumerate(nc.parts):
             note = ""
@@ -408,7 +409,7 @@ def format_profile(p: Profile) -> str:
                 note = "light"
             rows.append((name, f"{k}/{nc.num_parts}" if nc.num_parts > 1 else "-", nc.kind, f"{1000 * pc.time_s:.2f}",
                          f"{pc.cpu_s / pc.time_s:.2f}" if pc.time_s > 0 else "-", f"{pc.memory_bytes / 2**20:.1f}",
-                         f"{pc.out_bytes / 1024:.1f}", note if k == 0 else ""))
+                         f"{pc.out_bytes / 1024:.1f}") + ((f"{pc.corun:.2f}x",) if corun else ()) + (note if k == 0 else "",))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -417,4 +418,7 @@ def format_profile(p: Profile) -> str:
                  + (f" models: {', '.join(f'{n}={m}' for n, m in key.models.items())}" if key.models else ""))
     lines.append(f"{p.microbatches} timed micro-batch(es); memory: {p.memory_method}; load average {p.host.get('load_avg')}, "
                  f"a thread got {100 * float(p.host.get('cpu_share', 1.0)):.0f}% of a core (other processes: ~{p.host.get('background', 0)} busy threads)")
+    if corun:
+        lines.append(f"co-run: each part's time while {p.host.get('corun', {}).get('co_runners', '?')} process(es) ran the recipe on the other "
+                     "cores, over its time alone (the simulator slows a stage by it while other cores are busy)")
     return "\n".join(lines)

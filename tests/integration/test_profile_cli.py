@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import tempfile
 from pathlib import Path
+
+import pytest
 
 from tests.integration.cli import mmpipe
 
@@ -54,6 +59,34 @@ def test_profile_balance_simulate_and_pictures(tmp_path: Path) -> None:
     assert 0 < cmp["balance_efficiency"]["predicted"] <= 1 and 0 < cmp["balance_efficiency"]["measured"] <= 1
     assert s["plan"]["predicted"]["period_s"] > 0 and s["plan"]["predicted"]["choice"]["pieces"]["chain"] == [[0, 2], [2, 4]]
     assert "predicted vs measured" in r.stdout
+
+
+def test_profile_co_run_times_parts_beside_the_recipe_on_the_other_cores(tmp_path: Path) -> None:
+    prof_dir = tmp_path / "prof"
+    args = ["stages=2", "work=matmul", "dim=256", "requests=4", "runtime.threads_per_stage=1"]
+    r = mmpipe("profile", "synthetic", *args, f"output_dir={prof_dir}", "--microbatches", "2", "--co-run", env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    data = json.loads((prof_dir / "profile.json").read_text())
+    if (os.cpu_count() or 1) < 2:
+        assert "no other core" in r.stderr and "corun" not in data["host"]
+        return
+    assert data["host"]["corun"]["co_runners"] == (os.cpu_count() or 1) - 1
+    factors = [p["corun"] for p in data["nodes"]["chain"]["parts"]]
+    assert len(factors) == 2 and all(f >= 1.0 for f in factors)
+    assert "co-run" in r.stdout and "starting" in r.stderr
+    # the co-runners are gone (killed and reaped), their scratch folders too
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert "mmpipe.corun" not in ps
+    assert not list(Path(tempfile.gettempdir()).glob("mmpipe-corun-*"))
+
+
+def test_a_co_runner_that_cannot_start_is_reported(tmp_path: Path) -> None:
+    from mmpipe.corun import co_runners
+
+    with pytest.raises(RuntimeError, match="co-runner stopped before it ran the recipe once") as exc:
+        with co_runners(str(tmp_path / "missing.yaml"), [], 1, 1):
+            pass
+    assert "missing.yaml" in str(exc.value)
 
 
 def test_a_profile_that_does_not_fit_is_a_user_error(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from mmpipe.dsl.compile import compile_recipe
-from mmpipe.dsl.costs import NodeCost, PartCost, Profile, config_digest, expected_key
+from mmpipe.dsl.costs import NodeCost, PartCost, Profile, ProfileKey, config_digest, expected_key, set_corun
 from mmpipe.dsl.plan import Plan
 from mmpipe.dsl.schedule import theory_bubble
 from mmpipe.dsl.sim_share import linux_time_slice
@@ -14,14 +14,14 @@ from mmpipe.dsl.simulate import simulate, simulate_plan
 
 
 def profiled(tmp: Path, recipe: str, args: list[str], parts: dict[str, list[float]], cores: int = 64, cpu: float = 0.0,
-             out_bytes: int = 0, trips: list[int] | None = None) -> tuple[Plan, Profile]:
-    """Compile ``recipe`` with a profile giving each node's parts these seconds."""
+             out_bytes: int = 0, trips: list[int] | None = None, corun: float = 1.0) -> tuple[Plan, Profile]:
+    """Compile ``recipe`` with a profile giving each node's parts these seconds (and co-run factor)."""
     plan = compile_recipe(recipe, args)
     nodes = {}
     for name, pn in plan.nodes.items():
         times = parts.get(name, [0.0] * pn.num_parts)
         nc = NodeCost(kind=pn.kind, num_parts=pn.num_parts, loop=pn.loop, light=pn.light, digest=config_digest(pn),
-                      parts=[PartCost(time_s=t, cpu_s=cpu * t, out_bytes=out_bytes) for t in times])
+                      parts=[PartCost(time_s=t, cpu_s=cpu * t, out_bytes=out_bytes, corun=corun) for t in times])
         if pn.loop:
             nc.trip_counts = trips or [1]
             nc.trips_per_item = sum(nc.trip_counts) / len(nc.trip_counts)
@@ -84,6 +84,33 @@ def test_more_busy_stages_than_cores_take_turns_in_time_slices(tmp_path: Path) -
     # enough cores: nobody waits, whatever the slice
     plan, prof = profiled(tmp_path, "synthetic", args + ["balance.time_slice_ms=10000"], {"chain": [1.0, 1.0]}, cores=2, cpu=1.0)
     assert simulate(plan, prof, 2).bubble == pytest.approx(theory_bubble(2, 2))
+
+
+def test_co_running_parts_slow_each_other_while_other_cores_are_busy(tmp_path: Path) -> None:
+    args = ["stages=2", "runtime.microbatch_size=1"]
+    # 2 cores, parts 1.5x slower beside a busy core: the first and last calls run alone (1 s),
+    # the three in between two at a time (1.5 s each)
+    plan, prof = profiled(tmp_path, "synthetic", args, {"chain": [1.0, 1.0]}, cores=2, cpu=1.0, corun=1.5)
+    assert simulate(plan, prof, 4).wall_s == pytest.approx(1 + 3 * 1.5 + 1)
+    # 4 cores: the one other busy core is a third of the others
+    plan, prof = profiled(tmp_path, "synthetic", args, {"chain": [1.0, 1.0]}, cores=4, cpu=1.0, corun=1.5)
+    assert simulate(plan, prof, 4).wall_s == pytest.approx(1 + 3 * (1 + 0.5 / 3) + 1)
+    # sleeping stages (no core kept busy) do not slow each other
+    plan, prof = profiled(tmp_path, "synthetic", args, {"chain": [1.0, 1.0]}, cores=2, cpu=0.0, corun=1.5)
+    assert simulate(plan, prof, 4).wall_s == pytest.approx(5.0)
+
+
+def test_set_corun_is_the_ratio_of_times_with_a_core_each() -> None:
+    def prof(times: list[float], share: float) -> Profile:
+        nc = NodeCost(kind="synthetic.chain", num_parts=len(times), parts=[PartCost(time_s=t) for t in times])
+        return Profile(key=ProfileKey("r", {}, "cpu", "float32", 1, 1), nodes={"chain": nc}, host={"cpu_share": share})
+
+    alone, beside = prof([1.0, 2.0, 0.5], 1.0), prof([1.2, 1.9, 0.75], 1.0)
+    set_corun(alone, beside)
+    assert [p.corun for p in alone.nodes["chain"].parts] == pytest.approx([1.2, 1.0, 1.5])  # never below 1.0
+    alone, beside = prof([1.0], 1.0), prof([2.4], 0.5)  # beside, the thread got half a core: 1.2 s of it was the part
+    set_corun(alone, beside)
+    assert alone.nodes["chain"].parts[0].corun == pytest.approx(1.2)
 
 
 def test_linux_time_slice() -> None:

@@ -6,7 +6,8 @@ the other cores run such parts too: they share the memory bus and the last-level
 every other core busy with the recipe itself. Each co-runner is a process of its own
 (``python -m mmpipe.corun``) that compiles the recipe with the profile's overrides, loads
 its weights once and runs the recipe's requests one after another (the sequential
-executor, the profile's intra-op threads), over and over, until it is stopped.
+executor, the profile's intra-op threads), over and over, until it is stopped or the
+profiling process is gone.
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ def co_runners(recipe: str, overrides: list[str], n: int, threads: int, timeout_
     try:
         for k in range(n):
             args = [sys.executable, "-m", "mmpipe.corun", str(threads), recipe, *overrides, f"output_dir={tmp}/{k}", "overwrite=true"]
-            procs.append(subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
+            # stdin: a pipe the co-runner watches, so that it exits when this process dies
+            procs.append(subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
         for p in procs:
             drains.append(_wait_ready(p, timeout_s))
         yield n
@@ -46,8 +48,9 @@ def co_runners(recipe: str, overrides: list[str], n: int, threads: int, timeout_
         for t in drains:
             t.join()  # the pipe is at its end: the process is gone
         for p in procs:
-            if p.stdout is not None:
-                p.stdout.close()
+            for f in (p.stdin, p.stdout):
+                if f is not None:
+                    f.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -80,6 +83,11 @@ def main(argv: list[str]) -> int:
     from mmpipe.api import open_pipeline, requests_of
     from mmpipe.dsl.compile import compile_recipe
 
+    def orphaned() -> None:  # the profile's end of the pipe closes when it exits, even killed
+        sys.stdin.read()
+        os._exit(0)
+
+    threading.Thread(target=orphaned, daemon=True).start()
     threads, recipe, overrides = int(argv[0]), argv[1], argv[2:]
     torch.set_num_threads(threads)
     plan = compile_recipe(recipe, overrides)

@@ -76,8 +76,12 @@ def _co_run(loaded: Any, plan: Any, reqs: list[Any], k: int, prof: Any, out_dir:
     skip = ("output_dir=", "overwrite=", "profile=", "trace=")
     overrides = [o for o in loaded.overrides if not o.lstrip("+").startswith(skip)]
     print(f"co-run: starting {n} process(es) of {plan.recipe} on the other core(s), then timing every part again", file=sys.stderr)
-    with co_runners(str(loaded.path), overrides, n, threads):
-        beside = measure(plan, reqs, microbatches=k, warmup=1, output_dir=out_dir, log=log)
+    try:
+        with co_runners(str(loaded.path), overrides, n, threads):
+            beside = measure(plan, reqs, microbatches=k, warmup=1, output_dir=out_dir, log=log)
+    except RuntimeError as exc:  # the profile alone still holds: save it without the factors
+        print(f"note: --co-run: not measured: {exc}", file=sys.stderr)
+        return
     set_corun(prof, beside)
     prof.host["corun"] = {"co_runners": n, "cpu_share": beside.host.get("cpu_share")}
 

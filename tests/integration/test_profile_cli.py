@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -75,8 +77,7 @@ def test_profile_co_run_times_parts_beside_the_recipe_on_the_other_cores(tmp_pat
     assert len(factors) == 2 and all(f >= 1.0 for f in factors)
     assert "co-run" in r.stdout and "starting" in r.stderr
     # the co-runners are gone (killed and reaped), their scratch folders too
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    assert "mmpipe.corun" not in ps
+    assert "-m mmpipe.corun" not in _processes()
     assert not list(Path(tempfile.gettempdir()).glob("mmpipe-corun-*"))
 
 
@@ -87,6 +88,32 @@ def test_a_co_runner_that_cannot_start_is_reported(tmp_path: Path) -> None:
         with co_runners(str(tmp_path / "missing.yaml"), [], 1, 1):
             pass
     assert "missing.yaml" in str(exc.value)
+
+
+def test_co_runners_exit_when_the_profiling_process_is_killed(tmp_path: Path) -> None:
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "from mmpipe.corun import co_runners\n"
+        "with co_runners('synthetic', ['stages=2', 'work=noop', 'requests=4'], 1, 1):\n"
+        "    print('running', flush=True)\n"
+        "    time.sleep(600)\n")], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert parent.stdout is not None and parent.stdout.readline().strip() == "running"
+        assert "-m mmpipe.corun" in _processes()
+        parent.kill()  # no cleanup runs: the co-runner must notice by itself
+        parent.wait()
+        deadline = time.monotonic() + 30
+        while "-m mmpipe.corun" in _processes() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "-m mmpipe.corun" not in _processes()
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        parent.wait()
+
+
+def _processes() -> str:
+    return subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
 
 
 def test_a_profile_that_does_not_fit_is_a_user_error(tmp_path: Path) -> None:

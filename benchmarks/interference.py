@@ -6,9 +6,9 @@
 ``mmpipe profile`` times every part alone, one thread, on an otherwise idle machine, and
 ``mmpipe plan --simulate`` shares cores between the stages that run at once but assumes a
 part runs as fast beside another as alone. This measures that assumption: the same
-profile is taken alone and while every other core runs the same recipe (one process per
-core, ``runtime=sequential``, one intra-op thread, its weights loaded once, running the
-recipe's requests over and over). It also times two probes the same way, a 64x384 by
+profile is taken alone and while every other core runs the same recipe (the co-runners of
+``mmpipe profile --co-run``: one process per core, the sequential executor, one intra-op
+thread, its weights loaded once, running the recipe's requests over and over). It also times two probes the same way, a 64x384 by
 384x1536 matmul (compute) and a 64 MB copy (memory bandwidth), so a slowdown can be told
 apart from a busy core (each process keeps one core busy: the profile's own ``cpu_share``
 is printed).
@@ -24,22 +24,13 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import ROOT, long_clips, make_profile, table  # noqa: E402
 
-CO_RUNNER = """
-import sys, torch
-from mmpipe.api import compile, open_pipeline, requests_of
-torch.set_num_threads(1)
-plan = compile(sys.argv[1], sys.argv[2:])
-with open_pipeline(plan) as pipe:
-    while True:
-        pipe.run(requests_of(plan))
-"""
+from mmpipe.corun import co_runners  # noqa: E402
 
 PROBES = """
 import json, sys, time, torch
@@ -77,16 +68,6 @@ def part_times(profile: Path) -> tuple[dict[str, float], float]:
     return out, float(d["host"].get("cpu_share", 1.0))
 
 
-def co_runners(recipe: str, overrides: list[str], n: int) -> list[subprocess.Popen[bytes]]:
-    procs = [subprocess.Popen([sys.executable, "-c", CO_RUNNER, recipe, *overrides, "runtime=sequential", "runtime.threads_per_rank=1"],
-                              env=env1(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(n)]
-    time.sleep(10)  # loaded and running (tiny.en loads in a few seconds)
-    for p in procs:
-        if p.poll() is not None:
-            raise RuntimeError(f"a co-runner exited early (rc {p.returncode}): python -c ... {recipe} {' '.join(overrides)}")
-    return procs
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", default="whisper_stt")
@@ -104,14 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         shares: dict[str, list[float]] = {"alone": [], "co-run": []}
         for r in range(a.rounds):
             for mode in ("alone", "co-run"):
-                procs = co_runners(a.recipe, overrides, cores - 1) if mode == "co-run" else []
-                try:
+                with co_runners(a.recipe, overrides, cores - 1 if mode == "co-run" else 0, threads=1):
                     times, share = part_times(make_profile(a.recipe, overrides, tmp / f"p_{mode}_{r}", threads=1))
                     times.update(probes())
-                finally:
-                    for p in procs:
-                        p.kill()
-                        p.wait()
                 shares[mode].append(share)
                 for k, v in times.items():
                     best[mode][k] = min(v, best[mode].get(k, v))

@@ -3,15 +3,15 @@
     python benchmarks/interference.py                 # whisper_stt, 8 full windows, micro-batches of 2
     python benchmarks/interference.py --rounds 1 -- runtime.microbatch_size=4
 
-``mmpipe profile`` times every part alone, one thread, on an otherwise idle machine, and
-``mmpipe plan --simulate`` shares cores between the stages that run at once but assumes a
-part runs as fast beside another as alone. This measures that assumption: the same
-profile is taken alone and while every other core runs the same recipe (the co-runners of
-``mmpipe profile --co-run``: one process per core, the sequential executor, one intra-op
-thread, its weights loaded once, running the recipe's requests over and over). It also times two probes the same way, a 64x384 by
-384x1536 matmul (compute) and a 64 MB copy (memory bandwidth), so a slowdown can be told
-apart from a busy core (each process keeps one core busy: the profile's own ``cpu_share``
-is printed).
+``mmpipe profile`` times every part alone, one thread, on an otherwise idle machine;
+without ``--co-run`` factors ``mmpipe plan --simulate`` assumes a part runs as fast beside
+busy cores as alone. This measures that assumption: the same profile is taken alone and
+while every other core runs the same recipe (the co-runners of ``mmpipe profile
+--co-run``: one process per core, the sequential executor, one intra-op thread, its
+weights loaded once, running the recipe's requests over and over). It also times two
+probes the same way, a 64x384 by 384x1536 matmul (compute) and a 64 MB copy (memory
+bandwidth), so a slowdown can be told apart from a busy core (each process keeps one core
+busy: the profile's own ``cpu_share`` is printed).
 
 Every party is a process of its own; rounds alternate alone / co-run and keep each part's
 fastest time. Prints a table; decides nothing.

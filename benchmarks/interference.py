@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, long_clips, make_profile, table  # noqa: E402
 
 from mmpipe.corun import co_runners  # noqa: E402
+from mmpipe.dsl.costs import load_profile  # noqa: E402
 
 PROBES = """
 import json, sys, time, torch
@@ -60,12 +61,11 @@ def probes() -> dict[str, float]:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def part_times(profile: Path) -> tuple[dict[str, float], float]:
+def part_times(path: Path) -> tuple[dict[str, float], float]:
     """{"node part k": seconds per call} and the profile's cpu_share."""
-    d = json.loads(profile.read_text())
-    out = {f"{name} part {k}": p["time_s"] for name, nc in d["nodes"].items() if not nc.get("light")
-           for k, p in enumerate(nc["parts"])}
-    return out, float(d["host"].get("cpu_share", 1.0))
+    prof = load_profile(path)
+    out = {f"{name} part {k}": p.time_s for name, nc in prof.nodes.items() if not nc.light for k, p in enumerate(nc.parts)}
+    return out, float(prof.host.get("cpu_share", 1.0))
 
 
 def main(argv: list[str] | None = None) -> int:

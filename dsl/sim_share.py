@@ -68,7 +68,7 @@ class Sharing:
                 busy = sum(threads_of(w) for w in ws)
                 for w in ws:  # slowed by what runs on the other cores (see the module docstring)
                     others = min(1.0, (busy - threads_of(w)) / (self.cores - 1)) if self.cores > 1 else 0.0
-                    out[id(w)] = f / (1.0 + (w.corun - 1.0) * max(0.0, others))
+                    out[id(w)] = f / (1.0 + (w.corun - 1.0) * others)
                 continue
             else:
                 f = 1.0 / len(ws)

@@ -290,6 +290,12 @@ class Loader:
         return Linear(w, torch.cat(bs).contiguous(), pack(w) if can_pack(self.device, self.dtype) else None)
 
 
+def self_attention(ld: Loader, p: str) -> tuple[Norm, Linear, Linear]:
+    """The pre-norm, fused q/k/v and output projection of layer ``p``'s self-attention
+    (the same tensor names in encoder and decoder layers)."""
+    return ld.norm(f"{p}.self_attn_layer_norm"), ld.fused(f"{p}.self_attn", ("q_proj", "k_proj", "v_proj")), ld.linear(f"{p}.self_attn.out_proj")
+
+
 @dataclass
 class EncoderAttention:
     """The first half of a pre-norm encoder layer: self-attention and its residual."""
@@ -300,9 +306,7 @@ class EncoderAttention:
 
     @classmethod
     def load(cls, ld: Loader, i: int) -> "EncoderAttention":
-        p = f"model.encoder.layers.{i}"
-        return cls(ld.norm(f"{p}.self_attn_layer_norm"), ld.fused(f"{p}.self_attn", ("q_proj", "k_proj", "v_proj")),
-                   ld.linear(f"{p}.self_attn.out_proj"))
+        return cls(*self_attention(ld, f"model.encoder.layers.{i}"))
 
     def __call__(self, h: torch.Tensor, heads: int) -> torch.Tensor:
         B, T, D = h.shape
@@ -347,9 +351,7 @@ class DecoderSelf:
 
     @classmethod
     def load(cls, ld: Loader, i: int) -> "DecoderSelf":
-        p = f"model.decoder.layers.{i}"
-        return cls(ld.norm(f"{p}.self_attn_layer_norm"), ld.fused(f"{p}.self_attn", ("q_proj", "k_proj", "v_proj")),
-                   ld.linear(f"{p}.self_attn.out_proj"))
+        return cls(*self_attention(ld, f"model.decoder.layers.{i}"))
 
 
 @dataclass

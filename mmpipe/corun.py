@@ -71,7 +71,11 @@ def _wait_ready(p: subprocess.Popen[str], timeout_s: float) -> threading.Thread:
             raise RuntimeError(f"a co-runner stopped before it ran the recipe once (exit {p.wait()}):\n" + "\n".join(tail))
     finally:
         timer.cancel()
-    t = threading.Thread(target=lambda: [None for _ in out], name="mmpipe-corun-drain", daemon=True)
+    def drain() -> None:
+        for _ in out:
+            pass
+
+    t = threading.Thread(target=drain, name="mmpipe-corun-drain", daemon=True)
     t.start()
     return t
 

@@ -1,7 +1,8 @@
-"""Whisper node kinds: encoder (split by layer), the decode loop (``whisper_loop``: beam
-search, sampling, temperature fallback; split by decoder layer, continuous batching), word
-alignment (``whisper.align``: one extra decoder forward after the loop) and detokenize
-(text, segments with their decoding statistics and words, stitching of long audio).
+"""Whisper node kinds: encoder (split by attention head group and feed-forward block), the
+decode loop (``whisper_loop``: beam search, sampling, temperature fallback; split by decoder
+layer, continuous batching), word alignment (``whisper.align``: one extra decoder forward
+after the loop) and detokenize (text, segments with their decoding statistics and words,
+stitching of long audio).
 
 The math lives in ``whisper_model`` (weights, layers), ``whisper_decode`` / ``whisper_search``
 (the decoding step, token search), ``whisper_align`` (DTW alignment) and ``whisper_text``
@@ -14,7 +15,7 @@ from typing import Any
 
 from mmpipe.graphs import register
 from mmpipe.graphs.base import Batch, ItemMeta, NodeKind, Port
-from mmpipe.graphs.whisper_common import LANGUAGES, VOCAB, Weights, WhisperModel, model_checks  # noqa: F401  (re-exported)
+from mmpipe.graphs.whisper_common import ENCODER_BLOCKS, LANGUAGES, VOCAB, Weights, WhisperModel, model_checks  # noqa: F401  (re-exported)
 from mmpipe.graphs.whisper_loop import Decode, DecodeConfig  # noqa: F401  (registers whisper.decode)
 
 @dataclass(kw_only=True)
@@ -24,9 +25,11 @@ class EncoderConfig:
 
 @register
 class Encoder(Weights, NodeKind[EncoderConfig]):
-    """The Whisper audio encoder; splittable by half layer (each layer is two parts, its
-    self-attention and its feed-forward block; the conv stem goes with the first piece).
-    Halves cut a pipeline finer than layers: tiny.en's 4 layers are 8 parts."""
+    """The Whisper audio encoder; splittable within layers (each layer is three parts: the
+    self-attention over the first half of the heads with the q/k/v projection, over the second
+    half with the output projection, and the feed-forward block; the conv stem goes with the
+    first piece). tiny.en's 4 layers are 12 parts. A piece that ends between a layer's head
+    groups hands on ``h``, ``qkv`` and ``a`` (the first group's attention) instead of ``h``."""
 
     kind = "whisper.encoder"
     description = "Log-mel features -> encoder hidden states."
@@ -43,16 +46,18 @@ class Encoder(Weights, NodeKind[EncoderConfig]):
 
     @classmethod
     def num_parts(cls, cfg: EncoderConfig) -> int:
-        return 2 * int(cfg.model.encoder_layers)
+        return ENCODER_BLOCKS * int(cfg.model.encoder_layers)
 
     @classmethod
     def part_costs(cls, cfg: EncoderConfig) -> list[float]:
-        # Per output frame: attention ~ 4 d^2 + 3000 d (projections, scores and values over
-        # 1500 frames), feed-forward ~ 8 d^2; the conv stem ~ 3 d^2 + 6 n_mels d.
+        # Per output frame: the first head group ~ 3 d^2 + 1500 d (q/k/v projection, half the
+        # scores and values over 1500 frames), the second ~ 1500 d + d^2 (the other half, the
+        # output projection), feed-forward ~ 8 d^2; the conv stem ~ 3 d^2 + 6 n_mels d.
         d, m = cfg.model.d_model, cfg.model.n_mels
-        attn, mlp = 4 * d * d + 3000 * d, 8 * d * d
-        costs = [round(attn / mlp, 2) if k % 2 == 0 else 1.0 for k in range(cls.num_parts(cfg))]
-        costs[0] += round((3 * d * d + 6 * m * d) / mlp, 2)
+        mlp = 8 * d * d
+        per = [round((3 * d * d + 1500 * d) / mlp, 2), round((1500 * d + d * d) / mlp, 2), 1.0]
+        costs = [per[k % ENCODER_BLOCKS] for k in range(cls.num_parts(cfg))]
+        costs[0] = round(costs[0] + (3 * d * d + 6 * m * d) / mlp, 2)
         return costs
 
     @classmethod
@@ -60,31 +65,34 @@ class Encoder(Weights, NodeKind[EncoderConfig]):
         return model_checks(cfg.model)
 
     def setup(self, device: Any, dtype: Any = None) -> None:
-        from mmpipe.graphs.whisper_model import Loader, encoder_half
+        from mmpipe.graphs.whisper_model import Loader, encoder_part
 
         super().setup(device, dtype)
         files = self._files()
         ld = Loader(files, device, self._dtype())
         self.heads = int(files.config["encoder_attention_heads"])
-        self.layers = [encoder_half(ld, k) for k in self.parts]
+        self.layers = [encoder_part(ld, k) for k in self.parts]
         self.stem = (ld.linear("model.encoder.conv1"), ld.linear("model.encoder.conv2"), ld.t("model.encoder.embed_positions.weight")) if self.is_first else None
         self.norm = ld.norm("model.encoder.layer_norm") if self.is_last else None
 
     def forward(self, x: Batch, meta: list[ItemMeta]) -> Batch:
         import torch
 
-        from mmpipe.graphs.whisper_model import encoder_stem
+        from mmpipe.graphs.whisper_model import EncoderState, HeadGroups, encoder_stem
 
         with torch.inference_mode():
+            s: EncoderState
             if self.stem is not None:
-                h = encoder_stem(x["features"].to(self._dtype()), *self.stem)
+                s = encoder_stem(x["features"].to(self._dtype()), *self.stem)
             else:
-                h = x["h"]
+                s = HeadGroups(x["h"], x["qkv"], x["a"]) if "qkv" in x else x["h"]
             for layer in self.layers:
-                h = layer(h, self.heads)
+                s = layer(s, self.heads)
             if self.norm is not None:
-                return {"hidden": self.norm(h)}
-            return {"h": h}
+                assert isinstance(s, torch.Tensor)  # the last part is a feed-forward block
+                return {"hidden": self.norm(s)}
+            # the runtime hands on dicts of tensors: a layer cut between its head groups as three
+            return {"h": s.h, "qkv": s.qkv, "a": s.a} if isinstance(s, HeadGroups) else {"h": s}
 
 
 @dataclass(kw_only=True)

@@ -15,6 +15,9 @@ LANGUAGES = set(
 VOCAB = 51865  # multilingual size; only used for cost hints
 # The decode loop's parts per decoder layer: self-attention, cross-attention, feed-forward.
 DECODER_BLOCKS = 3
+# The encoder's parts per layer: attention over the first half of the heads (with the q/k/v
+# projection), over the second half (with the output projection), feed-forward.
+ENCODER_BLOCKS = 3
 
 
 @dataclass(kw_only=True)
@@ -27,7 +30,7 @@ class WhisperModel:
     path: str = "package:tiny_en"
     n_mels: int = 80  # mel bands the encoder expects
     d_model: int = 384  # hidden size
-    encoder_layers: int = 4  # encoder layers (each is two of the encoder's parts: attention, feed-forward)
+    encoder_layers: int = 4  # encoder layers (each is three of the encoder's parts: two attention head groups, feed-forward)
     decoder_layers: int = 4  # decoder layers (each is three of the decode loop's parts: self-, cross-attention, feed-forward)
     multilingual: bool = False  # has language and task tokens
     dtype: str = "float32"  # float32, float16 or bfloat16

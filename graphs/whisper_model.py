@@ -19,13 +19,13 @@ import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
 import torch.nn.functional as F
 
 from mmpipe.graphs.base import UserError
-from mmpipe.graphs.whisper_common import DECODER_BLOCKS
+from mmpipe.graphs.whisper_common import DECODER_BLOCKS, ENCODER_BLOCKS
 
 LN_EPS = 1e-5
 _LOCK = threading.RLock()
@@ -290,55 +290,113 @@ class Loader:
         return Linear(w, torch.cat(bs).contiguous(), pack(w) if can_pack(self.device, self.dtype) else None)
 
 
-def self_attention(ld: Loader, p: str) -> tuple[Norm, Linear, Linear]:
-    """The pre-norm, fused q/k/v and output projection of layer ``p``'s self-attention
-    (the same tensor names in encoder and decoder layers)."""
-    return ld.norm(f"{p}.self_attn_layer_norm"), ld.fused(f"{p}.self_attn", ("q_proj", "k_proj", "v_proj")), ld.linear(f"{p}.self_attn.out_proj")
+def self_attention(ld: Loader, p: str) -> tuple[Norm, Linear]:
+    """The pre-norm and fused q/k/v projection of layer ``p``'s self-attention (the same
+    tensor names in encoder and decoder layers; its output projection is ``attention_out``)."""
+    return ld.norm(f"{p}.self_attn_layer_norm"), ld.fused(f"{p}.self_attn", ("q_proj", "k_proj", "v_proj"))
+
+
+def attention_out(ld: Loader, p: str) -> Linear:
+    """The output projection of layer ``p``'s self-attention."""
+    return ld.linear(f"{p}.self_attn.out_proj")
 
 
 @dataclass
-class EncoderAttention:
-    """The first half of a pre-norm encoder layer: self-attention and its residual."""
+class HeadGroups:
+    """An encoder layer stopped between its two attention head groups: what the second needs."""
+
+    h: torch.Tensor  # the layer's input (for the residual)
+    qkv: torch.Tensor  # the fused q/k/v projection of ln1(h), [B, T, 3D]
+    a: torch.Tensor  # attention over the first head group, [B, T, H//2, dh]
+
+
+# Between two encoder parts: hidden states [B, T, D], or a layer cut between its head groups.
+EncoderState = torch.Tensor | HeadGroups
+
+
+def attend(qkv: torch.Tensor, heads: int, lo: int, hi: int) -> torch.Tensor:
+    """Self-attention over heads [lo, hi) of a fused q/k/v projection -> [B, T, hi - lo, dh]
+    (sdpa's CPU output is laid out so: contiguous, nothing to copy when it is handed on).
+
+    sdpa computes each head on its own, so the groups' results are bitwise those of one
+    call over all heads (checked for tiny.en, odd head counts, 1 and 2 threads)."""
+    B, T, D3 = qkv.shape
+    dh = D3 // 3 // heads
+    q, k, v = (x.view(B, T, heads, dh)[:, :, lo:hi].transpose(1, 2) for x in qkv.split(D3 // 3, dim=-1))
+    return F.scaled_dot_product_attention(q * dh**-0.5, k, v, scale=1.0).transpose(1, 2)
+
+
+@dataclass
+class FirstHeads:
+    """Encoder part 3i: layer i's pre-norm, fused q/k/v projection and the attention of its
+    first head group (heads [0, H//2)); the layer's attention is cut in two so that stages
+    can be balanced finer than its largest block."""
 
     ln1: Norm
     qkv: Linear
+
+    @classmethod
+    def load(cls, ld: Loader, i: int) -> "FirstHeads":
+        return cls(*self_attention(ld, f"model.encoder.layers.{i}"))
+
+    def __call__(self, h: EncoderState, heads: int) -> HeadGroups:
+        assert isinstance(h, torch.Tensor), "a layer's first head group starts from hidden states"
+        qkv = self.qkv(self.ln1(h))
+        return HeadGroups(h, qkv, attend(qkv, heads, 0, heads // 2))
+
+
+@dataclass
+class SecondHeads:
+    """Encoder part 3i + 1: the attention of layer i's second head group (heads [H//2, H)),
+    both groups' outputs through the output projection, and the residual."""
+
     out: Linear
 
     @classmethod
-    def load(cls, ld: Loader, i: int) -> "EncoderAttention":
-        return cls(*self_attention(ld, f"model.encoder.layers.{i}"))
+    def load(cls, ld: Loader, i: int) -> "SecondHeads":
+        return cls(attention_out(ld, f"model.encoder.layers.{i}"))
 
-    def __call__(self, h: torch.Tensor, heads: int) -> torch.Tensor:
-        B, T, D = h.shape
-        dh = D // heads
-        q, k, v = self.qkv(self.ln1(h)).split(D, dim=-1)
-        q = (q * dh**-0.5).view(B, T, heads, dh).transpose(1, 2)
-        k = k.view(B, T, heads, dh).transpose(1, 2)
-        v = v.view(B, T, heads, dh).transpose(1, 2)
-        a = F.scaled_dot_product_attention(q, k, v, scale=1.0)
-        return h + self.out(a.transpose(1, 2).reshape(B, T, D))
+    def __call__(self, s: EncoderState, heads: int) -> torch.Tensor:
+        assert isinstance(s, HeadGroups), "a layer's second head group follows its first"
+        B, T, D = s.h.shape
+        # both groups side by side in one copy: [B, T, H, dh] is [B, T, D] as the projection reads it
+        a = torch.cat([s.a, attend(s.qkv, heads, heads // 2, heads)], dim=2).reshape(B, T, D)
+        return s.h + self.out(a)
 
 
 @dataclass
 class FeedForward:
-    """The feed-forward block of a pre-norm layer and its residual (the second half of an
-    encoder layer, the third part of a decoder layer)."""
+    """The feed-forward block of a pre-norm layer and its residual (the third part of an
+    encoder or a decoder layer)."""
 
     ln: Norm
     fc1: Linear
     fc2: Linear
 
     @classmethod
-    def load(cls, ld: Loader, p: str) -> "FeedForward":
+    def load(cls, ld: Loader, p: str) -> Self:
         return cls(ld.norm(f"{p}.final_layer_norm"), ld.linear(f"{p}.fc1"), ld.linear(f"{p}.fc2"))
 
     def __call__(self, h: torch.Tensor, heads: int = 0) -> torch.Tensor:
         return h + self.fc2(self.fc1.gelu(self.ln(h)))
 
 
-def encoder_half(ld: Loader, part: int) -> EncoderAttention | FeedForward:
-    """Encoder part ``part``: layer part // 2's attention (even) or feed-forward (odd) half."""
-    return EncoderAttention.load(ld, part // 2) if part % 2 == 0 else FeedForward.load(ld, f"model.encoder.layers.{part // 2}")
+class EncoderFeedForward(FeedForward):
+    """Encoder part 3i + 2: layer i's feed-forward block (starts from hidden states)."""
+
+    def __call__(self, h: EncoderState, heads: int = 0) -> torch.Tensor:
+        assert isinstance(h, torch.Tensor), "a feed-forward block starts from hidden states"
+        return super().__call__(h)
+
+
+EncoderPart = FirstHeads | SecondHeads | EncoderFeedForward
+
+
+def encoder_part(ld: Loader, part: int) -> EncoderPart:
+    """Encoder part ``part``: block part % 3 of layer part // 3 (first head group, second
+    head group with the output projection, feed-forward)."""
+    i, k = divmod(part, ENCODER_BLOCKS)
+    return FirstHeads.load(ld, i) if k == 0 else SecondHeads.load(ld, i) if k == 1 else EncoderFeedForward.load(ld, f"model.encoder.layers.{i}")
 
 
 @dataclass
@@ -351,7 +409,8 @@ class DecoderSelf:
 
     @classmethod
     def load(cls, ld: Loader, i: int) -> "DecoderSelf":
-        return cls(*self_attention(ld, f"model.decoder.layers.{i}"))
+        p = f"model.decoder.layers.{i}"
+        return cls(*self_attention(ld, p), attention_out(ld, p))
 
 
 @dataclass

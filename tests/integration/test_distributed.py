@@ -114,7 +114,10 @@ def whisper_ref(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     ["runtime.nproc=2", "placement.encoder=[rank0,rank1]"],
     # the decode loop's first stage runs the encoder's tail; what it makes goes to the other rank's side stores
     ["runtime.nproc=2", "nodes.decoder.with_previous=true"],
-], ids=["2 ranks", "3 ranks", "encoder replicated", "decode loop takes in the encoder's tail"])
+    # encoder parts 0-3 | 4-7 | 8-11 on ranks 0, 1, 0: the first hand-over is cut between layer
+    # 1's attention head groups (h, qkv and the first group's attention go over the wire)
+    ["runtime.nproc=2", "nodes.encoder.split=3", "+placement.encoder.1=rank1"],
+], ids=["2 ranks", "3 ranks", "encoder replicated", "decode loop takes in the encoder's tail", "encoder cut between head groups"])
 def test_whisper_over_ranks_equals_threads(whisper_ref: dict[str, Any], tmp_path: Path, extra: list[str]) -> None:
     run_ok("whisper_stt", f"input={CLIPS}/clip*.wav", "nodes.encoder.split=2", "nodes.decoder.split=2", *DIST, *extra,
            f"trace={tmp_path}/trace.json", out=tmp_path)

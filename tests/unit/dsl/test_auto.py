@@ -104,10 +104,10 @@ def test_placement_auto_counts_the_light_stage_on_rank_0(tmp_path: Path) -> None
     from tests.unit.dsl.test_simulate import profiled
 
     args = ["runtime=distributed", "runtime.nproc=2", "placement=auto", "nodes.decoder.with_previous=false"]
-    plan, _ = profiled(tmp_path, "whisper_stt", args, {"load": [0.02], "mel": [0.03], "encoder": [0.1] * 8, "decoder": [0.002] * 12},
+    plan, _ = profiled(tmp_path, "whisper_stt", args, {"load": [0.02], "mel": [0.03], "encoder": [0.1] * 12, "decoder": [0.002] * 12},
                        cores=2, cpu=1.0, trips=[20])
     where = {plan.stage_label(st): [pl.rank for pl in st.places] for st in plan.stages}
-    assert where == {"load + mel": [0], "encoder (parts 0-7/8)": [0, 1], "decoder (parts 0-11/12)": [1], "align + text": [1]}
+    assert where == {"load + mel": [0], "encoder (parts 0-11/12)": [0, 1], "decoder (parts 0-11/12)": [1], "align + text": [1]}
 
 
 def test_placement_auto_over_devices_needs_them_unless_simulated(tmp_path: Path) -> None:
@@ -131,7 +131,7 @@ def test_profile_mode_has_one_piece_per_part() -> None:
 
     plan = compile_loaded(load_recipe("whisper_stt", ["nodes.encoder.split=2", "runtime=distributed", "runtime.nproc=2",
                                                       "+placement.encoder.1=rank1"]), mode="profile")
-    assert plan.nodes["encoder"].split == 8 and plan.nodes["decoder"].pieces == [[k, k + 1] for k in range(12)]
+    assert plan.nodes["encoder"].split == 12 and plan.nodes["decoder"].pieces == [[k, k + 1] for k in range(12)]
     assert all(st.places[0].rank == 0 for st in plan.stages) and not plan.transfers  # measured in one process
 
 

@@ -161,7 +161,7 @@ def test_a_loop_takes_in_the_stage_before_it():
     """The encoder's last piece runs in the decode loop's first stage; its output reaches the
     other loop stage and the stage after the loop through side stores, not the loop's stage."""
     plan = compile_recipe("whisper_stt", ["nodes.encoder.split=2", "nodes.decoder.split=2", "nodes.decoder.with_previous=true"])
-    assert labels(plan) == ["load + mel + encoder.0 (parts 0-3/8)", "encoder.1 (parts 4-7/8) + decoder.0 (parts 0-9/12) [loop]",
+    assert labels(plan) == ["load + mel + encoder.0 (parts 0-5/12)", "encoder.1 (parts 6-11/12) + decoder.0 (parts 0-9/12) [loop]",
                             "decoder.1 (parts 10-11/12) [loop]", "align + text"]
     first = plan.stages[1]
     assert first.loop == "decoder" and first.loop_unit.node == "decoder" and [u.node for u in first.prelude] == ["encoder"]
@@ -177,7 +177,7 @@ def test_a_loop_takes_in_the_stage_before_it():
 
 def test_a_fan_out_before_the_joined_node_keeps_a_stage_of_its_own():
     plan = compile_recipe("whisper_stt", ["nodes.decoder.with_previous=true"])
-    assert labels(plan) == ["load + mel", "encoder (parts 0-7/8) + decoder (parts 0-11/12) [loop]", "align + text"]
+    assert labels(plan) == ["load + mel", "encoder (parts 0-11/12) + decoder (parts 0-11/12) [loop]", "align + text"]
 
 
 def test_a_plan_with_a_prelude_round_trips_through_json():

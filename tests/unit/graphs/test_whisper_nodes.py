@@ -149,7 +149,7 @@ def feats() -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def encoder() -> Encoder:
-    e = Encoder(EncoderConfig(), range(0, 8), 8)
+    e = Encoder(EncoderConfig(), range(0, 12), 12)
     e.setup(CPU)
     return e
 
@@ -220,14 +220,35 @@ def test_encoder_matches_transformers_and_splits(encoder, feats, hidden):
     with torch.inference_mode():
         want = ref.model.encoder(feats).last_hidden_state
     assert (hidden - want).abs().max().item() < 1e-4
-    a, b = Encoder(EncoderConfig(), range(0, 3), 8), Encoder(EncoderConfig(), range(3, 8), 8)  # a cut inside layer 1
+    a, b = Encoder(EncoderConfig(), range(0, 5), 12), Encoder(EncoderConfig(), range(5, 12), 12)  # a cut inside layer 1
     a.setup(CPU)
     b.setup(CPU)
-    assert len(a.layers) == 3 and a.stem is not None and a.norm is None  # layer 0, layer 1's attention
-    assert len(b.layers) == 5 and b.stem is None and b.norm is not None
+    assert len(a.layers) == 5 and a.stem is not None and a.norm is None  # layer 0, layer 1's attention
+    assert len(b.layers) == 7 and b.stem is None and b.norm is not None
     mid = a.forward({"features": feats}, [])
     assert set(mid) == {"h"}
     assert torch.equal(b.forward(mid, [])["hidden"], hidden)
+
+
+@slow
+def test_encoder_cut_at_every_part_boundary_gives_the_same_bits(encoder, feats, hidden):
+    """One piece per part: every boundary is crossed as a hand-over, including those between
+    a layer's two attention head groups, which hand on the q/k/v projection and the first
+    group's attention besides the hidden states."""
+    n = Encoder.num_parts(EncoderConfig())
+    assert n == 12 and [type(p).__name__ for p in encoder.layers[:3]] == ["FirstHeads", "SecondHeads", "EncoderFeedForward"]
+    x: dict[str, torch.Tensor] = {"features": feats}
+    for k in range(n):
+        piece = Encoder(EncoderConfig(), range(k, k + 1), n)
+        piece.setup(CPU)
+        x = piece.forward(x, [])
+        if k == n - 1:
+            assert set(x) == {"hidden"}
+        elif k % 3 == 0:  # after a first head group: tiny.en's 6 heads of 64
+            assert set(x) == {"h", "qkv", "a"} and x["qkv"].shape == (3, 1500, 3 * 384) and x["a"].shape == (3, 1500, 3, 64)
+        else:
+            assert set(x) == {"h"}
+    assert torch.equal(x["hidden"], hidden)
 
 
 @slow
@@ -317,13 +338,13 @@ def test_detokenize_text_segments_language(hidden):
 @slow
 def test_missing_model_is_a_user_error(tmp_path, monkeypatch):
     for path in (str(tmp_path / "nope"), "package:nope"):
-        e = Encoder(EncoderConfig(model=WhisperModel(path=path)), range(0, 8), 8)
+        e = Encoder(EncoderConfig(model=WhisperModel(path=path)), range(0, 12), 12)
         with pytest.raises(UserError) as info:
             e.setup(CPU)
         assert info.value.key == "model.path" and info.value.fix
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="neither"):
-        Encoder(EncoderConfig(model=WhisperModel(path=str(tmp_path / "empty"))), range(0, 8), 8).setup(CPU)
+        Encoder(EncoderConfig(model=WhisperModel(path=str(tmp_path / "empty"))), range(0, 12), 12).setup(CPU)
     # a hub id that is neither cached nor reachable (the download is stubbed: tests stay offline)
     import huggingface_hub
 
@@ -332,7 +353,7 @@ def test_missing_model_is_a_user_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(UserError, match="hub"):
-        Encoder(EncoderConfig(model=WhisperModel(path="someone/whisper-nowhere")), range(0, 8), 8).setup(CPU)
+        Encoder(EncoderConfig(model=WhisperModel(path="someone/whisper-nowhere")), range(0, 12), 12).setup(CPU)
     # sizes in the recipe that do not match the checkpoint
     with pytest.raises(UserError, match="d_model=512"):
-        Encoder(EncoderConfig(model=WhisperModel(d_model=512)), range(0, 8), 8).setup(CPU)
+        Encoder(EncoderConfig(model=WhisperModel(d_model=512)), range(0, 12), 12).setup(CPU)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mmpipe.runtime.dist_wire import HEAD_BYTES, total_of
+from mmpipe.runtime.dist_wire import HEAD_BYTES, total_size
 
 _RANK = struct.Struct("<I")
 _NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)  # Linux, the only place these sockets are used
@@ -95,13 +95,15 @@ def recv_exact(sock: socket.socket, view: memoryview) -> None:
 
 
 def read_message(sock: socket.socket) -> torch.Tensor:
-    """One whole message (``dist_wire`` layout) from ``sock``, in a fresh buffer."""
-    head = torch.empty(HEAD_BYTES, dtype=torch.uint8)
-    recv_exact(sock, head.numpy().data)
-    buf = torch.empty(total_of(head), dtype=torch.uint8)
-    buf[:HEAD_BYTES].copy_(head)
-    recv_exact(sock, buf.numpy().data[HEAD_BYTES:])
-    return buf
+    """One whole message (``dist_wire`` layout) from ``sock``, in a fresh buffer (a
+    bytearray under one tensor: no torch op per message but the last; each costs
+    microseconds, and a receiver runs one per message)."""
+    head = bytearray(HEAD_BYTES)
+    recv_exact(sock, memoryview(head))
+    raw = bytearray(total_size(head))
+    raw[:HEAD_BYTES] = head
+    recv_exact(sock, memoryview(raw)[HEAD_BYTES:])
+    return torch.frombuffer(raw, dtype=torch.uint8)
 
 
 def write_message(sock: socket.socket, buf: torch.Tensor) -> None:

@@ -111,7 +111,12 @@ def encode(msg: Any, nccl_to: str | None = None) -> tuple[torch.Tensor, list[tor
 
 def total_of(frame: torch.Tensor) -> int:
     """Total message size, read from the first bytes of a received frame."""
-    return int(_HEAD.unpack(bytes(frame[: _HEAD.size].numpy()))[0])
+    return total_size(frame.numpy())
+
+
+def total_size(head: Any) -> int:
+    """Total message size, read from a buffer holding (at least) a message's first bytes."""
+    return int(_HEAD.unpack_from(head)[0])
 
 
 GpuRecv = Callable[[int, str, tuple[int, ...], str], torch.Tensor]
@@ -120,11 +125,11 @@ GpuRecv = Callable[[int, str, tuple[int, ...], str], torch.Tensor]
 def decode(buf: torch.Tensor, copy: bool, gpu: GpuRecv | None = None) -> Any:
     """The message in ``buf`` (the whole message). ``copy``: the buffer will be reused,
     so tensors are copied out of it; otherwise they are views into it."""
-    raw = buf.numpy()
-    total, hlen = _HEAD.unpack(bytes(raw[: _HEAD.size]))
-    header = bytes(raw[_HEAD.size: _HEAD.size + hlen])
-    (tlen,) = struct.unpack("<Q", header[:8])
-    metas = pickle.loads(header[8: 8 + tlen])
+    raw = memoryview(buf.numpy())  # the header is read through it: no copies
+    total, hlen = _HEAD.unpack_from(raw)
+    (tlen,) = struct.unpack_from("<Q", raw, _HEAD.size)
+    a = _HEAD.size + 8
+    metas = pickle.loads(raw[a: a + tlen])
     data_start = _align(_HEAD.size + hlen)
     tensors = []
     for dtype, shape, off, nb in metas:
@@ -136,6 +141,6 @@ def decode(buf: torch.Tensor, copy: bool, gpu: GpuRecv | None = None) -> Any:
         tensors.append(t.clone() if copy else t)
     _LOCAL.tensors, _LOCAL.gpu = tensors, gpu
     try:
-        return pickle.loads(header[8 + tlen:])
+        return pickle.loads(raw[a + tlen: _HEAD.size + hlen])
     finally:
         _LOCAL.tensors, _LOCAL.gpu = [], None

@@ -4,9 +4,10 @@ layer, continuous batching), word alignment (``whisper.align``: one extra decode
 after the loop) and detokenize (text, segments with their decoding statistics and words,
 stitching of long audio).
 
-The math lives in ``whisper_model`` (weights, layers), ``whisper_decode`` / ``whisper_search``
-(the decoding step, token search), ``whisper_align`` (DTW alignment) and ``whisper_text``
-(segments, stitching); they import torch, so they are imported inside ``setup``/``forward``.
+The math lives in ``whisper_model`` (weights), ``whisper_layers`` (layer blocks),
+``whisper_decode`` / ``whisper_search`` (the decoding step, token search), ``whisper_align``
+(DTW alignment) and ``whisper_text`` (segments, stitching); they import torch, so they are
+imported inside ``setup``/``forward``.
 """
 from __future__ import annotations
 
@@ -65,7 +66,8 @@ class Encoder(Weights, NodeKind[EncoderConfig]):
         return model_checks(cfg.model)
 
     def setup(self, device: Any, dtype: Any = None) -> None:
-        from mmpipe.graphs.whisper_model import Loader, encoder_part
+        from mmpipe.graphs.whisper_layers import encoder_part
+        from mmpipe.graphs.whisper_model import Loader
 
         super().setup(device, dtype)
         files = self._files()
@@ -78,21 +80,20 @@ class Encoder(Weights, NodeKind[EncoderConfig]):
     def forward(self, x: Batch, meta: list[ItemMeta]) -> Batch:
         import torch
 
-        from mmpipe.graphs.whisper_model import EncoderState, HeadGroups, encoder_stem
+        from mmpipe.graphs.whisper_layers import EncoderState, HeadGroups, encoder_stem
 
         with torch.inference_mode():
             s: EncoderState
             if self.stem is not None:
                 s = encoder_stem(x["features"].to(self._dtype()), *self.stem)
             else:
-                s = HeadGroups(x["h"], x["qkv"], x["a"]) if "qkv" in x else x["h"]
+                s = HeadGroups.from_batch(x)
             for layer in self.layers:
                 s = layer(s, self.heads)
             if self.norm is not None:
                 assert isinstance(s, torch.Tensor)  # the last part is a feed-forward block
                 return {"hidden": self.norm(s)}
-            # the runtime hands on dicts of tensors: a layer cut between its head groups as three
-            return {"h": s.h, "qkv": s.qkv, "a": s.a} if isinstance(s, HeadGroups) else {"h": s}
+            return HeadGroups.to_batch(s)
 
 
 @dataclass(kw_only=True)

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from mmpipe.graphs.base import UserError
-from mmpipe.graphs.whisper_model import DecoderLayer, Loader, WhisperFiles
+from mmpipe.graphs.whisper_layers import DecoderLayer
+from mmpipe.graphs.whisper_model import Loader, WhisperFiles
 
 TOKENS_PER_SECOND = 50  # encoder frames per second
 MEDIAN_WIDTH = 7

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mmpipe.graphs.whisper_model import DecoderBlock, DecoderCross, DecoderSelf, Linear, Loader, Norm, WhisperFiles, decoder_block
+from mmpipe.graphs.whisper_layers import DecoderBlock, DecoderCross, DecoderSelf, decoder_block
+from mmpipe.graphs.whisper_model import Linear, Loader, Norm, WhisperFiles
 
 # Carry keys that hold one entry per window (see whisper_search.Feed); "h" is the packed state.
 ROW_KEYS = ("feed", "n", "pos", "rows", "src", "sot")

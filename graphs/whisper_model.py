@@ -1,4 +1,5 @@
-"""Whisper weights for pipeline pieces: path resolution, per-tensor loading, layer math.
+"""Whisper weights for pipeline pieces: path resolution, per-tensor loading, and the
+linear and norm structs a ``Loader`` makes (the layer blocks are in ``whisper_layers``).
 
 A piece loads only the tensors of its own layers, straight from the safetensors
 file(s), so a 4-stage split never holds (or reads) the whole model 4 times.
@@ -7,9 +8,6 @@ dtype): two pieces on one device that both need the token embedding (the first
 decoder piece embeds, the last one projects to logits) hold one copy, and a
 tensor no piece uses any more is freed.
 
-The layer math mirrors ``transformers``' Whisper modules (q scaled before the
-attention product, sdpa with scale 1, erf GELU, LayerNorm eps 1e-5) so that
-greedy token ids equal ``WhisperForConditionalGeneration.generate``.
 Imported lazily (it imports torch at module level).
 """
 from __future__ import annotations
@@ -19,13 +17,12 @@ import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from mmpipe.graphs.base import UserError
-from mmpipe.graphs.whisper_common import DECODER_BLOCKS, ENCODER_BLOCKS
 
 LN_EPS = 1e-5
 _LOCK = threading.RLock()
@@ -288,172 +285,3 @@ class Loader:
             bs.append(self.t(f"{p}.{n}.bias") if self.files.has(f"{p}.{n}.bias") else torch.zeros(w.shape[0], device=w.device, dtype=w.dtype))
         w = torch.cat(ws).contiguous()
         return Linear(w, torch.cat(bs).contiguous(), pack(w) if can_pack(self.device, self.dtype) else None)
-
-
-def self_attention(ld: Loader, p: str) -> tuple[Norm, Linear]:
-    """The pre-norm and fused q/k/v projection of layer ``p``'s self-attention (the same
-    tensor names in encoder and decoder layers; its output projection is ``attention_out``)."""
-    return ld.norm(f"{p}.self_attn_layer_norm"), ld.fused(f"{p}.self_attn", ("q_proj", "k_proj", "v_proj"))
-
-
-def attention_out(ld: Loader, p: str) -> Linear:
-    """The output projection of layer ``p``'s self-attention."""
-    return ld.linear(f"{p}.self_attn.out_proj")
-
-
-@dataclass
-class HeadGroups:
-    """An encoder layer stopped between its two attention head groups: what the second needs."""
-
-    h: torch.Tensor  # the layer's input (for the residual)
-    qkv: torch.Tensor  # the fused q/k/v projection of ln1(h), [B, T, 3D]
-    a: torch.Tensor  # attention over the first head group, [B, T, H//2, dh]
-
-
-# Between two encoder parts: hidden states [B, T, D], or a layer cut between its head groups.
-EncoderState = torch.Tensor | HeadGroups
-
-
-def attend(qkv: torch.Tensor, heads: int, lo: int, hi: int) -> torch.Tensor:
-    """Self-attention over heads [lo, hi) of a fused q/k/v projection -> [B, T, hi - lo, dh]
-    (sdpa's CPU output is laid out so: contiguous, nothing to copy when it is handed on).
-
-    sdpa computes each head on its own, so the groups' results are bitwise those of one
-    call over all heads (checked for tiny.en, odd head counts, 1 and 2 threads)."""
-    B, T, D3 = qkv.shape
-    dh = D3 // 3 // heads
-    q, k, v = (x.view(B, T, heads, dh)[:, :, lo:hi].transpose(1, 2) for x in qkv.split(D3 // 3, dim=-1))
-    return F.scaled_dot_product_attention(q * dh**-0.5, k, v, scale=1.0).transpose(1, 2)
-
-
-@dataclass
-class FirstHeads:
-    """Encoder part 3i: layer i's pre-norm, fused q/k/v projection and the attention of its
-    first head group (heads [0, H//2)); the layer's attention is cut in two so that stages
-    can be balanced finer than its largest block."""
-
-    ln1: Norm
-    qkv: Linear
-
-    @classmethod
-    def load(cls, ld: Loader, i: int) -> "FirstHeads":
-        return cls(*self_attention(ld, f"model.encoder.layers.{i}"))
-
-    def __call__(self, h: EncoderState, heads: int) -> HeadGroups:
-        assert isinstance(h, torch.Tensor), "a layer's first head group starts from hidden states"
-        qkv = self.qkv(self.ln1(h))
-        return HeadGroups(h, qkv, attend(qkv, heads, 0, heads // 2))
-
-
-@dataclass
-class SecondHeads:
-    """Encoder part 3i + 1: the attention of layer i's second head group (heads [H//2, H)),
-    both groups' outputs through the output projection, and the residual."""
-
-    out: Linear
-
-    @classmethod
-    def load(cls, ld: Loader, i: int) -> "SecondHeads":
-        return cls(attention_out(ld, f"model.encoder.layers.{i}"))
-
-    def __call__(self, s: EncoderState, heads: int) -> torch.Tensor:
-        assert isinstance(s, HeadGroups), "a layer's second head group follows its first"
-        B, T, D = s.h.shape
-        # both groups side by side in one copy: [B, T, H, dh] is [B, T, D] as the projection reads it
-        a = torch.cat([s.a, attend(s.qkv, heads, heads // 2, heads)], dim=2).reshape(B, T, D)
-        return s.h + self.out(a)
-
-
-@dataclass
-class FeedForward:
-    """The feed-forward block of a pre-norm layer and its residual (the third part of an
-    encoder or a decoder layer)."""
-
-    ln: Norm
-    fc1: Linear
-    fc2: Linear
-
-    @classmethod
-    def load(cls, ld: Loader, p: str) -> Self:
-        return cls(ld.norm(f"{p}.final_layer_norm"), ld.linear(f"{p}.fc1"), ld.linear(f"{p}.fc2"))
-
-    def __call__(self, h: torch.Tensor, heads: int = 0) -> torch.Tensor:
-        return h + self.fc2(self.fc1.gelu(self.ln(h)))
-
-
-class EncoderFeedForward(FeedForward):
-    """Encoder part 3i + 2: layer i's feed-forward block (starts from hidden states)."""
-
-    def __call__(self, h: EncoderState, heads: int = 0) -> torch.Tensor:
-        assert isinstance(h, torch.Tensor), "a feed-forward block starts from hidden states"
-        return super().__call__(h)
-
-
-EncoderPart = FirstHeads | SecondHeads | EncoderFeedForward
-
-
-def encoder_part(ld: Loader, part: int) -> EncoderPart:
-    """Encoder part ``part``: block part % 3 of layer part // 3 (first head group, second
-    head group with the output projection, feed-forward)."""
-    i, k = divmod(part, ENCODER_BLOCKS)
-    return FirstHeads.load(ld, i) if k == 0 else SecondHeads.load(ld, i) if k == 1 else EncoderFeedForward.load(ld, f"model.encoder.layers.{i}")
-
-
-@dataclass
-class DecoderSelf:
-    """A decoder layer's self-attention weights (its first part; the step's math is in whisper_decode)."""
-
-    ln1: Norm
-    qkv: Linear
-    out: Linear
-
-    @classmethod
-    def load(cls, ld: Loader, i: int) -> "DecoderSelf":
-        p = f"model.decoder.layers.{i}"
-        return cls(*self_attention(ld, p), attention_out(ld, p))
-
-
-@dataclass
-class DecoderCross:
-    """A decoder layer's cross-attention weights (its second part)."""
-
-    ln2: Norm
-    xq: Linear
-    xkv: Linear
-    xout: Linear
-
-    @classmethod
-    def load(cls, ld: Loader, i: int) -> "DecoderCross":
-        p = f"model.decoder.layers.{i}"
-        return cls(ld.norm(f"{p}.encoder_attn_layer_norm"), ld.linear(f"{p}.encoder_attn.q_proj"),
-                   ld.fused(f"{p}.encoder_attn", ("k_proj", "v_proj")), ld.linear(f"{p}.encoder_attn.out_proj"))
-
-
-DecoderBlock = DecoderSelf | DecoderCross | FeedForward
-
-
-def decoder_block(ld: Loader, part: int) -> DecoderBlock:
-    """Decoder part ``part``: block part % 3 of layer part // 3."""
-    i, k = divmod(part, DECODER_BLOCKS)
-    return DecoderSelf.load(ld, i) if k == 0 else DecoderCross.load(ld, i) if k == 1 else FeedForward.load(ld, f"model.decoder.layers.{i}")
-
-
-@dataclass
-class DecoderLayer:
-    """All three blocks of decoder layer ``i`` (word alignment runs whole layers)."""
-
-    self_attn: DecoderSelf
-    cross: DecoderCross
-    mlp: FeedForward
-
-    @classmethod
-    def load(cls, ld: Loader, i: int) -> "DecoderLayer":
-        return cls(DecoderSelf.load(ld, i), DecoderCross.load(ld, i), FeedForward.load(ld, f"model.decoder.layers.{i}"))
-
-
-def encoder_stem(features: torch.Tensor, conv1: Linear, conv2: Linear, positions: torch.Tensor) -> torch.Tensor:
-    """Log-mel [B, n_mels, 3000] -> conv stem + sinusoid positions [B, 1500, D]."""
-    x = F.gelu(F.conv1d(features, conv1.w, conv1.b, padding=1))
-    x = F.gelu(F.conv1d(x, conv2.w, conv2.b, stride=2, padding=1))
-    x = x.permute(0, 2, 1)
-    return x + positions[: x.shape[1]]

@@ -126,7 +126,7 @@ def decode(buf: torch.Tensor, copy: bool, gpu: GpuRecv | None = None) -> Any:
     """The message in ``buf`` (the whole message). ``copy``: the buffer will be reused,
     so tensors are copied out of it; otherwise they are views into it."""
     raw = buf.numpy().data  # a memoryview: the header is read through it, no copies
-    total, hlen = _HEAD.unpack_from(raw)
+    _, hlen = _HEAD.unpack_from(raw)
     (tlen,) = struct.unpack_from("<Q", raw, _HEAD.size)
     a = _HEAD.size + 8
     metas = pickle.loads(raw[a: a + tlen])

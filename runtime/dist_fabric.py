@@ -40,8 +40,10 @@ def _wire(pkt: Packet) -> tuple[Any, ...]:
 
 def _unwire(t: tuple[Any, ...], device: str) -> Packet:
     items, values, mb, carry, group, isolated, gens = t
-    return Packet(items, to_device(values, device), mb=mb, carry=to_device(carry, device) if carry is not None else None,
-                  group=group, isolated=isolated, gens=gens)
+    if device != "cpu":  # tensors off the wire are on the host (NCCL's already on ``device``): a GPU needs a move
+        values = to_device(values, device)
+        carry = to_device(carry, device) if carry is not None else None
+    return Packet(items, values, mb=mb, carry=carry, group=group, isolated=isolated, gens=gens)
 
 
 class DistFabric(Fabric):

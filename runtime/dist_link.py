@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from mmpipe.runtime.channels import SLICE_S, Stopped
-from mmpipe.runtime.dist_local import read_message, write_message
+from mmpipe.runtime.dist_local import Reader, write_message
 from mmpipe.runtime.dist_wire import FRAME, GpuRecv, decode, encode, total_of
 
 HEARTBEAT_S = 1.0
@@ -224,10 +224,11 @@ class Link:
         frame = torch.empty(FRAME, dtype=torch.uint8)
         gpu_recv = self._gpu_receiver(peer) if self.nccl is not None and peer in self.nccl_peers else None
         sock = self.local.get(peer)
+        reader = Reader(sock) if sock is not None else None
         while not self.closing.is_set():
             try:
-                if sock is not None:
-                    msg = decode(read_message(sock), copy=False, gpu=gpu_recv)
+                if reader is not None:
+                    msg = decode(reader.read(), copy=False, gpu=gpu_recv)
                 else:
                     dist.recv(frame, src=peer)
                     total = total_of(frame)

@@ -7,8 +7,10 @@ compute step ran at 3.6 ms per step over gloo and at 2.5 ms over a stream socket
 (``benchmarks/distributed.py``'s hop table measures mmpipe's own). So ranks that
 share a kernel and a network namespace (hence the abstract socket namespace)
 exchange the link's messages over one stream socket per pair: the sender writes
-a message in one ``sendall``, the receiving thread reads its header, then the
-rest straight into the buffer its tensors will view. Everything else (the
+a message in one ``sendall``; the receiving thread's ``Reader`` takes whatever
+has arrived in one receive (usually the whole message, often the next ones
+too) and reads the rest of a long one straight into the buffer its tensors
+will view. Everything else (the
 launch, rendezvous, collectives at start-up, NCCL between GPUs, and messages to
 other hosts) stays on torch.distributed.
 """
@@ -25,7 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mmpipe.runtime.dist_wire import HEAD_BYTES, total_size
+from mmpipe.runtime.dist_wire import FRAME, HEAD_BYTES, total_size
 
 _RANK = struct.Struct("<I")
 _NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)  # Linux, the only place these sockets are used
@@ -94,16 +96,50 @@ def recv_exact(sock: socket.socket, view: memoryview) -> None:
         got += k
 
 
-def read_message(sock: socket.socket) -> torch.Tensor:
-    """One whole message (``dist_wire`` layout) from ``sock``, in a fresh buffer (a
-    bytearray under one tensor: no torch op per message but the last; each costs
-    microseconds, and a receiver runs one per message)."""
-    head = bytearray(HEAD_BYTES)
-    recv_exact(sock, memoryview(head))
-    raw = bytearray(total_size(head))
-    raw[:HEAD_BYTES] = head
-    recv_exact(sock, memoryview(raw)[HEAD_BYTES:])
-    return torch.frombuffer(raw, dtype=torch.uint8)
+class Reader:
+    """Whole messages (``dist_wire`` layout) from one socket, each in a fresh bytearray.
+
+    One ``recv`` usually brings a small message whole (and often the next ones), so a
+    receiver makes one system call per message or fewer; a longer one's rest is read
+    straight into its own buffer, which its tensors then view (no copy)."""
+
+    def __init__(self, sock: socket.socket, size: int = FRAME) -> None:
+        self.sock = sock
+        self.buf = bytearray(size)
+        self.view = memoryview(self.buf)
+        self.lo = self.hi = 0  # the bytes received and not yet handed out
+
+    def read(self) -> bytearray:
+        if self.hi - self.lo < HEAD_BYTES:
+            self._fill(HEAD_BYTES)
+        total = total_size(self.view[self.lo: self.lo + HEAD_BYTES])
+        have = self.hi - self.lo
+        if total <= have:
+            out = self.buf[self.lo: self.lo + total]
+            self.lo += total
+            return out
+        out = bytearray(total)
+        out[:have] = self.view[self.lo: self.hi]
+        self.lo = self.hi = 0
+        if total - have <= len(self.buf) // 2:  # the rest is small: it may bring the next message too
+            self._fill(total - have)
+            out[have:] = self.view[: total - have]
+            self.lo = total - have
+        else:
+            recv_exact(self.sock, memoryview(out)[have:])
+        return out
+
+    def _fill(self, need: int) -> None:
+        """Receive until ``need`` bytes are held (moving what is held to the front first)."""
+        if self.lo:
+            held = self.hi - self.lo
+            self.buf[:held] = self.view[self.lo: self.hi]
+            self.lo, self.hi = 0, held
+        while self.hi < need:
+            k = self.sock.recv_into(self.view[self.hi:])
+            if k == 0:
+                raise ConnectionError("connection closed by peer")
+            self.hi += k
 
 
 def write_message(sock: socket.socket, buf: torch.Tensor) -> None:

@@ -2,10 +2,10 @@
 
 A message is any picklable Python value (a tuple ``(kind, ...)``). Tensors
 inside it, at any depth, are not pickled: the pickler replaces each with a
-reference (dtype, shape, offset) and their bytes follow the header, aligned,
-in one buffer. Dynamic shapes, dicts of tensors and non-tensor values (strings,
-lists, item metadata) all travel; nothing is preallocated from an earlier
-message. Layout::
+reference (dtype, shape, byte offset and size) and their bytes follow the
+header, aligned, in one buffer. Dynamic shapes, dicts of tensors and non-tensor
+values (strings, lists, item metadata) all travel; nothing is preallocated from
+an earlier message. Layout::
 
     [u64 total bytes][u64 header bytes][header pickle][pad][tensor bytes, each 64-aligned]
 
@@ -14,6 +14,11 @@ send); a longer message sends its remainder as a second part of exact size,
 into which its tensors are then views (no copy). Tensors on a GPU that the
 peer reaches over NCCL are left out of the buffer (a reference with dtype,
 shape and the receiver's device) and sent after it on an NCCL group.
+
+A receiver handles every message of its peer, and on a busy host each one
+costs it a context switch with cold caches: so both ends keep to few Python
+and torch calls per message (one pickle each way, no table of tensors apart
+from the references inside it).
 """
 from __future__ import annotations
 
@@ -31,47 +36,77 @@ FRAME = 1 << 16  # bytes of the first (fixed-size) receive
 ALIGN = 64
 _HEAD = struct.Struct("<QQ")
 HEAD_BYTES = _HEAD.size  # a message's first bytes: its total size and header size
+_DTYPES: dict[str, torch.dtype] = {}  # "float32" -> torch.float32 (filled as met)
+_NAMES: dict[torch.dtype, str] = {}  # and back
 
 
 def _align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-_LOCAL = threading.local()  # the tensors of the message being decoded (this thread)
+class _State(threading.local):
+    """The message this thread is encoding or decoding (the picklers' hooks read it)."""
+
+    tensors: list[torch.Tensor]  # encoding: host tensors in buffer order
+    size: int = 0  # encoding: their bytes so far, aligned
+    gpu: list[torch.Tensor]  # encoding: tensors for NCCL
+    nccl_to: str | None = None
+    raw: Any = None  # decoding: the buffer (bytes-like) the tensors view
+    base: int = 0  # decoding: where the tensor bytes start in it
+    copy: bool = False
+    gpu_recv: "GpuRecv | None" = None
 
 
-def _tensor(i: int) -> torch.Tensor:
-    t: torch.Tensor = _LOCAL.tensors[i]
-    return t
+_S = _State()
+
+
+def _reduce(t: torch.Tensor) -> Any:
+    if t.is_cuda and _S.nccl_to is not None:
+        g = t.detach().contiguous()
+        _S.gpu.append(g)
+        return _gpu_tensor, (len(_S.gpu) - 1, _name(g.dtype), tuple(g.shape), _S.nccl_to)
+    if not t.is_cpu:
+        t = t.detach().cpu()  # host staging for gloo and sockets
+    if not t.is_contiguous():
+        t = t.contiguous()
+    off, nb = _S.size, t.nbytes
+    _S.tensors.append(t)
+    _S.size = _align(off + nb)
+    return _tensor, (_name(t.dtype), tuple(t.shape), off, nb)
+
+
+_TABLE = copyreg.dispatch_table.copy()  # a C-level lookup: no Python call for other objects
+_TABLE[torch.Tensor] = _reduce
+_TABLE[torch.nn.Parameter] = _reduce
+
+
+def _name(dtype: torch.dtype) -> str:
+    name = _NAMES.get(dtype)
+    if name is None:
+        name = _NAMES[dtype] = str(dtype)[6:]
+    return name
+
+
+def _dtype(name: str) -> torch.dtype:
+    dt = _DTYPES.get(name)
+    if dt is None:
+        dt = _DTYPES[name] = getattr(torch, name)
+    return dt
+
+
+def _tensor(dtype: str, shape: tuple[int, ...], off: int, nb: int) -> torch.Tensor:
+    dt = _dtype(dtype)
+    if nb == 0:
+        return torch.empty(shape, dtype=dt)
+    t = torch.frombuffer(_S.raw, dtype=dt, count=nb // dt.itemsize, offset=_S.base + off).view(shape)
+    return t.clone() if _S.copy else t
 
 
 def _gpu_tensor(i: int, dtype: str, shape: tuple[int, ...], device: str) -> torch.Tensor:
-    if _LOCAL.gpu is None:
+    if _S.gpu_recv is None:
         raise pickle.UnpicklingError("a GPU tensor came without an NCCL receiver")
-    t: torch.Tensor = _LOCAL.gpu(i, dtype, shape, device)
+    t: torch.Tensor = _S.gpu_recv(i, dtype, shape, device)
     return t
-
-
-class _Pickler(pickle.Pickler):
-    """Pickles tensors as references into the message's tensor list (a C-level
-    dispatch-table lookup: no Python call for the other objects)."""
-
-    def __init__(self, f: io.BytesIO, nccl_to: str | None) -> None:
-        super().__init__(f, protocol=pickle.HIGHEST_PROTOCOL)
-        self.tensors: list[torch.Tensor] = []
-        self.gpu: list[torch.Tensor] = []
-        self.nccl_to = nccl_to
-        self.dispatch_table = copyreg.dispatch_table.copy()
-        self.dispatch_table[torch.Tensor] = self._reduce
-        self.dispatch_table[torch.nn.Parameter] = self._reduce
-
-    def _reduce(self, obj: torch.Tensor) -> Any:
-        t = obj.detach()
-        if t.device.type == "cuda" and self.nccl_to is not None:
-            self.gpu.append(t.contiguous())
-            return _gpu_tensor, (len(self.gpu) - 1, str(t.dtype)[6:], tuple(t.shape), self.nccl_to)
-        self.tensors.append(t)
-        return _tensor, (len(self.tensors) - 1,)
 
 
 def encode(msg: Any, nccl_to: str | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -79,34 +114,30 @@ def encode(msg: Any, nccl_to: str | None = None) -> tuple[torch.Tensor, list[tor
 
     ``nccl_to``: the receiver's GPU (``cuda:N`` on its host) when GPU tensors go over
     NCCL; otherwise they are copied to host memory into the buffer."""
+    _S.tensors, _S.size, _S.gpu, _S.nccl_to = [], 0, [], nccl_to
     f = io.BytesIO()
-    p = _Pickler(f, nccl_to)
-    p.dump(msg)
-    cpu = [t if t.device.type == "cpu" else t.cpu() for t in p.tensors]  # host staging for gloo
-    cpu = [t if t.is_contiguous() else t.contiguous() for t in cpu]
-    metas = []
-    off = 0
-    for t in cpu:
-        nb = t.numel() * t.element_size()
-        metas.append((str(t.dtype)[6:], tuple(t.shape), off, nb))
-        off = _align(off + nb)
-    table = pickle.dumps(metas, protocol=pickle.HIGHEST_PROTOCOL)
-    body = f.getvalue()
-    hlen = 8 + len(table) + len(body)
+    p = pickle.Pickler(f, protocol=pickle.HIGHEST_PROTOCOL)
+    p.dispatch_table = _TABLE
+    try:
+        p.dump(msg)
+        tensors, size, gpu = _S.tensors, _S.size, _S.gpu
+    finally:
+        _S.tensors, _S.gpu = [], []
+    body = f.getbuffer()
+    hlen = len(body)
     data_start = _align(_HEAD.size + hlen)
-    total = data_start + off
-    raw = bytearray(total)
-    _HEAD.pack_into(raw, 0, total, hlen)
-    struct.pack_into("<Q", raw, _HEAD.size, len(table))
-    a = _HEAD.size + 8
-    raw[a: a + len(table)] = table
-    raw[a + len(table): a + len(table) + len(body)] = body
-    if cpu:
-        base = ctypes.addressof(ctypes.c_char.from_buffer(raw))
-        for t, (_, _, o, nb) in zip(cpu, metas):
+    raw = bytearray(data_start + size)
+    _HEAD.pack_into(raw, 0, data_start + size, hlen)
+    raw[_HEAD.size: _HEAD.size + hlen] = body
+    if tensors:
+        base = ctypes.addressof(ctypes.c_char.from_buffer(raw)) + data_start
+        off = 0
+        for t in tensors:
+            nb = t.numel() * t.element_size()
             if nb:
-                ctypes.memmove(base + data_start + o, t.data_ptr(), nb)
-    return torch.frombuffer(raw, dtype=torch.uint8), p.gpu
+                ctypes.memmove(base + off, t.data_ptr(), nb)
+            off = _align(off + nb)
+    return torch.frombuffer(raw, dtype=torch.uint8), gpu
 
 
 def total_of(frame: torch.Tensor) -> int:
@@ -122,25 +153,14 @@ def total_size(head: Any) -> int:
 GpuRecv = Callable[[int, str, tuple[int, ...], str], torch.Tensor]
 
 
-def decode(buf: torch.Tensor, copy: bool, gpu: GpuRecv | None = None) -> Any:
-    """The message in ``buf`` (the whole message). ``copy``: the buffer will be reused,
-    so tensors are copied out of it; otherwise they are views into it."""
-    raw = buf.numpy().data  # a memoryview: the header is read through it, no copies
+def decode(buf: Any, copy: bool, gpu: GpuRecv | None = None) -> Any:
+    """The message in ``buf`` (the whole message: a uint8 tensor or a bytearray). ``copy``:
+    the buffer will be reused, so tensors are copied out of it; otherwise they are views
+    into it."""
+    raw: memoryview | bytearray = buf.numpy().data if isinstance(buf, torch.Tensor) else buf
     _, hlen = _HEAD.unpack_from(raw)
-    (tlen,) = struct.unpack_from("<Q", raw, _HEAD.size)
-    a = _HEAD.size + 8
-    metas = pickle.loads(raw[a: a + tlen])
-    data_start = _align(_HEAD.size + hlen)
-    tensors = []
-    for dtype, shape, off, nb in metas:
-        dt = getattr(torch, dtype)
-        if nb == 0:
-            tensors.append(torch.empty(shape, dtype=dt))
-            continue
-        t = buf[data_start + off: data_start + off + nb].view(dt).reshape(shape)
-        tensors.append(t.clone() if copy else t)
-    _LOCAL.tensors, _LOCAL.gpu = tensors, gpu
+    _S.raw, _S.base, _S.copy, _S.gpu_recv = raw, _align(_HEAD.size + hlen), copy, gpu
     try:
-        return pickle.loads(raw[a + tlen: _HEAD.size + hlen])
+        return pickle.loads(memoryview(raw)[_HEAD.size: _HEAD.size + hlen])
     finally:
-        _LOCAL.tensors, _LOCAL.gpu = [], None
+        _S.raw, _S.gpu_recv = None, None

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from mmpipe.graphs.base import ItemMeta
-from mmpipe.runtime.dist_local import host_key, open_local, read_message, write_message
+from mmpipe.runtime.dist_local import Reader, host_key, open_local, write_message
 from mmpipe.runtime.dist_wire import decode, encode
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -28,7 +28,8 @@ def test_messages_cross_a_socket_whole_and_in_order() -> None:
     msgs = [("put", (1, 0), {"h": big, "ids": torch.tensor([3, 4])}, [ItemMeta("r1", 0, 1, {"seed": 7})]),
             ("hb",), ("collect", {"text": "hi", "empty": torch.empty(0, 3)}, [1.5, None])]
     got: list[Any] = []
-    reader = threading.Thread(target=lambda: got.extend(decode(read_message(b), copy=False) for _ in msgs))
+    rb = Reader(b)
+    reader = threading.Thread(target=lambda: got.extend(decode(rb.read(), copy=False) for _ in msgs))
     reader.start()
     for m in msgs:
         write_message(a, encode(m)[0])
@@ -44,7 +45,7 @@ def test_a_closed_peer_is_a_connection_error() -> None:
     write_message(a, encode(("hb",))[0][:10])  # half a header, then the peer is gone
     a.close()
     with pytest.raises(ConnectionError):
-        read_message(b)
+        Reader(b).read()
 
 
 def test_a_gone_peer_is_an_error_not_a_sigpipe() -> None:
@@ -78,11 +79,11 @@ def _rank(rank: int, world: int, store: str, enabled: list[bool], out: Any) -> N
     for k, s in socks.items():  # each pair: the lower rank says hello first
         if k > rank:
             write_message(s, encode(("hello", rank))[0])
-    heard = {k: decode(read_message(s), copy=False) for k, s in socks.items() if k < rank}
+    heard = {k: decode(Reader(s).read(), copy=False) for k, s in socks.items() if k < rank}
     for k, s in socks.items():
         if k < rank:
             write_message(s, encode(("back", rank))[0])
-    back = {k: decode(read_message(s), copy=False) for k, s in socks.items() if k > rank}
+    back = {k: decode(Reader(s).read(), copy=False) for k, s in socks.items() if k > rank}
     out.put((rank, sorted(socks), heard, back))
     dist.destroy_process_group()
 

@@ -76,8 +76,8 @@ class FirstHeads:
     qkv: Linear
 
     @classmethod
-    def load(cls, ld: Loader, i: int) -> "FirstHeads":
-        return cls(*self_attention(ld, f"model.encoder.layers.{i}"))
+    def load(cls, ld: Loader, p: str) -> "FirstHeads":
+        return cls(*self_attention(ld, p))
 
     def __call__(self, h: EncoderState, heads: int) -> HeadGroups:
         assert isinstance(h, torch.Tensor), "a layer's first head group starts from hidden states"
@@ -93,8 +93,8 @@ class SecondHeads:
     out: Linear
 
     @classmethod
-    def load(cls, ld: Loader, i: int) -> "SecondHeads":
-        return cls(attention_out(ld, f"model.encoder.layers.{i}"))
+    def load(cls, ld: Loader, p: str) -> "SecondHeads":
+        return cls(attention_out(ld, p))
 
     def __call__(self, s: EncoderState, heads: int) -> torch.Tensor:
         assert isinstance(s, HeadGroups), "a layer's second head group follows its first"
@@ -130,13 +130,22 @@ class EncoderFeedForward(FeedForward):
 
 
 EncoderPart = FirstHeads | SecondHeads | EncoderFeedForward
+ENCODER_PARTS = (FirstHeads, SecondHeads, EncoderFeedForward)  # a layer's parts, in order
+assert len(ENCODER_PARTS) == ENCODER_BLOCKS
+
+
+def _layer_part(ld: Loader, part: int, layers: str, blocks: tuple[Any, ...]) -> Any:
+    """Part ``part`` of a stack whose layers are ``blocks`` in order: block part % len of
+    layer part // len, loaded from ``{layers}.{layer}``."""
+    i, k = divmod(part, len(blocks))
+    return blocks[k].load(ld, f"{layers}.{i}")
 
 
 def encoder_part(ld: Loader, part: int) -> EncoderPart:
-    """Encoder part ``part``: block part % 3 of layer part // 3 (first head group, second
-    head group with the output projection, feed-forward)."""
-    i, k = divmod(part, ENCODER_BLOCKS)
-    return FirstHeads.load(ld, i) if k == 0 else SecondHeads.load(ld, i) if k == 1 else EncoderFeedForward.load(ld, f"model.encoder.layers.{i}")
+    """Encoder part ``part`` (first head group, second head group with the output
+    projection, feed-forward of layer part // 3)."""
+    block: EncoderPart = _layer_part(ld, part, "model.encoder.layers", ENCODER_PARTS)
+    return block
 
 
 @dataclass
@@ -148,8 +157,7 @@ class DecoderSelf:
     out: Linear
 
     @classmethod
-    def load(cls, ld: Loader, i: int) -> "DecoderSelf":
-        p = f"model.decoder.layers.{i}"
+    def load(cls, ld: Loader, p: str) -> "DecoderSelf":
         return cls(*self_attention(ld, p), attention_out(ld, p))
 
 
@@ -163,19 +171,20 @@ class DecoderCross:
     xout: Linear
 
     @classmethod
-    def load(cls, ld: Loader, i: int) -> "DecoderCross":
-        p = f"model.decoder.layers.{i}"
+    def load(cls, ld: Loader, p: str) -> "DecoderCross":
         return cls(ld.norm(f"{p}.encoder_attn_layer_norm"), ld.linear(f"{p}.encoder_attn.q_proj"),
                    ld.fused(f"{p}.encoder_attn", ("k_proj", "v_proj")), ld.linear(f"{p}.encoder_attn.out_proj"))
 
 
 DecoderBlock = DecoderSelf | DecoderCross | FeedForward
+DECODER_PARTS = (DecoderSelf, DecoderCross, FeedForward)  # a layer's blocks, in order
+assert len(DECODER_PARTS) == DECODER_BLOCKS
 
 
 def decoder_block(ld: Loader, part: int) -> DecoderBlock:
-    """Decoder part ``part``: block part % 3 of layer part // 3."""
-    i, k = divmod(part, DECODER_BLOCKS)
-    return DecoderSelf.load(ld, i) if k == 0 else DecoderCross.load(ld, i) if k == 1 else FeedForward.load(ld, f"model.decoder.layers.{i}")
+    """Decoder part ``part`` (self-attention, cross-attention, feed-forward of layer part // 3)."""
+    block: DecoderBlock = _layer_part(ld, part, "model.decoder.layers", DECODER_PARTS)
+    return block
 
 
 @dataclass
@@ -188,7 +197,8 @@ class DecoderLayer:
 
     @classmethod
     def load(cls, ld: Loader, i: int) -> "DecoderLayer":
-        return cls(DecoderSelf.load(ld, i), DecoderCross.load(ld, i), FeedForward.load(ld, f"model.decoder.layers.{i}"))
+        p = f"model.decoder.layers.{i}"
+        return cls(DecoderSelf.load(ld, p), DecoderCross.load(ld, p), FeedForward.load(ld, p))
 
 
 def encoder_stem(features: torch.Tensor, conv1: Linear, conv2: Linear, positions: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,7 @@ def _align(n: int) -> int:
 class _State(threading.local):
     """The message this thread is encoding or decoding (the picklers' hooks read it)."""
 
-    tensors: list[torch.Tensor]  # encoding: host tensors in buffer order
+    tensors: list[tuple[int, int, torch.Tensor]]  # encoding: (offset, bytes, host tensor) in buffer order
     size: int = 0  # encoding: their bytes so far, aligned
     gpu: list[torch.Tensor]  # encoding: tensors for NCCL
     nccl_to: str | None = None
@@ -70,7 +70,7 @@ def _reduce(t: torch.Tensor) -> Any:
     if not t.is_contiguous():
         t = t.contiguous()
     off, nb = _S.size, t.nbytes
-    _S.tensors.append(t)
+    _S.tensors.append((off, nb, t))
     _S.size = _align(off + nb)
     return _tensor, (_name(t.dtype), tuple(t.shape), off, nb)
 
@@ -131,12 +131,9 @@ def encode(msg: Any, nccl_to: str | None = None) -> tuple[torch.Tensor, list[tor
     raw[_HEAD.size: _HEAD.size + hlen] = body
     if tensors:
         base = ctypes.addressof(ctypes.c_char.from_buffer(raw)) + data_start
-        off = 0
-        for t in tensors:
-            nb = t.numel() * t.element_size()
+        for off, nb, t in tensors:  # where ``_reduce`` put them
             if nb:
                 ctypes.memmove(base + off, t.data_ptr(), nb)
-            off = _align(off + nb)
     return torch.frombuffer(raw, dtype=torch.uint8), gpu
 
 

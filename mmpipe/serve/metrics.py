@@ -29,7 +29,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("mmpipe_http_requests", "HTTP requests answered, by route and status", ["route", "status"], registry=r)
-        self.latency = Histogram("mmpipe_http_request_seconds", "Time to answer, by route", ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.latency = Histogram("mmpipe_http_request_seconds", "Time to answer (to the last byte of the body), by route", ["route"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue = Gauge("mmpipe_queue_depth", "Requests admitted and not yet answered", registry=r)
         self.in_flight = Gauge("mmpipe_pipeline_in_flight", "Requests inside the pipeline", registry=r)
         self.limit = Gauge("mmpipe_admission_limit", "At most this many requests are admitted (then 503)", registry=r)

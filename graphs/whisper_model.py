@@ -13,6 +13,7 @@ Imported lazily (it imports torch at module level).
 from __future__ import annotations
 
 import json
+import re
 import threading
 import weakref
 from dataclasses import dataclass
@@ -177,16 +178,66 @@ class WhisperFiles:
             return t
 
     def tokenizer(self) -> Any:
+        """What decodes and encodes text: ``decode(ids, skip_special_tokens)`` and
+        ``encode(text, add_special_tokens)``, as transformers' ``WhisperTokenizerFast`` does."""
         with _LOCK:
             if self._tokenizer is None:
-                from transformers import WhisperTokenizerFast
+                self._tokenizer = BareTokenizer.load(self.root)
+                if self._tokenizer is None:
+                    from transformers import WhisperTokenizerFast
 
-                self._tokenizer = WhisperTokenizerFast.from_pretrained(str(self.root))
+                    self._tokenizer = WhisperTokenizerFast.from_pretrained(str(self.root))
             return self._tokenizer
 
     @property
     def tied(self) -> bool:
         return bool(self.config.get("tie_word_embeddings", True)) or not self.has("proj_out.weight")
+
+
+class BareTokenizer:
+    """``WhisperTokenizerFast``'s ``decode`` and ``encode`` on the ``tokenizers`` library
+    alone, from the directory's ``tokenizer.json``: importing transformers and building its
+    tokenizer cost 1.2 s of every Whisper run's start-up, for the two calls the recipes make.
+
+    Decoding does what transformers does for a Whisper BPE vocabulary: with
+    ``skip_special_tokens``, a leading ``<|startofprev|>`` prompt is cut up to
+    ``<|startoftranscript|>``; the vocabulary decodes; timestamp tokens are removed from
+    the text. ``load`` declines (and transformers is used) when the directory asks for
+    more: no ``tokenizer.json``, another model than BPE, or tokenization-space clean-up
+    (which transformers 4 applies; transformers 5 skips it for BPE).
+    ``tests/unit/graphs/test_whisper_tokenizer.py`` compares both on thousands of inputs."""
+
+    TIMESTAMP = re.compile(r"<\|(\d+\.\d+)\|>")
+
+    def __init__(self, tok: Any) -> None:
+        self.tok = tok
+        self.prev = tok.token_to_id("<|startofprev|>")
+        self.start = tok.token_to_id("<|startoftranscript|>")
+
+    @classmethod
+    def load(cls, root: Path) -> "BareTokenizer | None":
+        path, cfg_path = root / "tokenizer.json", root / "tokenizer_config.json"
+        if not path.is_file():
+            return None
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        # absent means no clean-up in every transformers this project allows (>= 4.46)
+        if cfg.get("clean_up_tokenization_spaces", False) or cfg.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output"):
+            return None
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(path))
+        if type(tok.model).__name__ != "BPE":
+            return None
+        return cls(tok)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        ids = [int(i) for i in ids]
+        if skip_special_tokens and ids and ids[0] == self.prev:
+            ids = ids[ids.index(self.start):] if self.start in ids else []
+        return self.TIMESTAMP.sub("", self.tok.decode(ids, skip_special_tokens=skip_special_tokens))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tok.encode(text, add_special_tokens=add_special_tokens).ids)
 
 
 def model_files(path: str) -> WhisperFiles:

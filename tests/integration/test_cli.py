@@ -149,6 +149,26 @@ def test_console_script_and_user_recipe_with_shipped_groups(write_recipe, tmp_pa
     assert len((tmp_path / "o" / "results.jsonl").read_text().splitlines()) == 3
 
 
+def test_the_command_skips_teardown_but_not_threads_or_exit_handlers(tmp_path):
+    """``entry`` leaves with os._exit (no module teardown), after what Python's exit would do
+    that a user can see: non-daemon threads finish, atexit handlers run, output is flushed."""
+    code = ("import atexit, sys, threading, time\n"
+            "import mmpipe.cli as cli\n"
+            "done, real = threading.Event(), cli.main\n"
+            "cli.main = lambda: (real(), done.set())[0]  # the thread outlives the command\n"
+            "atexit.register(lambda: print('exit handler', flush=False))\n"
+            "threading.Thread(target=lambda: (done.wait(), time.sleep(0.2), print('thread done', flush=False))).start()\n"
+            "sys.argv = ['mmpipe', 'validate', 'synthetic']\n"
+            "from mmpipe.__main__ import entry\n"
+            "entry()\n"
+            "print('not reached')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-2:] == ["thread done", "exit handler"]
+    r = subprocess.run([sys.executable, "-c", code.replace("'synthetic'", "'nope'")], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2 and "unknown recipe 'nope'" in r.stderr and "exit handler" in r.stdout
+
+
 def test_summary_records_resolved_model_paths(tmp_path):
     r = mmpipe("run", "whisper_stt", "-q", f"output_dir={tmp_path}")
     assert r.returncode == 0, r.stderr

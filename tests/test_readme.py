@@ -31,6 +31,8 @@ from typing import Iterator
 import pytest
 import yaml
 
+from tests import warm
+
 pytestmark = pytest.mark.slow  # runs Whisper, Stable Diffusion (tiny) and servers as the README does
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,7 +200,9 @@ def serve(cmd: str, cwd: Path) -> None:
 
 
 def env_for(cwd: Path) -> dict[str, str]:
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONPATH=str(cwd))
+    """The commands' environment: this venv's ``mmpipe`` (warm-started, see tests/warm.py)."""
+    first = [d for d in (warm.bin_dir(), str(BIN)) if d]
+    env = dict(os.environ, PATH=os.pathsep.join([*first, os.environ.get("PATH", "")]), PYTHONPATH=str(cwd))
     env.pop("NODE_RANK", None)
     return env
 

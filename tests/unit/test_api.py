@@ -129,3 +129,24 @@ def test_a_pipeline_left_open_is_closed_at_exit(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "terminate called" not in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+
+
+def test_compile_reads_a_dictconfig_without_changing_it_and_keeps_nothing_of_it():
+    """compile() no longer copies a DictConfig first: it must only read it, and the plan must
+    not change when the caller edits the config afterwards."""
+    from omegaconf import OmegaConf
+
+    from mmpipe.api import compile
+    from mmpipe.dsl.load import load_recipe
+
+    cfg = load_recipe("synthetic").cfg
+    before = OmegaConf.to_yaml(cfg)
+    plan = compile(cfg)
+    assert OmegaConf.to_yaml(cfg) == before
+    stages, source = plan.num_stages, dict(plan.source or {})
+    cfg.stages = 1
+    cfg.requests = 3
+    assert plan.num_stages == stages == 4 and plan.source == source
+    assert compile(cfg).num_stages == 1
+    with_override = compile(cfg, ["stages=2"])
+    assert with_override.num_stages == 2 and cfg.stages == 1

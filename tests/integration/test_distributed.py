@@ -26,8 +26,11 @@ CLIPS = ROOT / "tests" / "assets" / "speech"
 
 
 # The ranks (torch's launcher starts them) import tests.unit.runtime.kinds, SYNTH's allow_targets,
-# from this checkout; one intra-op thread per process keeps results bit-equal (see above).
-RANK_ENV = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+# from this checkout; one intra-op thread per process keeps results bit-equal (see above): the
+# threads backend gets it from OMP_NUM_THREADS, the ranks from runtime.threads_per_rank (so a
+# distributed run's own environment leaves OMP alone, and its command can start warm).
+RANK_ENV = {"PYTHONPATH": str(ROOT)}
+THREADS_ENV = {**RANK_ENV, "OMP_NUM_THREADS": "1"}
 
 
 def results(out: Path) -> dict[str, dict[str, Any]]:
@@ -40,7 +43,7 @@ def outputs(out: Path) -> dict[str, Any]:
 
 
 def run_ok(*args: str, out: Path) -> subprocess.CompletedProcess:
-    r = mmpipe("run", *args, f"output_dir={out}", "-q", env=RANK_ENV)
+    r = mmpipe("run", *args, f"output_dir={out}", "-q", env=RANK_ENV if "runtime=distributed" in args else THREADS_ENV)
     assert r.returncode == 0, r.stdout + r.stderr
     return r
 

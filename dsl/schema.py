@@ -213,8 +213,8 @@ def referenced_top_keys(cfg: Any) -> set[str]:
     """Top-level keys used by some ``${...}`` interpolation (recipe variables)."""
     from omegaconf import OmegaConf
 
-    # the unresolved strings, keys included (a walk of plain data: to_yaml, which did this
-    # before, deep-copies the config and was half of what a compile cost)
+    # the unresolved strings, keys included, from plain data (to_yaml, used before, deep-copied
+    # and serialized the whole config: 40% of a compile)
     strings: list[str] = []
 
     def walk(x: Any) -> None:

@@ -125,8 +125,15 @@ def client(path: str, python: str, module: str, args: list[str]) -> None:
         sock.close()
         cold()
     pid = int(first["pid"])
+
+    def forward(signum: int, _frame: Any) -> None:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass  # it has just ended: its status is on the way
+
     for sig in FORWARDED:
-        signal.signal(sig, lambda signum, _frame: os.kill(pid, signum))
+        signal.signal(sig, forward)
     line = answers.readline()
     code = int(json.loads(line)["code"]) if line else 1
     if code < 0:  # killed by a signal: so is this process, as a fresh interpreter's caller would see it

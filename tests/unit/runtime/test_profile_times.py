@@ -46,3 +46,42 @@ def test_loop_parts_time_their_iterations(write_recipe: Callable[..., Path]) -> 
     assert len(times) == 2, times
     # a generous band (this machine is noisy), still far from 0 and from 6 sleeps (0.12 s)
     assert all(0.8 * STEP_MS / 1000 <= t <= 3 * STEP_MS / 1000 for t in times), times
+
+
+CHAIN_THEN_LOOP = """
+        defaults: [{placement: cpu}, {runtime: threads}, _self_]
+        name: chain_then_loop
+        inputs: {x: {type: tensor}, trips: {type: tensor}}
+        outputs: {y: body.y}
+        source: {kind: synthetic.requests, count: 6, width: 4, max_trips: 4}
+        nodes:
+          pre: {kind: synthetic.chain, in: {x: inputs.x}, parts: 2, split: 2, work: noop}
+          body: {kind: synthetic.loop, in: {x: pre.y, trips: inputs.trips}, parts: 2, split: 2, work: noop}
+        runtime: {microbatch_size: 3}
+        batching: {max_batch_size: 6}
+        """
+
+
+def test_the_wide_group_starts_at_the_loop(write_recipe: Callable[..., Path], monkeypatch) -> None:
+    """The group as large as batching allows only samples loop iterations, from the loop inputs
+    the earlier micro-batches made: the pieces before the loop do not run for it again."""
+    import mmpipe.runtime.profile as profile
+
+    calls: list[str] = []
+    groups: list[int] = []
+    real, real_loop = profile.run_unit, profile.Profiler.run_loop
+
+    def counting(plan, unit, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(unit.node)
+        return real(plan, unit, *args, **kwargs)
+
+    def loop(self, node, mb):  # type: ignore[no-untyped-def]
+        groups.append(len(mb.items))
+        return real_loop(self, node, mb)
+
+    monkeypatch.setattr(profile, "run_unit", counting)
+    monkeypatch.setattr(profile.Profiler, "run_loop", loop)
+    plan = profile_plan(str(write_recipe(CHAIN_THEN_LOOP)), [])
+    measure(plan, requests_of(plan), microbatches=1, warmup=1)
+    assert groups == [3, 3, 6]  # warm-up, timed, and the wide group
+    assert calls.count("pre") == 2 * 2  # 2 pieces x (warm-up + timed), none for the wide group

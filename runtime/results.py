@@ -158,17 +158,30 @@ class ResultsFile:
 
 @contextlib.contextmanager
 def _signals_held() -> Iterator[None]:
-    """SIGINT and SIGTERM are delivered after the block, not inside it (POSIX; this thread)."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    try:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    except (AttributeError, OSError, ValueError):  # no POSIX signal masks here
+    """SIGINT and SIGTERM take effect after the block, not inside it. Python runs signal
+    handlers in the main thread whichever thread the kernel hands the signal to, so blocking
+    this thread's mask is not enough once workers run (CI caught a summary one line short).
+    In the main thread the handlers are swapped for a recorder while the block runs, and a
+    signal that came is raised again after it; elsewhere no handler runs, so nothing to hold."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
+    pending: list[int] = []
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    if any(h is None for h in old.values()):  # a handler installed outside Python: leave it
+        yield
+        return
+    for s in old:
+        signal.signal(s, lambda signum, _frame: pending.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for s, h in old.items():
+            signal.signal(s, h)
+        for signum in pending[:1]:
+            signal.raise_signal(signum)  # the restored handler runs now, after the block
 
 
 def summarize(plan: Plan, results: list[Result], wall_s: float, stats: dict[str, Any], config: dict[str, Any] | None = None,

@@ -27,9 +27,15 @@ def test_a_signal_during_a_write_waits_for_the_line_and_its_record(tmp_path: Pat
         time.sleep(0.05)  # let the kernel run the C-level handler wherever it delivered it
 
     monkeypatch.setattr(ResultsFile, "_append", append_then_signal)
-    with pytest.raises(KeyboardInterrupt):
-        out.write(Result("r0", {"index": 0}, outputs={"y": 1}))
+    # Python's own handler, whatever an earlier in-process CLI test left installed
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            out.write(Result("r0", {"index": 0}, outputs={"y": 1}))
+        restored = signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, before)
     out.close()
     assert [r.id for r in out.written] == ["r0"]
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 1
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert restored is signal.default_int_handler

@@ -120,6 +120,7 @@ class Profiler:
         # what entered the first loop in each earlier micro-batch: a wide group starts there
         # (its requests are those micro-batches'), instead of running the encoders again
         self.at_loop: list[MicroBatch] = []
+        self.first_loop = next((i for i, st in enumerate(plan.stages) if st.loop), None)
 
     def device(self, st: Stage) -> str:
         return st.places[0].device
@@ -136,16 +137,15 @@ class Profiler:
         iteration times by group size are kept)."""
         self.recording, self.sampling = record, sample
         mb = from_requests(self.plan, reqs, self.keys)
-        first_loop = next((i for i, st in enumerate(self.plan.stages) if st.loop), None)
         start = 0
-        if sample and first_loop is not None and (cached := self._cached(reqs)) is not None:
-            mb, start = cached, first_loop
+        if sample and self.first_loop is not None and (cached := self._cached(reqs)) is not None:
+            mb, start = cached, self.first_loop
         done: set[str] = set()
         for i, st in enumerate(self.plan.stages[start:], start):
             dev = self.device(st)
             if st.loop:
                 if st.loop not in done:
-                    if i == first_loop and not sample:
+                    if i == self.first_loop and not sample:
                         self.at_loop.append(MicroBatch(list(mb.items), dict(mb.values)))
                     done.add(st.loop)
                     mb = self.run_loop(st.loop, mb)

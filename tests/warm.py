@@ -181,6 +181,55 @@ def _child(conn: socket.socket, fds: list[int], req: dict[str, Any], base_path: 
     raise _Become(req["module"])
 
 
+def _send(conn: socket.socket, answer: dict[str, Any]) -> None:
+    conn.sendall(json.dumps(answer).encode() + b"\n")
+
+
+def _accept(listener: socket.socket, running: dict[int, socket.socket], base_env: dict[str, str], base_path: list[str],
+            own_fds: set[int]) -> None:
+    """Take one request: answer "cold", or fork the child that runs it (the parent returns)."""
+    conn, _ = listener.accept()
+    try:
+        head, fds, _, _ = socket.recv_fds(conn, 8, 3)
+        head += _recv_exact(conn, 8 - len(head))
+        req = json.loads(_recv_exact(conn, int.from_bytes(head, "big")))
+    except (OSError, ValueError, ConnectionError):
+        conn.close()
+        return
+    reason = cold_reason(base_env, req["env"]) or (None if len(fds) == 3 else "no stdio")
+    if reason:
+        print(f"cold: {req['argv'][:2]}: {reason}", flush=True)
+        _send(conn, {"cold": reason})
+        conn.close()
+    else:
+        pid = os.fork()
+        if pid == 0:
+            _child(conn, fds, req, base_path, {listener.fileno(), *own_fds, *(c.fileno() for c in running.values())})
+        print(f"warm {pid}: {req['argv'][:2]}", flush=True)
+        _send(conn, {"pid": pid})
+        running[pid] = conn
+    for fd in fds:
+        os.close(fd)
+
+
+def _reap(running: dict[int, socket.socket]) -> None:
+    """Tell the clients of the children that ended how they ended."""
+    while running:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        conn = running.pop(pid, None)
+        if conn is not None:
+            try:
+                _send(conn, {"code": os.waitstatus_to_exitcode(status)})
+            except OSError:
+                pass
+            conn.close()
+
+
 def serve(path: str) -> None:
     """Import torch, then fork one child per request until the parent (pytest) is gone."""
     import numpy  # noqa: F401  (what a CLI start spends its time on)
@@ -203,54 +252,16 @@ def serve(path: str) -> None:
         ready, _, _ = select.select([listener, wake_r, *running.values()], [], [], 1.0)
         for r in ready:
             if r is listener:
-                conn, _ = listener.accept()
-                try:
-                    head, fds, _, _ = socket.recv_fds(conn, 8, 3)
-                    head += _recv_exact(conn, 8 - len(head))
-                    req = json.loads(_recv_exact(conn, int.from_bytes(head, "big")))
-                except (OSError, ValueError, ConnectionError):
-                    conn.close()
-                    continue
-                reason = cold_reason(base_env, req["env"]) or (None if len(fds) == 3 else "no stdio")
-                if reason:
-                    print(f"cold: {req['argv'][:2]}: {reason}", flush=True)
-                    conn.sendall(json.dumps({"cold": reason}).encode() + b"\n")
-                    conn.close()
-                    for fd in fds:
-                        os.close(fd)
-                    continue
-                pid = os.fork()
-                if pid == 0:
-                    keep = {listener.fileno(), wake_r, wake_w, *(c.fileno() for c in running.values())}
-                    _child(conn, fds, req, base_path, keep)
-                print(f"warm {pid}: {req['argv'][:2]}", flush=True)
-                for fd in fds:
-                    os.close(fd)
-                conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
-                running[pid] = conn
+                _accept(listener, running, base_env, base_path, {wake_r, wake_w})
             elif r is wake_r:
                 os.read(wake_r, 4096)
             else:  # a client's socket is readable only once it closed: the client died
-                for pid, c in list(running.items()):
-                    if c is r:
-                        try:
-                            os.kill(pid, signal.SIGKILL)
-                        except ProcessLookupError:
-                            pass
-        while running:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                break
-            conn = running.pop(pid, None)
-            if conn is not None:
+                pid = next(p for p, c in running.items() if c is r)
                 try:
-                    conn.sendall(json.dumps({"code": os.waitstatus_to_exitcode(status)}).encode() + b"\n")
-                except OSError:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
                     pass
-                conn.close()
+        _reap(running)
     listener.close()
     os.unlink(path)
 
